@@ -1,0 +1,100 @@
+-- audit_ext: tables, indexes and views. Functions come from src/ (pgrx).
+-- Nothing here is granted to PUBLIC: see the README's security model.
+
+-- CACHE 1 on purpose: sealing reads last_value as "every id handed out so far".
+CREATE SEQUENCE audit.log_id_seq CACHE 1;
+
+CREATE TABLE audit.log (
+    id             bigint      NOT NULL DEFAULT nextval('audit.log_id_seq'),
+    changed_at     timestamptz NOT NULL,
+    txid           bigint      NOT NULL,
+    schema_name    text        NOT NULL,
+    table_name     text        NOT NULL,
+    operation      text        NOT NULL,
+    row_id         text,
+    old_row_id     text,
+    old_values     jsonb,
+    new_values     jsonb,
+    changed_fields text[],
+    changed_by     text        NOT NULL,
+    db_user        text        NOT NULL,
+    session_info   jsonb,
+    row_hash       bytea       NOT NULL
+) PARTITION BY RANGE (changed_at);
+
+COMMENT ON TABLE audit.log IS 'One row per change to a tracked table (audit_ext).';
+COMMENT ON COLUMN audit.log.old_row_id IS 'For an UPDATE that changed the key: the key before the change.';
+
+-- Row history and point-in-time probes: one index probe per question.
+CREATE INDEX log_row_idx ON audit.log (table_name, row_id, changed_at, id);
+-- Key changes: find the row under its former key.
+CREATE INDEX log_old_row_idx ON audit.log (table_name, old_row_id, changed_at, id) WHERE old_row_id IS NOT NULL;
+-- Sealing and verification walk ids; undo finds a transaction. Both are insertion-ordered, so BRIN is enough.
+CREATE INDEX log_id_brin ON audit.log USING brin (id);
+CREATE INDEX log_txid_brin ON audit.log USING brin (txid);
+
+CREATE TABLE audit.log_default PARTITION OF audit.log DEFAULT;
+
+CREATE TABLE audit.tracked (
+    relid         regclass    PRIMARY KEY,
+    exclude       text[]      NOT NULL DEFAULT '{}',
+    redact        text[]      NOT NULL DEFAULT '{}',
+    tracked_since timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE VIEW audit.tracked_tables AS
+SELECT t.relid         AS tbl,
+       n.nspname::text AS schema_name,
+       c.relname::text AS table_name,
+       t.exclude,
+       t.redact,
+       t.tracked_since
+  FROM audit.tracked t
+  JOIN pg_catalog.pg_class c ON c.oid = t.relid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;
+
+-- The per-database HMAC key for redaction markers; created by the first audit.track().
+CREATE TABLE audit.secret (
+    id  int   PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    key bytea NOT NULL CHECK (length(key) >= 32)
+);
+
+CREATE TABLE audit.blocks (
+    block_id   bigint      PRIMARY KEY,
+    from_id    bigint      NOT NULL,  -- the block covers ids in (from_id, through_id]
+    through_id bigint      NOT NULL,
+    first_id   bigint,
+    last_id    bigint,
+    row_count  bigint      NOT NULL,
+    root       bytea       NOT NULL,
+    prev_hash  bytea       NOT NULL,
+    block_hash bytea       NOT NULL,
+    sealed_at  timestamptz NOT NULL
+);
+
+-- Sealer bookkeeping: a candidate horizon waiting for older transactions to finish.
+CREATE TABLE audit.seal_state (
+    id          int    PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    pending_id  bigint,
+    pending_xid bigint
+);
+
+-- Hashes of rows removed by retention, so verify can still recompute partly pruned blocks.
+CREATE TABLE audit.pruned (
+    id         bigint PRIMARY KEY,
+    row_hash   bytea  NOT NULL
+);
+-- Blocks whose rows were all removed by retention.
+CREATE TABLE audit.pruned_blocks (
+    block_id    bigint      PRIMARY KEY,
+    pruned_at   timestamptz NOT NULL DEFAULT now()
+);
+
+-- pg_dump carries these (with the rows) even though they belong to the extension.
+SELECT pg_catalog.pg_extension_config_dump('audit.log_default', '');
+SELECT pg_catalog.pg_extension_config_dump('audit.log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('audit.tracked', '');
+SELECT pg_catalog.pg_extension_config_dump('audit.secret', '');
+SELECT pg_catalog.pg_extension_config_dump('audit.blocks', '');
+SELECT pg_catalog.pg_extension_config_dump('audit.pruned', '');
+SELECT pg_catalog.pg_extension_config_dump('audit.pruned_blocks', '');

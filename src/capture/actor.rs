@@ -1,0 +1,188 @@
+//! Who made the change: `changed_by` from `app.current_user`, `db_user` from
+//! `session_user`, and `session_info`. Everything is read from GUCs and the
+//! backend's own state (no catalog query), and the jsonb is rebuilt only when
+//! one of its inputs changed.
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys::{self, Datum};
+use serde_json::{Map, Value};
+
+use crate::capture::encode;
+use crate::errors::{AuditError, Result};
+use crate::settings;
+
+pub const CURRENT_USER_SETTING: &str = "app.current_user";
+const JSON_ACTOR_KEYS: [&str; 4] = ["email", "user_id", "id", "name"];
+
+/// The session_info jsonb, kept as raw varlena bytes so one copy serves every row.
+pub struct SessionInfo {
+    key: String,
+    bytes: Vec<u64>, // u64 storage keeps the varlena header aligned
+    pub text: String,
+    pub changed_by: String,
+}
+
+impl SessionInfo {
+    pub fn datum(&self) -> Datum {
+        Datum::from(self.bytes.as_ptr())
+    }
+}
+
+thread_local! {
+    static CACHE: RefCell<Option<std::rc::Rc<SessionInfo>>> = const { RefCell::new(None) };
+    static DB_USER: RefCell<Option<(pg_sys::Oid, String)>> = const { RefCell::new(None) };
+}
+
+pub fn get_setting(name: &str) -> Option<String> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: GetConfigOption with missing_ok returns NULL or a valid string it owns.
+    let p = unsafe { pg_sys::GetConfigOption(c.as_ptr(), true, false) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, NUL-terminated.
+    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    Some(s)
+}
+
+/// `changed_by` and the parsed JSON object, if `app.current_user` holds one.
+pub fn actor_from(value: &str) -> (String, Option<Value>) {
+    match serde_json::from_str::<Value>(value) {
+        Ok(Value::Object(map)) => {
+            let by = JSON_ACTOR_KEYS
+                .iter()
+                .find_map(|k| match map.get(*k) {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(other) => Some(other.to_string()),
+                })
+                .unwrap_or_else(|| value.to_string());
+            (by, Some(Value::Object(map)))
+        }
+        _ => (value.to_string(), None),
+    }
+}
+
+pub fn session_user_name() -> String {
+    // SAFETY: plain accessor of backend state.
+    let oid = unsafe { pg_sys::GetSessionUserId() };
+    DB_USER.with(|c| {
+        if let Some((o, n)) = &*c.borrow() {
+            if *o == oid {
+                return n.clone();
+            }
+        }
+        // SAFETY: the session user always exists; noerr=false would ERROR otherwise.
+        let name = unsafe { encode::cstr_to_string(pg_sys::GetUserNameFromId(oid, false)) };
+        *c.borrow_mut() = Some((oid, name.clone()));
+        name
+    })
+}
+
+fn client_info() -> (Option<String>, Option<i64>) {
+    thread_local! {
+        static CLIENT: RefCell<Option<(Option<String>, Option<i64>)>> = const { RefCell::new(None) };
+    }
+    if let Some(c) = CLIENT.with(|c| c.borrow().clone()) {
+        return c;
+    }
+    // SAFETY: inet_client_addr/port take no arguments and return NULL for Unix sockets
+    // and background processes; the address is printed by inet's own output function.
+    let c = unsafe {
+        let addr = pgrx::direct_function_call_as_datum(pg_sys::inet_client_addr, &[])
+            .map(|d| encode::output_text(d, pg_sys::INETOID));
+        let port = pgrx::direct_function_call::<i32>(pg_sys::inet_client_port, &[]).map(i64::from);
+        (addr, port)
+    };
+    CLIENT.with(|cl| *cl.borrow_mut() = Some(c.clone()));
+    c
+}
+
+/// The current session info, rebuilt only when a captured setting changed.
+pub fn current() -> Result<std::rc::Rc<SessionInfo>> {
+    let names = settings::context_settings();
+    let app_name = get_setting("application_name").unwrap_or_default();
+    let values: Vec<Option<String>> = names.iter().map(|n| get_setting(n).filter(|v| !v.is_empty())).collect();
+    let current_user = get_setting(CURRENT_USER_SETTING).filter(|v| !v.is_empty());
+
+    if settings::REQUIRE_ACTOR.get() && current_user.is_none() {
+        return Err(AuditError::ActorRequired);
+    }
+
+    let mut key = String::with_capacity(64);
+    key.push_str(&app_name);
+    for (n, v) in names.iter().zip(&values) {
+        key.push('\u{1}');
+        key.push_str(n);
+        key.push('\u{2}');
+        if let Some(v) = v {
+            key.push_str(v);
+        }
+    }
+    key.push('\u{3}');
+    if let Some(u) = &current_user {
+        key.push_str(u);
+    }
+    key.push('\u{4}');
+    key.push_str(&session_user_name());
+
+    if let Some(hit) = CACHE.with(|c| c.borrow().as_ref().filter(|s| s.key == key).cloned()) {
+        return Ok(hit);
+    }
+
+    let (changed_by, parsed) = match &current_user {
+        Some(u) => actor_from(u),
+        None => (session_user_name(), None),
+    };
+    let (addr, port) = client_info();
+    let mut m = Map::new();
+    m.insert("application_name".into(), Value::String(app_name));
+    m.insert("client_addr".into(), addr.map(Value::String).unwrap_or(Value::Null));
+    m.insert("client_port".into(), port.map(Value::from).unwrap_or(Value::Null));
+    // SAFETY: MyProcPid is a plain global set at backend start.
+    m.insert("backend_pid".into(), Value::from(unsafe { pg_sys::MyProcPid }));
+    for (n, v) in names.iter().zip(values) {
+        let Some(v) = v else { continue };
+        let val = if n == CURRENT_USER_SETTING {
+            parsed.clone().unwrap_or(Value::String(v))
+        } else {
+            Value::String(v)
+        };
+        m.insert(n.clone(), val);
+    }
+    let json = CString::new(Value::Object(m).to_string())
+        .map_err(|_| AuditError::Internal("NUL byte in session info".into()))?;
+
+    // SAFETY: valid JSON from serde; the datum is copied out before the context resets.
+    let (bytes, text) = unsafe {
+        let d = encode::jsonb_from_str(&json);
+        let p = d.cast_mut_ptr::<pg_sys::varlena>();
+        let len = pgrx::varlena::varsize_any(p);
+        let mut buf = vec![0u64; len.div_ceil(8)];
+        std::ptr::copy_nonoverlapping(p as *const u8, buf.as_mut_ptr() as *mut u8, len);
+        (buf, encode::jsonb_text(d))
+    };
+    let info = std::rc::Rc::new(SessionInfo { key, bytes, text, changed_by });
+    CACHE.with(|c| *c.borrow_mut() = Some(info.clone()));
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::actor_from;
+
+    #[test]
+    fn actor_rules() {
+        assert_eq!(actor_from("batch_script@system").0, "batch_script@system");
+        assert_eq!(actor_from(r#"{"user_id": 7, "email": "a@b.c"}"#).0, "a@b.c");
+        assert_eq!(actor_from(r#"{"user_id": 7}"#).0, "7");
+        assert_eq!(actor_from(r#"{"name": "n", "id": "i"}"#).0, "i");
+        assert_eq!(actor_from(r#"{"other": 1}"#).0, r#"{"other": 1}"#);
+        assert_eq!(actor_from(r#"{"email": "#).0, r#"{"email": "#);
+        assert!(actor_from(r#"{"email": "#).1.is_none());
+        assert_eq!(actor_from("[1,2]").0, "[1,2]");
+        assert_eq!(actor_from("42").0, "42");
+    }
+}

@@ -1,0 +1,227 @@
+//! Per-backend caches for the trigger: the extension's own objects, and each
+//! tracked relation's configuration. Entries are dropped by a relcache
+//! invalidation callback, so no catalog is queried per row.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::rc::Rc;
+
+use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
+use pgrx::PgTupleDesc;
+
+use crate::errors::{AuditError, Result};
+
+pub struct Column {
+    pub attnum: i32,
+    pub name: CString,
+    pub typid: Oid,
+    pub typlen: i16,
+    pub byval: bool,
+    pub redacted: bool,
+}
+
+pub struct RelConfig {
+    pub schema_name: CString,
+    pub table_name: CString,
+    /// Tracked columns in column order: not dropped, not excluded.
+    pub columns: Vec<Column>,
+    /// (attnum, type) of the primary key, else the replica identity index; empty if neither.
+    pub key: Vec<(i32, Oid)>,
+    pub natts: usize,
+}
+
+/// The extension's objects, looked up once per backend.
+#[derive(Clone, Copy)]
+pub struct ExtState {
+    pub owner: Oid,
+    pub log: Oid,
+    pub seq: Oid,
+    pub tracked: Oid,
+}
+
+thread_local! {
+    static RELS: RefCell<HashMap<Oid, Rc<RelConfig>>> = RefCell::new(HashMap::new());
+    static EXT: Cell<Option<ExtState>> = const { Cell::new(None) };
+    static FLUSH_ALL: Cell<bool> = const { Cell::new(false) };
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: Oid) {
+    // Runs inside invalidation processing: no allocation-heavy or erroring work here.
+    if let Some(ext) = EXT.with(|e| e.get()) {
+        if relid == pg_sys::InvalidOid || relid == ext.log || relid == ext.seq || relid == ext.tracked {
+            EXT.with(|e| e.set(None));
+        }
+    }
+    if relid == pg_sys::InvalidOid {
+        FLUSH_ALL.with(|f| f.set(true));
+        return;
+    }
+    RELS.with(|r| match r.try_borrow_mut() {
+        Ok(mut m) => {
+            m.remove(&relid);
+        }
+        Err(_) => FLUSH_ALL.with(|f| f.set(true)),
+    });
+}
+
+fn ensure_registered() {
+    if !REGISTERED.with(|r| r.replace(true)) {
+        // SAFETY: registers a static callback once per backend.
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0)) };
+    }
+}
+
+fn flush_if_needed() {
+    if FLUSH_ALL.with(|f| f.replace(false)) {
+        RELS.with(|r| r.borrow_mut().clear());
+    }
+}
+
+/// Drop every cached entry (used after audit.track changes options).
+pub fn forget(relid: Oid) {
+    RELS.with(|r| {
+        r.borrow_mut().remove(&relid);
+    });
+}
+
+/// Must be called inside an SPI connection.
+pub fn ext_state() -> Result<ExtState> {
+    ensure_registered();
+    if let Some(e) = EXT.with(|e| e.get()) {
+        return Ok(e);
+    }
+    let row = Spi::get_three::<Oid, Oid, Oid>(
+        "SELECT e.extowner, 'audit.log'::pg_catalog.regclass::pg_catalog.oid,
+                'audit.log_id_seq'::pg_catalog.regclass::pg_catalog.oid
+           FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'audit_ext'",
+    );
+    let (owner, log, seq) = match row {
+        Ok((Some(o), Some(l), Some(s))) => (o, l, s),
+        _ => return Err(AuditError::NotInstalled),
+    };
+    let tracked = Spi::get_one::<Oid>("SELECT 'audit.tracked'::pg_catalog.regclass::pg_catalog.oid")?
+        .ok_or(AuditError::NotInstalled)?;
+    let st = ExtState { owner, log, seq, tracked };
+    EXT.with(|e| e.set(Some(st)));
+    Ok(st)
+}
+
+/// The configuration of `rel`, built on a miss. Must be called inside an SPI
+/// connection, as a role that can read audit.tracked.
+///
+/// # Safety
+/// `rel` must be an open relation.
+pub unsafe fn rel_config(rel: pg_sys::Relation) -> Result<Rc<RelConfig>> {
+    ensure_registered();
+    flush_if_needed();
+    // SAFETY: rel is open, so rd_id and rd_att are valid.
+    let (relid, natts) = unsafe { ((*rel).rd_id, (*(*rel).rd_att).natts as usize) };
+    if let Some(c) = RELS.with(|r| r.borrow().get(&relid).cloned()) {
+        if c.natts == natts {
+            return Ok(c);
+        }
+    }
+    // SAFETY: forwarded.
+    let cfg = Rc::new(unsafe { build(rel)? });
+    RELS.with(|r| r.borrow_mut().insert(relid, cfg.clone()));
+    Ok(cfg)
+}
+
+unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
+    // SAFETY: rel is open.
+    let relid = unsafe { (*rel).rd_id };
+    let found = Spi::connect(|client| -> Result<Option<(String, String, Vec<String>, Vec<String>)>> {
+        let mut rows = client.select(
+            "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, t.exclude, t.redact
+               FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY AS a(relid, ord)
+               JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.relid
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+              ORDER BY a.ord LIMIT 1",
+            None,
+            &[relid.into()],
+        )?;
+        match rows.next() {
+            None => Ok(None),
+            Some(r) => Ok(Some((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                r.get::<Vec<String>>(4)?.unwrap_or_default(),
+            ))),
+        }
+    })?;
+    // A trigger without a tracked row (e.g. restored before audit.tracked) still records
+    // everything, under the relation's own name: never lose a change.
+    let (schema, table, exclude, redact) = match found {
+        Some(f) => f,
+        None => {
+            // SAFETY: rel is open; names are valid C strings.
+            unsafe {
+                let ns = crate::capture::encode::cstr_to_string(pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace));
+                let name = crate::capture::encode::cstr_to_string((*(*rel).rd_rel).relname.data.as_ptr());
+                (ns, name, vec![], vec![])
+            }
+        }
+    };
+
+    // SAFETY: rd_att belongs to the open relation.
+    let tupdesc = unsafe { PgTupleDesc::from_pg_unchecked((*rel).rd_att) };
+    let mut columns = Vec::new();
+    for (i, att) in tupdesc.iter().enumerate() {
+        if att.is_dropped() {
+            continue;
+        }
+        let name = att.name();
+        if exclude.iter().any(|e| e == name) {
+            continue;
+        }
+        columns.push(Column {
+            attnum: i as i32 + 1,
+            name: CString::new(name).unwrap_or_default(),
+            typid: att.atttypid,
+            typlen: att.attlen,
+            byval: att.attbyval,
+            redacted: redact.iter().any(|r| r == name),
+        });
+    }
+    // SAFETY: rel is open.
+    let key = unsafe { key_columns(rel, &tupdesc) };
+    Ok(RelConfig {
+        schema_name: CString::new(schema).unwrap_or_default(),
+        table_name: CString::new(table).unwrap_or_default(),
+        columns,
+        key,
+        natts: tupdesc.len(),
+    })
+}
+
+unsafe fn key_columns(rel: pg_sys::Relation, tupdesc: &PgTupleDesc) -> Vec<(i32, Oid)> {
+    // SAFETY: rel is open; the index is opened and closed here.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        let mut idx = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        #[cfg(feature = "pg18")]
+        let mut idx = pg_sys::RelationGetPrimaryKeyIndex(rel, true);
+        if idx == pg_sys::InvalidOid {
+            idx = pg_sys::RelationGetReplicaIndex(rel);
+        }
+        if idx == pg_sys::InvalidOid {
+            return vec![];
+        }
+        let irel = pg_sys::index_open(idx, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let form = (*irel).rd_index;
+        let nkeys = (*form).indnkeyatts as usize;
+        let attnums = (*form).indkey.values.as_slice(nkeys).to_vec();
+        pg_sys::index_close(irel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        attnums
+            .into_iter()
+            .filter(|&a| a > 0)
+            .map(|a| (a as i32, tupdesc.get(a as usize - 1).map(|t| t.atttypid).unwrap_or(pg_sys::InvalidOid)))
+            .collect()
+    }
+}

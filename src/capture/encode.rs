@@ -1,0 +1,228 @@
+//! Row encoding on the hot path: datums become jsonb through PostgreSQL's own
+//! `jsonb_build_object`/`jsonb_build_array` (the same per-type rules as `to_jsonb(row)`),
+//! called directly with a synthesized expression so it knows each argument's type.
+
+use std::ffi::{c_char, CStr};
+
+use pgrx::pg_sys::{self, Datum, Oid};
+
+/// One value to encode: its column name, datum and type.
+pub struct Item<'a> {
+    pub key: &'a CStr,
+    pub value: Datum,
+    pub isnull: bool,
+    pub typid: Oid,
+}
+
+/// Call a variadic-"any" jsonb builder (`jsonb_build_object` or `jsonb_build_array`).
+///
+/// # Safety
+/// Datums must be valid for their type oids; allocates in CurrentMemoryContext.
+unsafe fn call_variadic(
+    func_oid: u32,
+    func: unsafe fn(pg_sys::FunctionCallInfo) -> Datum,
+    args: &[(Datum, bool, Oid)],
+) -> Datum {
+    // SAFETY: every pointer below is freshly palloc'd in CurrentMemoryContext and
+    // initialised before the call, exactly as fmgr.h's InitFunctionCallInfoData does.
+    unsafe {
+        let nargs = args.len();
+        let mut exprs: *mut pg_sys::List = std::ptr::null_mut();
+        for &(_, _, typid) in args {
+            let c = pg_sys::makeNullConst(typid, -1, pg_sys::InvalidOid);
+            exprs = pg_sys::lappend(exprs, c.cast());
+        }
+        let expr = pg_sys::makeFuncExpr(
+            func_oid.into(),
+            pg_sys::JSONBOID,
+            exprs,
+            pg_sys::InvalidOid,
+            pg_sys::InvalidOid,
+            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+        );
+        let flinfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+        pg_sys::fmgr_info(func_oid.into(), flinfo);
+        (*flinfo).fn_expr = expr.cast();
+        let size = std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>()
+            + nargs * std::mem::size_of::<pg_sys::NullableDatum>();
+        let fcinfo = pg_sys::palloc0(size) as pg_sys::FunctionCallInfo;
+        (*fcinfo).flinfo = flinfo;
+        (*fcinfo).fncollation = pg_sys::InvalidOid;
+        (*fcinfo).nargs = nargs as i16;
+        let slots = (*fcinfo).args.as_mut_slice(nargs);
+        for (slot, &(value, isnull, _)) in slots.iter_mut().zip(args) {
+            slot.value = value;
+            slot.isnull = isnull;
+        }
+        func(fcinfo)
+    }
+}
+
+/// A jsonb object of the items, keyed by their names.
+///
+/// # Safety
+/// See [`call_variadic`].
+pub unsafe fn jsonb_object(items: &[Item<'_>]) -> Datum {
+    if items.is_empty() {
+        // SAFETY: a static, valid JSON literal.
+        return unsafe { jsonb_from_str(c"{}") };
+    }
+    let mut args = Vec::with_capacity(items.len() * 2);
+    for it in items {
+        // SAFETY: key is a valid NUL-terminated string.
+        let key = unsafe { text_datum(it.key.to_bytes()) };
+        args.push((key, false, pg_sys::TEXTOID));
+        args.push((it.value, it.isnull, it.typid));
+    }
+    // SAFETY: args match the types given.
+    unsafe { call_variadic(pg_sys::F_JSONB_BUILD_OBJECT_ANY, pg_sys::jsonb_build_object, &args) }
+}
+
+/// A jsonb array of the values (used for composite keys).
+///
+/// # Safety
+/// See [`call_variadic`].
+pub unsafe fn jsonb_array(values: &[(Datum, bool, Oid)]) -> Datum {
+    // SAFETY: forwarded.
+    unsafe { call_variadic(pg_sys::F_JSONB_BUILD_ARRAY_ANY, pg_sys::jsonb_build_array, values) }
+}
+
+/// # Safety
+/// `s` must be valid JSON.
+pub unsafe fn jsonb_from_str(s: &CStr) -> Datum {
+    // SAFETY: jsonb_in takes a cstring datum.
+    unsafe {
+        pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(Datum::from(s.as_ptr()))])
+            .expect("jsonb_in never returns NULL")
+    }
+}
+
+/// The canonical text of a jsonb datum (`jsonb_out`), which is what the row hash covers.
+///
+/// # Safety
+/// `d` must be a valid jsonb datum.
+pub unsafe fn jsonb_text(d: Datum) -> String {
+    // SAFETY: jsonb_out returns a palloc'd NUL-terminated string.
+    unsafe {
+        let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
+            .expect("jsonb_out never returns NULL");
+        cstr_to_string(out.cast_mut_ptr())
+    }
+}
+
+/// The type's text output of a datum, as `::text` gives it.
+///
+/// # Safety
+/// `d` must be a valid, non-null datum of type `typid`.
+pub unsafe fn output_text(d: Datum, typid: Oid) -> String {
+    // SAFETY: standard output-function call sequence.
+    unsafe {
+        let mut func = pg_sys::InvalidOid;
+        let mut varlena = false;
+        pg_sys::getTypeOutputInfo(typid, &mut func, &mut varlena);
+        let s = pg_sys::OidOutputFunctionCall(func, d);
+        cstr_to_string(s)
+    }
+}
+
+/// # Safety
+/// `p` must be a valid NUL-terminated string.
+pub unsafe fn cstr_to_string(p: *const c_char) -> String {
+    // SAFETY: guaranteed by caller.
+    unsafe { CStr::from_ptr(p).to_string_lossy().into_owned() }
+}
+
+/// A palloc'd varlena (text or bytea) holding `bytes`.
+///
+/// # Safety
+/// Allocates in CurrentMemoryContext.
+pub unsafe fn text_datum(bytes: &[u8]) -> Datum {
+    // SAFETY: cstring_to_text_with_len copies exactly len bytes.
+    unsafe {
+        Datum::from(pg_sys::cstring_to_text_with_len(bytes.as_ptr().cast(), bytes.len() as i32))
+    }
+}
+
+/// A text[] datum.
+///
+/// # Safety
+/// Allocates in CurrentMemoryContext.
+pub unsafe fn text_array(items: &[&CStr]) -> Datum {
+    // SAFETY: construct_array copies the element datums; text is varlena, int-aligned.
+    unsafe {
+        let mut elems: Vec<Datum> = items.iter().map(|s| text_datum(s.to_bytes())).collect();
+        let arr = pg_sys::construct_array(
+            elems.as_mut_ptr(),
+            elems.len() as i32,
+            pg_sys::TEXTOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as c_char,
+        );
+        Datum::from(arr)
+    }
+}
+
+/// Binary ("image") equality of two non-null datums, as datum_image_eq does:
+/// compares bytes after detoasting, so an unchanged TOAST value is equal to itself
+/// without being fetched.
+///
+/// # Safety
+/// Both datums must be valid, non-null values of a type with this length and byval.
+pub unsafe fn image_eq(a: Datum, b: Datum, typlen: i16, byval: bool) -> bool {
+    if byval {
+        return a == b;
+    }
+    // SAFETY: by-reference datums point to valid memory of the type's layout.
+    unsafe {
+        match typlen {
+            -1 => {
+                let pa: *mut pg_sys::varlena = a.cast_mut_ptr();
+                let pb: *mut pg_sys::varlena = b.cast_mut_ptr();
+                let (ra, rb) = (raw_varlena(pa), raw_varlena(pb));
+                if ra == rb {
+                    return true; // same bytes, including identical TOAST pointers
+                }
+                let da = pg_sys::pg_detoast_datum_packed(pa);
+                let db = pg_sys::pg_detoast_datum_packed(pb);
+                let eq = payload(da) == payload(db);
+                if da != pa {
+                    pg_sys::pfree(da.cast());
+                }
+                if db != pb {
+                    pg_sys::pfree(db.cast());
+                }
+                eq
+            }
+            -2 => CStr::from_ptr(a.cast_mut_ptr()) == CStr::from_ptr(b.cast_mut_ptr()),
+            n => {
+                let n = n as usize;
+                std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), n)
+                    == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), n)
+            }
+        }
+    }
+}
+
+/// The whole varlena as stored (header included), whatever its form.
+///
+/// # Safety
+/// `p` must point to a valid varlena.
+unsafe fn raw_varlena<'a>(p: *mut pg_sys::varlena) -> &'a [u8] {
+    // SAFETY: varsize_any reads the header of any varlena form.
+    unsafe { std::slice::from_raw_parts(p as *const u8, pgrx::varlena::varsize_any(p)) }
+}
+
+/// The payload of a detoasted (possibly short-header) varlena.
+///
+/// # Safety
+/// `p` must be a detoasted varlena.
+unsafe fn payload<'a>(p: *mut pg_sys::varlena) -> &'a [u8] {
+    // SAFETY: not external or compressed after pg_detoast_datum_packed.
+    unsafe {
+        std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(p) as *const u8,
+            pgrx::varlena::varsize_any_exhdr(p),
+        )
+    }
+}

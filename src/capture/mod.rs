@@ -1,0 +1,319 @@
+//! Capture: the native row and TRUNCATE trigger that writes `audit.log`.
+
+pub mod actor;
+pub mod cache;
+pub mod encode;
+
+use std::cell::Cell;
+use std::ffi::{c_char, CStr};
+
+use pgrx::pg_sys::{self, Datum};
+use pgrx::prelude::*;
+
+use crate::chain::hash::{self, RowFields};
+use crate::errors::{AuditError, OrRaise};
+use crate::errors::Result as AResult;
+use cache::{Column, RelConfig};
+use encode::Item;
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
+pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+const INSERT_SQL: &CStr = c"INSERT INTO audit.log (id, changed_at, txid, schema_name, table_name, operation, \
+row_id, old_row_id, old_values, new_values, changed_fields, changed_by, db_user, session_info, row_hash) \
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+const NPARAMS: usize = 15;
+
+thread_local! {
+    static PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    static SECRET: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
+}
+
+#[pg_trigger]
+fn capture<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> core::result::Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, AuditError> {
+    // SAFETY: PostgreSQL hands us a valid TriggerData for the duration of the call.
+    unsafe { capture_event(trigger.trigger_data()) }.or_raise();
+    Ok(None)
+}
+
+/// Switches to the extension owner for writing the log, and back.
+struct AsOwner {
+    uid: pg_sys::Oid,
+    ctx: i32,
+}
+
+impl AsOwner {
+    fn enter(owner: pg_sys::Oid) -> Self {
+        let mut uid = pg_sys::InvalidOid;
+        let mut ctx = 0;
+        // SAFETY: plain save/set of the backend's user id; abort restores it on error.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
+            pg_sys::SetUserIdAndSecContext(
+                owner,
+                ctx | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+            );
+        }
+        AsOwner { uid, ctx }
+    }
+}
+
+impl Drop for AsOwner {
+    fn drop(&mut self) {
+        // SAFETY: restores what enter() saved.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) };
+    }
+}
+
+/// The per-database redaction key, read once per backend as the extension owner.
+fn secret() -> AResult<Vec<u8>> {
+    if let Some(s) = SECRET.with(|s| s.borrow().clone()) {
+        return Ok(s);
+    }
+    let key = Spi::get_one::<Vec<u8>>("SELECT key FROM audit.secret LIMIT 1")?
+        .ok_or_else(|| AuditError::Internal("audit.secret is empty; run audit.track() again".into()))?;
+    SECRET.with(|s| *s.borrow_mut() = Some(key.clone()));
+    Ok(key)
+}
+
+pub fn forget_secret() {
+    SECRET.with(|s| *s.borrow_mut() = None);
+}
+
+/// Encoded values of one side (OLD or NEW) of a row change.
+unsafe fn encode_columns<'c>(
+    cols: impl Iterator<Item = &'c Column>,
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+) -> AResult<Datum> {
+    let mut items: Vec<Item> = Vec::new();
+    let mut markers: Vec<String> = Vec::new();
+    let mut cols_v: Vec<(&Column, Datum, bool)> = Vec::new();
+    for col in cols {
+        let mut isnull = false;
+        // SAFETY: attnum is within tupdesc (cache checked natts) and tuple matches tupdesc.
+        let d = unsafe { pg_sys::heap_getattr(tuple, col.attnum, tupdesc, &mut isnull) };
+        if col.redacted && !isnull {
+            // SAFETY: non-null datum of the column's type.
+            let text = unsafe { encode::output_text(d, col.typid) };
+            markers.push(hash::redaction_marker(&secret()?, text.as_bytes()));
+        }
+        cols_v.push((col, d, isnull));
+    }
+    let mut m = markers.iter();
+    for (col, d, isnull) in cols_v {
+        if col.redacted && !isnull {
+            let mk = m.next().expect("one marker per redacted value");
+            // SAFETY: a fresh text datum.
+            let td = unsafe { encode::text_datum(mk.as_bytes()) };
+            items.push(Item { key: &col.name, value: td, isnull: false, typid: pg_sys::TEXTOID });
+        } else {
+            items.push(Item { key: &col.name, value: d, isnull, typid: col.typid });
+        }
+    }
+    // SAFETY: items hold valid datums of their types.
+    Ok(unsafe { encode::jsonb_object(&items) })
+}
+
+/// The key of a tuple as text: the value itself for one column, a JSON array for several.
+unsafe fn row_key(cfg: &RelConfig, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Option<String> {
+    if cfg.key.is_empty() {
+        return None;
+    }
+    let mut vals = Vec::with_capacity(cfg.key.len());
+    for &(attnum, typid) in &cfg.key {
+        let mut isnull = false;
+        // SAFETY: key attnums come from this relation's index.
+        let d = unsafe { pg_sys::heap_getattr(tuple, attnum, tupdesc, &mut isnull) };
+        vals.push((d, isnull, typid));
+    }
+    if vals.len() == 1 {
+        let (d, isnull, typid) = vals[0];
+        // SAFETY: non-null datum of its type.
+        return if isnull { None } else { Some(unsafe { encode::output_text(d, typid) }) };
+    }
+    // SAFETY: valid datums of their types.
+    Some(unsafe { encode::jsonb_text(encode::jsonb_array(&vals)) })
+}
+
+unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
+    let event = td.tg_event;
+    let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
+    let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    let operation = match op {
+        pg_sys::TRIGGER_EVENT_INSERT => "INSERT",
+        pg_sys::TRIGGER_EVENT_DELETE => "DELETE",
+        pg_sys::TRIGGER_EVENT_UPDATE => "UPDATE",
+        pg_sys::TRIGGER_EVENT_TRUNCATE => "TRUNCATE",
+        _ => return Err(AuditError::Internal(format!("unexpected trigger event {event}"))),
+    };
+    if op != pg_sys::TRIGGER_EVENT_TRUNCATE && !row_level {
+        return Err(AuditError::Internal("audit.capture must be a FOR EACH ROW trigger".into()));
+    }
+
+    // Identity first, before switching to the owner.
+    let info = actor::current()?;
+    let db_user = actor::session_user_name();
+
+    let ext = cache::ext_state()?;
+    let _owner = AsOwner::enter(ext.owner);
+    let rel = td.tg_relation;
+    // SAFETY: the trigger's relation is open.
+    let cfg = unsafe { cache::rel_config(rel)? };
+    // SAFETY: as above.
+    let tupdesc = unsafe { (*rel).rd_att };
+
+    let mut row_id = None;
+    let mut old_row_id = None;
+    let mut old_values: Option<Datum> = None;
+    let mut new_values: Option<Datum> = None;
+    let mut changed: Option<Vec<&CStr>> = None;
+
+    // SAFETY: tuples belong to the trigger's relation and match its tupdesc.
+    unsafe {
+        match op {
+            pg_sys::TRIGGER_EVENT_INSERT => {
+                row_id = row_key(&cfg, td.tg_trigtuple, tupdesc);
+                new_values = Some(encode_columns(cfg.columns.iter(), td.tg_trigtuple, tupdesc)?);
+            }
+            pg_sys::TRIGGER_EVENT_DELETE => {
+                row_id = row_key(&cfg, td.tg_trigtuple, tupdesc);
+                old_values = Some(encode_columns(cfg.columns.iter(), td.tg_trigtuple, tupdesc)?);
+            }
+            pg_sys::TRIGGER_EVENT_UPDATE => {
+                let (old, new) = (td.tg_trigtuple, td.tg_newtuple);
+                let mut diff: Vec<&Column> = Vec::new();
+                for col in &cfg.columns {
+                    let (mut n1, mut n2) = (false, false);
+                    let a = pg_sys::heap_getattr(old, col.attnum, tupdesc, &mut n1);
+                    let b = pg_sys::heap_getattr(new, col.attnum, tupdesc, &mut n2);
+                    let same = match (n1, n2) {
+                        (true, true) => true,
+                        (false, false) => encode::image_eq(a, b, col.typlen, col.byval),
+                        _ => false,
+                    };
+                    if !same {
+                        diff.push(col);
+                    }
+                }
+                if diff.is_empty() {
+                    return Ok(()); // nothing tracked changed: no row
+                }
+                row_id = row_key(&cfg, new, tupdesc);
+                let before = row_key(&cfg, old, tupdesc);
+                if before != row_id {
+                    old_row_id = before;
+                }
+                changed = Some(diff.iter().map(|c| c.name.as_c_str()).collect());
+                old_values = Some(encode_columns(diff.into_iter(), old, tupdesc)?);
+                new_values = Some(encode_columns(cfg.columns.iter(), new, tupdesc)?);
+            }
+            _ => {}
+        }
+    }
+
+    // SAFETY: plain accessors of transaction state. The xid is taken before the id:
+    // sealing relies on every id being handed out after its transaction's xid.
+    let (txid, changed_at) = unsafe {
+        (
+            pg_sys::GetTopFullTransactionId().value as i64,
+            pg_sys::GetCurrentTransactionStartTimestamp(),
+        )
+    };
+    // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
+    let id = unsafe {
+        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))])
+    }
+    .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))?;
+
+    // SAFETY: the datums were just built as valid jsonb.
+    let old_text = old_values.map(|d| unsafe { encode::jsonb_text(d) });
+    let new_text = new_values.map(|d| unsafe { encode::jsonb_text(d) });
+    let schema = cfg.schema_name.to_str().unwrap_or_default();
+    let table = cfg.table_name.to_str().unwrap_or_default();
+    let fields = RowFields {
+        id,
+        changed_at_us: changed_at + PG_EPOCH_OFFSET_US,
+        txid,
+        schema_name: schema,
+        table_name: table,
+        operation,
+        row_id: row_id.as_deref(),
+        old_values: old_text.as_deref(),
+        new_values: new_text.as_deref(),
+        changed_fields: changed.as_ref().map(|v| v.iter().map(|c| c.to_str().ok()).collect()),
+        changed_by: &info.changed_by,
+        db_user: &db_user,
+        session_info: Some(&info.text),
+        old_row_id: old_row_id.as_deref(),
+    };
+    let digest = hash::row_hash(&fields);
+
+    // SAFETY: builds fresh datums in the current memory context.
+    let (values, nulls) = unsafe {
+        let text = |s: Option<&str>| s.map(|s| encode::text_datum(s.as_bytes()));
+        let vals: [Option<Datum>; NPARAMS] = [
+            Some(Datum::from(id)),
+            Some(Datum::from(changed_at)),
+            Some(Datum::from(txid)),
+            text(Some(schema)),
+            text(Some(table)),
+            text(Some(operation)),
+            text(row_id.as_deref()),
+            text(old_row_id.as_deref()),
+            old_values,
+            new_values,
+            changed.as_ref().map(|v| encode::text_array(v)),
+            text(Some(&info.changed_by)),
+            text(Some(&db_user)),
+            Some(info.datum()),
+            Some(encode::text_datum(&digest)),
+        ];
+        let nulls: [c_char; NPARAMS] = vals.map(|v| if v.is_some() { b' ' as c_char } else { b'n' as c_char });
+        (vals.map(|v| v.unwrap_or(Datum::from(0))), nulls)
+    };
+    // SAFETY: a standard SPI session around one execution of the kept plan.
+    unsafe { insert_row(&values, &nulls) }
+}
+
+unsafe fn insert_row(values: &[Datum; NPARAMS], nulls: &[c_char; NPARAMS]) -> AResult<()> {
+    // SAFETY: SPI calls are balanced; on ERROR, transaction abort cleans up SPI state.
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            return Err(AuditError::Internal("SPI_connect failed".into()));
+        }
+        let mut plan = PLAN.with(|p| p.get());
+        if plan.is_null() {
+            let mut types: [pg_sys::Oid; NPARAMS] = [
+                pg_sys::INT8OID,
+                pg_sys::TIMESTAMPTZOID,
+                pg_sys::INT8OID,
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+                pg_sys::JSONBOID,
+                pg_sys::JSONBOID,
+                pg_sys::TEXTARRAYOID,
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+                pg_sys::JSONBOID,
+                pg_sys::BYTEAOID,
+            ];
+            plan = pg_sys::SPI_prepare(INSERT_SQL.as_ptr(), NPARAMS as i32, types.as_mut_ptr());
+            if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
+                return Err(AuditError::Internal("could not prepare the audit.log insert".into()));
+            }
+            PLAN.with(|p| p.set(plan));
+        }
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_ptr().cast_mut(), nulls.as_ptr(), false, 0);
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            return Err(AuditError::Internal(format!("audit.log insert failed: SPI code {rc}")));
+        }
+        pg_sys::SPI_finish();
+    }
+    Ok(())
+}

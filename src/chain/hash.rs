@@ -1,0 +1,319 @@
+//! Canonical, length-prefixed, domain-separated encodings and their SHA-256 hashes.
+//! The encoding is the contract an outside auditor re-implements (docs/hashing.md);
+//! changing it means a new version tag, never an edit.
+
+use sha2::{Digest, Sha256};
+
+pub const ROW_DOMAIN: &[u8] = b"audit_ext:row:v1";
+pub const ROOT_DOMAIN: &[u8] = b"audit_ext:root:v1";
+pub const BLOCK_DOMAIN: &[u8] = b"audit_ext:block:v1";
+pub const HMAC_MARKER_PREFIX: &str = "redacted:";
+
+const TAG_NULL: u8 = 0;
+const TAG_INT: u8 = 1;
+const TAG_TEXT: u8 = 2;
+const TAG_JSONB: u8 = 3;
+const TAG_TEXT_ARRAY: u8 = 4;
+const TAG_BYTES: u8 = 5;
+
+/// One `audit.log` row as the hash sees it. Timestamps are microseconds since the
+/// Unix epoch; jsonb values are their canonical text (`jsonb_out`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowFields<'a> {
+    pub id: i64,
+    pub changed_at_us: i64,
+    pub txid: i64,
+    pub schema_name: &'a str,
+    pub table_name: &'a str,
+    pub operation: &'a str,
+    pub row_id: Option<&'a str>,
+    pub old_values: Option<&'a str>,
+    pub new_values: Option<&'a str>,
+    pub changed_fields: Option<Vec<Option<&'a str>>>,
+    pub changed_by: &'a str,
+    pub db_user: &'a str,
+    pub session_info: Option<&'a str>,
+    pub old_row_id: Option<&'a str>,
+}
+
+struct Enc(Sha256);
+
+impl Enc {
+    fn new(domain: &[u8]) -> Self {
+        let mut e = Enc(Sha256::new());
+        e.raw(domain);
+        e
+    }
+    fn raw(&mut self, b: &[u8]) {
+        self.0.update((b.len() as u32).to_be_bytes());
+        self.0.update(b);
+    }
+    fn int(&mut self, v: i64) {
+        self.0.update([TAG_INT]);
+        self.0.update(v.to_be_bytes());
+    }
+    fn tagged(&mut self, tag: u8, v: Option<&[u8]>) {
+        match v {
+            None => self.0.update([TAG_NULL]),
+            Some(b) => {
+                self.0.update([tag]);
+                self.raw(b);
+            }
+        }
+    }
+    fn text(&mut self, v: Option<&str>) {
+        self.tagged(TAG_TEXT, v.map(str::as_bytes))
+    }
+    fn bytes(&mut self, v: Option<&[u8]>) {
+        self.tagged(TAG_BYTES, v)
+    }
+    fn finish(self) -> [u8; 32] {
+        self.0.finalize().into()
+    }
+}
+
+pub fn row_hash(r: &RowFields<'_>) -> [u8; 32] {
+    let mut e = Enc::new(ROW_DOMAIN);
+    e.int(r.id);
+    e.int(r.changed_at_us);
+    e.int(r.txid);
+    e.text(Some(r.schema_name));
+    e.text(Some(r.table_name));
+    e.text(Some(r.operation));
+    e.text(r.row_id);
+    e.tagged(TAG_JSONB, r.old_values.map(str::as_bytes));
+    e.tagged(TAG_JSONB, r.new_values.map(str::as_bytes));
+    match &r.changed_fields {
+        None => e.0.update([TAG_NULL]),
+        Some(items) => {
+            e.0.update([TAG_TEXT_ARRAY]);
+            e.0.update((items.len() as u32).to_be_bytes());
+            for item in items {
+                e.text(*item);
+            }
+        }
+    }
+    e.text(Some(r.changed_by));
+    e.text(Some(r.db_user));
+    e.tagged(TAG_JSONB, r.session_info.map(str::as_bytes));
+    e.text(r.old_row_id);
+    e.finish()
+}
+
+/// Incremental block root: H(ROOT_DOMAIN, then (id, row_hash) of every row in id order, then the count).
+pub struct RootBuilder {
+    enc: Enc,
+    count: u64,
+}
+
+impl RootBuilder {
+    pub fn new() -> Self {
+        RootBuilder { enc: Enc::new(ROOT_DOMAIN), count: 0 }
+    }
+    pub fn push(&mut self, id: i64, row_hash: &[u8]) {
+        self.enc.int(id);
+        self.enc.bytes(Some(row_hash));
+        self.count += 1;
+    }
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+    pub fn finish(mut self) -> [u8; 32] {
+        self.enc.0.update(self.count.to_be_bytes());
+        self.enc.finish()
+    }
+}
+
+impl Default for RootBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockFields<'a> {
+    pub block_id: i64,
+    pub from_id: i64,
+    pub through_id: i64,
+    pub first_id: Option<i64>,
+    pub last_id: Option<i64>,
+    pub row_count: i64,
+    pub root: &'a [u8],
+    pub prev_hash: &'a [u8],
+    pub sealed_at_us: i64,
+}
+
+pub fn block_hash(b: &BlockFields<'_>) -> [u8; 32] {
+    let mut e = Enc::new(BLOCK_DOMAIN);
+    e.int(b.block_id);
+    e.int(b.from_id);
+    e.int(b.through_id);
+    match b.first_id {
+        Some(v) => e.int(v),
+        None => e.0.update([TAG_NULL]),
+    }
+    match b.last_id {
+        Some(v) => e.int(v),
+        None => e.0.update([TAG_NULL]),
+    }
+    e.int(b.row_count);
+    e.bytes(Some(b.root));
+    e.bytes(Some(b.prev_hash));
+    e.int(b.sealed_at_us);
+    e.finish()
+}
+
+/// HMAC-SHA-256 (RFC 2104), used for redaction markers.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+pub fn redaction_marker(key: &[u8], value_text: &[u8]) -> String {
+    format!("{HMAC_MARKER_PREFIX}{}", hex::encode(hmac_sha256(key, value_text)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> RowFields<'static> {
+        RowFields {
+            id: 7,
+            changed_at_us: 1_700_000_000_000_000,
+            txid: 1234,
+            schema_name: "public",
+            table_name: "users",
+            operation: "UPDATE",
+            row_id: Some("42"),
+            old_values: Some(r#"{"email": "a@x"}"#),
+            new_values: Some(r#"{"email": "b@x", "id": 42}"#),
+            changed_fields: Some(vec![Some("email")]),
+            changed_by: "alice",
+            db_user: "app",
+            session_info: Some(r#"{"backend_pid": 1}"#),
+            old_row_id: None,
+        }
+    }
+
+    #[test]
+    fn hmac_matches_rfc4231_case_2() {
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn hmac_long_key_rfc4231_case_6() {
+        let key = [0xaau8; 131];
+        let mac = hmac_sha256(&key, b"Test Using Larger Than Block-Size Key - Hash Key First");
+        assert_eq!(
+            hex::encode(mac),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn every_field_changes_the_hash() {
+        let base = row_hash(&sample());
+        let mut variants: Vec<RowFields> = Vec::new();
+        let s = sample();
+        variants.push(RowFields { id: 8, ..s.clone() });
+        variants.push(RowFields { changed_at_us: s.changed_at_us + 1, ..s.clone() });
+        variants.push(RowFields { txid: 1235, ..s.clone() });
+        variants.push(RowFields { schema_name: "publi", ..s.clone() });
+        variants.push(RowFields { table_name: "user", ..s.clone() });
+        variants.push(RowFields { operation: "DELETE", ..s.clone() });
+        variants.push(RowFields { row_id: None, ..s.clone() });
+        variants.push(RowFields { row_id: Some("43"), ..s.clone() });
+        variants.push(RowFields { old_values: None, ..s.clone() });
+        variants.push(RowFields { new_values: Some("{}"), ..s.clone() });
+        variants.push(RowFields { changed_fields: None, ..s.clone() });
+        variants.push(RowFields { changed_fields: Some(vec![]), ..s.clone() });
+        variants.push(RowFields { changed_fields: Some(vec![None]), ..s.clone() });
+        variants.push(RowFields { changed_by: "bob", ..s.clone() });
+        variants.push(RowFields { db_user: "root", ..s.clone() });
+        variants.push(RowFields { session_info: None, ..s.clone() });
+        variants.push(RowFields { old_row_id: Some("41"), ..s.clone() });
+        for v in &variants {
+            assert_ne!(row_hash(v), base, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn length_prefix_prevents_field_shifting() {
+        let a = RowFields { schema_name: "ab", table_name: "c", ..sample() };
+        let b = RowFields { schema_name: "a", table_name: "bc", ..sample() };
+        assert_ne!(row_hash(&a), row_hash(&b));
+        // A NULL text and an empty text differ.
+        let c = RowFields { row_id: Some(""), ..sample() };
+        let d = RowFields { row_id: None, ..sample() };
+        assert_ne!(row_hash(&c), row_hash(&d));
+    }
+
+    #[test]
+    fn root_depends_on_order_and_count() {
+        let h1 = [1u8; 32];
+        let h2 = [2u8; 32];
+        let mut a = RootBuilder::new();
+        a.push(1, &h1);
+        a.push(2, &h2);
+        let mut b = RootBuilder::new();
+        b.push(2, &h2);
+        b.push(1, &h1);
+        let mut c = RootBuilder::new();
+        c.push(1, &h1);
+        assert_ne!(a.finish(), b.finish());
+        let mut a2 = RootBuilder::new();
+        a2.push(1, &h1);
+        a2.push(2, &h2);
+        assert_ne!(a2.finish(), c.finish());
+        assert_ne!(RootBuilder::new().finish(), [0u8; 32]);
+    }
+
+    #[test]
+    fn block_hash_covers_every_field() {
+        let root = [3u8; 32];
+        let prev = [4u8; 32];
+        let b = BlockFields {
+            block_id: 1,
+            from_id: 0,
+            through_id: 10,
+            first_id: Some(1),
+            last_id: Some(10),
+            row_count: 10,
+            root: &root,
+            prev_hash: &prev,
+            sealed_at_us: 5,
+        };
+        let base = block_hash(&b);
+        let other = [9u8; 32];
+        for v in [
+            BlockFields { block_id: 2, ..b.clone() },
+            BlockFields { from_id: 1, ..b.clone() },
+            BlockFields { through_id: 11, ..b.clone() },
+            BlockFields { first_id: None, ..b.clone() },
+            BlockFields { last_id: Some(9), ..b.clone() },
+            BlockFields { row_count: 9, ..b.clone() },
+            BlockFields { root: &other, ..b.clone() },
+            BlockFields { prev_hash: &other, ..b.clone() },
+            BlockFields { sealed_at_us: 6, ..b.clone() },
+        ] {
+            assert_ne!(block_hash(&v), base);
+        }
+    }
+}

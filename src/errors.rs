@@ -1,0 +1,99 @@
+//! Every error the extension raises, and the one place that maps them to SQLSTATEs.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("argument \"{0}\" must not be NULL")]
+    NullArgument(&'static str),
+    #[error("column \"{column}\" of relation \"{table}\" does not exist")]
+    UnknownColumn { table: String, column: String },
+    #[error("column \"{column}\" cannot be both excluded and redacted")]
+    ExcludedAndRedacted { column: String },
+    #[error("\"{table}\" is not a table: audit.track works on ordinary and partitioned tables only")]
+    WrongObjectType { table: String },
+    #[error("\"{table}\" cannot be tracked: {why}")]
+    NotTrackable { table: String, why: &'static str },
+    #[error("must be owner of table {table}")]
+    NotOwner { table: String },
+    #[error("relation \"{table}\" is not tracked by audit_ext")]
+    NotTracked { table: String },
+    #[error("audit.require_actor is on, but app.current_user is not set")]
+    ActorRequired,
+    #[error("{0}")]
+    TooEarly(String),
+    #[error("{0}")]
+    UndoRefused(String),
+    #[error("{0}")]
+    UndoConflict(String),
+    #[error("no audit rows for transaction {0}")]
+    UndoNothing(i64),
+    #[error("invalid value for {setting}: {why}")]
+    InvalidSetting { setting: &'static str, why: String },
+    #[error("audit_ext is not installed in this database")]
+    NotInstalled,
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error(transparent)]
+    Spi(#[from] pgrx::spi::Error),
+}
+
+impl AuditError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            AuditError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            AuditError::UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
+            AuditError::ExcludedAndRedacted { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            AuditError::WrongObjectType { .. } => ERRCODE_WRONG_OBJECT_TYPE,
+            AuditError::NotTrackable { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            AuditError::NotOwner { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            AuditError::NotTracked { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::ActorRequired => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            AuditError::TooEarly(_) => ERRCODE_DATA_EXCEPTION,
+            AuditError::UndoRefused(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::UndoConflict(_) => ERRCODE_T_R_SERIALIZATION_FAILURE,
+            AuditError::UndoNothing(_) => ERRCODE_NO_DATA_FOUND,
+            AuditError::InvalidSetting { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            AuditError::NotInstalled => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::Internal(_) | AuditError::Spi(_) => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            AuditError::ActorRequired => Some(
+                "SET LOCAL app.current_user = '...' (or set_config('app.current_user', ..., true)) before writing.",
+            ),
+            AuditError::UndoConflict(_) => Some("Pass force => true to undo anyway."),
+            _ => None,
+        }
+    }
+
+    /// Raise as a PostgreSQL ERROR; never returns.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.sqlstate(), self.to_string(), "audit_ext");
+        if let Some(h) = self.hint() {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+pub type Result<T> = std::result::Result<T, AuditError>;
+
+/// Unwrap a result at the SQL boundary: errors become ereport(ERROR).
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! audit_ext: a tamper-evident, queryable, partitioned history of table changes.
+//! Each concern lives in its own module; this file only wires them together.
+
+use pgrx::prelude::*;
+
+pub mod capture;
+pub mod chain;
+pub mod errors;
+pub mod settings;
+pub mod tracking;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::init();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,292 @@
+//! GUC settings. All are PGC_SUSET so `ALTER DATABASE … SET` works per database;
+//! bad values are refused at SET time by the check hooks.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+
+pub const DEFAULT_CONTEXT_SETTINGS: &str =
+    "app.current_user, app.actor_type, app.actor_email, app.current_migration, app.request_id";
+
+pub static REQUIRE_ACTOR: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static ALLOW_DROP: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static CONTEXT_SETTINGS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"app.current_user, app.actor_type, app.actor_email, app.current_migration, app.request_id"));
+pub static PARTITION_INTERVAL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"1 month"));
+pub static PREMAKE: GucSetting<i32> = GucSetting::<i32>::new(3);
+pub static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static RETENTION_MODE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"drop"));
+pub static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+
+pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"audit.require_actor",
+        c"Refuse writes to tracked tables when app.current_user is not set.",
+        c"",
+        &REQUIRE_ACTOR,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"audit.allow_drop",
+        c"Allow DROP EXTENSION audit_ext, and dropping or truncating audit data, in this session.",
+        c"",
+        &ALLOW_DROP,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    // SAFETY: the hooks are plain extern fns guarded by #[pg_guard]; the settings are 'static.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"audit.context_settings",
+            c"Comma-separated setting names captured into audit.log.session_info.",
+            c"",
+            &CONTEXT_SETTINGS,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_context_settings),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"audit.partition_interval",
+            c"Width of each audit.log partition (at least 1 hour).",
+            c"",
+            &PARTITION_INTERVAL,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_partition_interval),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"audit.retention",
+            c"Partitions that end before now minus this interval are removed; empty keeps forever.",
+            c"",
+            &RETENTION,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_retention),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"audit.retention_mode",
+            c"What retention does with an expired partition: drop, or detach into schema audit_archive.",
+            c"",
+            &RETENTION_MODE,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_retention_mode),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"audit.databases",
+            c"Comma-separated databases the background worker serves; empty means all that have the extension.",
+            c"",
+            &DATABASES,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_databases),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"audit.premake",
+        c"Number of audit.log partitions kept ahead of now.",
+        c"",
+        &PREMAKE,
+        0,
+        1000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"audit.naptime",
+        c"How often the background worker runs maintenance and sealing.",
+        c"",
+        &NAPTIME,
+        1,
+        86400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+}
+
+fn guc_string(s: &GucSetting<Option<CString>>) -> String {
+    s.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+pub fn context_settings() -> Vec<String> {
+    split_list(&guc_string(&CONTEXT_SETTINGS))
+}
+pub fn partition_interval() -> String {
+    guc_string(&PARTITION_INTERVAL)
+}
+pub fn retention() -> Option<String> {
+    Some(guc_string(&RETENTION)).filter(|s| !s.trim().is_empty())
+}
+pub fn retention_detach() -> bool {
+    guc_string(&RETENTION_MODE).trim().eq_ignore_ascii_case("detach")
+}
+pub fn databases() -> Vec<String> {
+    split_list(&guc_string(&DATABASES))
+}
+
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()
+}
+
+/// Seconds in an interval written as `<n> <unit>` pairs: the subset of PostgreSQL's
+/// interval syntax we accept, so validation here and `::interval` in SQL agree.
+/// Months count as 30 days and years as 365 for the lower-bound check only.
+pub fn parse_interval_secs(s: &str) -> Result<i64, String> {
+    let words: Vec<&str> = s.split_whitespace().collect();
+    if words.is_empty() {
+        return Err("empty interval".into());
+    }
+    let mut total: i64 = 0;
+    let mut i = 0;
+    while i < words.len() {
+        let (num, unit) = match words[i].find(|c: char| c.is_ascii_alphabetic()) {
+            Some(p) if p > 0 => (&words[i][..p], &words[i][p..]),
+            _ => {
+                let u = words.get(i + 1).ok_or_else(|| format!("\"{s}\" is missing a unit"))?;
+                i += 1;
+                (words[i - 1], *u)
+            }
+        };
+        i += 1;
+        let n: i64 = num.parse().map_err(|_| format!("\"{num}\" is not a whole number"))?;
+        if n <= 0 {
+            return Err("the amount must be positive".into());
+        }
+        let unit_secs = match unit.to_ascii_lowercase().trim_end_matches('s') {
+            "minute" | "min" => 60,
+            "hour" | "h" | "hr" => 3600,
+            "day" | "d" => 86400,
+            "week" | "w" => 7 * 86400,
+            "month" | "mon" => 30 * 86400,
+            "year" | "y" | "yr" => 365 * 86400,
+            other => return Err(format!("unknown unit \"{other}\" (use hours, days, weeks, months or years)")),
+        };
+        total = total.checked_add(n.checked_mul(unit_secs).ok_or("interval too large")?).ok_or("interval too large")?;
+    }
+    Ok(total)
+}
+
+/// # Safety
+/// Called by PostgreSQL's GUC machinery with a valid (possibly NULL) string.
+unsafe fn new_value<'a>(newval: *mut *mut c_char) -> &'a str {
+    if newval.is_null() || (*newval).is_null() {
+        return "";
+    }
+    CStr::from_ptr(*newval).to_str().unwrap_or("\u{FFFD}")
+}
+
+fn check_fail(msg: String) -> bool {
+    let c = CString::new(msg).unwrap_or_default();
+    // SAFETY: GUC_check_errdetail_string must be palloc'd; pstrdup copies into the current context.
+    unsafe {
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(c.as_ptr());
+    }
+    false
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_partition_interval(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    match parse_interval_secs(new_value(newval)) {
+        Ok(secs) if secs >= 3600 => true,
+        Ok(_) => check_fail("audit.partition_interval must be at least 1 hour.".into()),
+        Err(e) => check_fail(format!("audit.partition_interval: {e}.")),
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_retention(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let v = new_value(newval);
+    if v.trim().is_empty() {
+        return true;
+    }
+    match parse_interval_secs(v) {
+        Ok(_) => true,
+        Err(e) => check_fail(format!("audit.retention: {e}; leave it empty to keep forever.")),
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_retention_mode(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    match new_value(newval).trim().to_ascii_lowercase().as_str() {
+        "drop" | "detach" => true,
+        _ => check_fail("audit.retention_mode must be \"drop\" or \"detach\".".into()),
+    }
+}
+
+fn valid_setting_name(n: &str) -> bool {
+    !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_context_settings(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    for name in split_list(new_value(newval)) {
+        if !valid_setting_name(&name) {
+            return check_fail(format!("\"{name}\" is not a valid setting name."));
+        }
+    }
+    true
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_databases(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    for name in split_list(new_value(newval)) {
+        if name.len() >= 64 {
+            return check_fail(format!("\"{name}\" is too long for a database name."));
+        }
+    }
+    true
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::parse_interval_secs;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn intervals() {
+        assert_eq!(parse_interval_secs("1 hour"), Ok(3600));
+        assert_eq!(parse_interval_secs("1 month"), Ok(30 * 86400));
+        assert_eq!(parse_interval_secs("2 weeks 1 day"), Ok(15 * 86400));
+        assert_eq!(parse_interval_secs("90d"), Ok(90 * 86400));
+        assert!(parse_interval_secs("").is_err());
+        assert!(parse_interval_secs("0 hours").is_err());
+        assert!(parse_interval_secs("3 fortnights").is_err());
+        assert!(parse_interval_secs("soon").is_err());
+    }
+}

@@ -1,0 +1,224 @@
+//! audit.track / audit.untrack: attach or remove the capture triggers and record
+//! the per-table options. Checks run as the caller; the writes run as the
+//! extension owner, because PUBLIC has no privilege on anything in `audit`.
+
+use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
+use pgrx::PgRelation;
+
+use crate::capture::cache;
+use crate::errors::{AuditError, OrRaise, Result};
+
+pub const ROW_TRIGGER: &str = "audit_capture_row";
+pub const TRUNCATE_TRIGGER: &str = "audit_capture_truncate";
+
+fn qualified_name(rel: &PgRelation) -> String {
+    format!("{}.{}", quote_ident(rel.namespace()), quote_ident(rel.name()))
+}
+
+pub fn quote_ident(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+/// Refuse what cannot be tracked, and callers who do not own the table.
+fn check_trackable(rel: &PgRelation) -> Result<()> {
+    let name = qualified_name(rel);
+    // SAFETY: rd_rel is valid while the relation is open.
+    let (relkind, persistence) = unsafe { ((*rel.rd_rel).relkind as u8, (*rel.rd_rel).relpersistence as u8) };
+    if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
+        return Err(AuditError::WrongObjectType { table: name });
+    }
+    let ns = rel.namespace();
+    if ns == "pg_catalog" || ns == "information_schema" || ns.starts_with("pg_toast") {
+        return Err(AuditError::NotTrackable { table: name, why: "system catalogs cannot be tracked" });
+    }
+    if ns == "audit" || ns == "audit_archive" {
+        return Err(AuditError::NotTrackable { table: name, why: "audit_ext's own tables cannot be tracked" });
+    }
+    if persistence == pg_sys::RELPERSISTENCE_TEMP {
+        return Err(AuditError::NotTrackable {
+            table: name,
+            why: "temporary tables vanish with their session; track a permanent table",
+        });
+    }
+    // SAFETY: GetUserId is the current effective role; ownercheck reads the syscache.
+    let owns = unsafe {
+        #[cfg(feature = "pg15")]
+        {
+            pg_sys::pg_class_ownercheck(rel.oid(), pg_sys::GetUserId())
+        }
+        #[cfg(not(feature = "pg15"))]
+        {
+            pg_sys::object_ownercheck(pg_sys::RelationRelationId, rel.oid(), pg_sys::GetUserId())
+        }
+    };
+    if !owns {
+        return Err(AuditError::NotOwner { table: name });
+    }
+    Ok(())
+}
+
+/// Runs `f` as the extension owner (restored on return; abort restores on error).
+pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let owner = Spi::get_one::<Oid>(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'audit_ext'",
+    )?
+    .ok_or(AuditError::NotInstalled)?;
+    let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
+    // SAFETY: save and switch the current user, as SECURITY DEFINER functions do.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
+        pg_sys::SetUserIdAndSecContext(owner, ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    }
+    let r = f();
+    // SAFETY: restore what was saved.
+    unsafe { pg_sys::SetUserIdAndSecContext(uid, ctx) };
+    r
+}
+
+fn invalidate_tree(relid: Oid) -> Result<()> {
+    let parts: Vec<Oid> = Spi::connect(|c| -> Result<Vec<Oid>> {
+        let rows = c.select(
+            "SELECT relid::pg_catalog.oid FROM pg_catalog.pg_partition_tree($1)",
+            None,
+            &[relid.into()],
+        )?;
+        let mut v = Vec::new();
+        for r in rows {
+            if let Some(o) = r.get::<Oid>(1)? {
+                v.push(o);
+            }
+        }
+        Ok(v)
+    })?;
+    for p in parts.into_iter().chain(std::iter::once(relid)) {
+        cache::forget(p);
+        // SAFETY: queues a relcache invalidation for other backends at commit.
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(p) };
+    }
+    Ok(())
+}
+
+fn clean_list(v: Option<Vec<Option<String>>>) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for item in v.unwrap_or_default() {
+        let s = item.ok_or(AuditError::NullArgument("exclude/redact element"))?;
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+pub fn track_impl(
+    rel: Option<PgRelation>,
+    exclude: Option<Vec<Option<String>>>,
+    redact: Option<Vec<Option<String>>>,
+) -> Result<()> {
+    let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
+    let exclude = clean_list(exclude)?;
+    let redact = clean_list(redact)?;
+    check_trackable(&rel)?;
+    let name = qualified_name(&rel);
+
+    let tupdesc = rel.tuple_desc();
+    let live: Vec<String> = tupdesc.iter().filter(|a| !a.is_dropped()).map(|a| a.name().to_string()).collect();
+    for col in exclude.iter().chain(redact.iter()) {
+        if !live.contains(col) {
+            return Err(AuditError::UnknownColumn { table: name.clone(), column: col.clone() });
+        }
+    }
+    if let Some(both) = exclude.iter().find(|c| redact.contains(c)) {
+        return Err(AuditError::ExcludedAndRedacted { column: both.clone() });
+    }
+    let relid = rel.oid();
+
+    as_extension_owner(|| {
+        let parent_tracked = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_partition_ancestors($1) a
+                             JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid
+                            WHERE a.relid OPERATOR(pg_catalog.<>) $1)
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_partition_tree($1) p
+                             JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) p.relid
+                            WHERE p.relid OPERATOR(pg_catalog.<>) $1)",
+            &[relid.into()],
+        )?
+        .unwrap_or(false);
+        if parent_tracked {
+            return Err(AuditError::NotTrackable {
+                table: name.clone(),
+                why: "a partition and its parent cannot both be tracked; track the parent only",
+            });
+        }
+        Spi::run(
+            "INSERT INTO audit.secret (id, key)
+             SELECT 1, pg_catalog.decode(pg_catalog.replace(pg_catalog.gen_random_uuid()::pg_catalog.text
+                    OPERATOR(pg_catalog.||) pg_catalog.gen_random_uuid()::pg_catalog.text, '-', ''), 'hex')
+             ON CONFLICT (id) DO NOTHING",
+        )?;
+        Spi::run_with_args(
+            "INSERT INTO audit.tracked (relid, exclude, redact) VALUES ($1, $2, $3)
+             ON CONFLICT (relid) DO UPDATE SET exclude = EXCLUDED.exclude, redact = EXCLUDED.redact",
+            &[relid.into(), exclude.clone().into(), redact.clone().into()],
+        )?;
+        Spi::run(&format!(
+            "CREATE OR REPLACE TRIGGER {ROW_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {name} \
+             FOR EACH ROW EXECUTE FUNCTION audit.capture()"
+        ))?;
+        Spi::run(&format!(
+            "CREATE OR REPLACE TRIGGER {TRUNCATE_TRIGGER} AFTER TRUNCATE ON {name} \
+             FOR EACH STATEMENT EXECUTE FUNCTION audit.capture()"
+        ))?;
+        invalidate_tree(relid)
+    })?;
+
+    // SAFETY: the relation is open.
+    let has_key = unsafe {
+        #[cfg(not(feature = "pg18"))]
+        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr());
+        #[cfg(feature = "pg18")]
+        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr(), true);
+        pk != pg_sys::InvalidOid || pg_sys::RelationGetReplicaIndex(rel.as_ptr()) != pg_sys::InvalidOid
+    };
+    if !has_key {
+        pgrx::notice!(
+            "{name} has no primary key or replica identity index: its audit rows will have a NULL row_id, \
+             and audit.state_at, audit.history and audit.undo cannot address its rows"
+        );
+    }
+    Ok(())
+}
+
+pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
+    let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
+    check_trackable(&rel)?;
+    let name = qualified_name(&rel);
+    let relid = rel.oid();
+    as_extension_owner(|| {
+        Spi::run(&format!("DROP TRIGGER IF EXISTS {ROW_TRIGGER} ON {name}"))?;
+        Spi::run(&format!("DROP TRIGGER IF EXISTS {TRUNCATE_TRIGGER} ON {name}"))?;
+        Spi::run_with_args("DELETE FROM audit.tracked WHERE relid OPERATOR(pg_catalog.=) $1", &[relid.into()])?;
+        invalidate_tree(relid)
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn track(
+    tbl: Option<PgRelation>,
+    exclude: default!(Option<Vec<Option<String>>>, "'{}'"),
+    redact: default!(Option<Vec<Option<String>>>, "'{}'"),
+) {
+    track_impl(tbl, exclude, redact).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn untrack(tbl: Option<PgRelation>) {
+    untrack_impl(tbl).or_raise()
+}
