@@ -51,7 +51,7 @@ impl AuditError {
             AuditError::NotOwner { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             AuditError::NotTracked { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::ActorRequired => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
-            AuditError::TooEarly(_) => ERRCODE_DATA_EXCEPTION,
+            AuditError::TooEarly(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             AuditError::UndoRefused(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::UndoConflict(_) => ERRCODE_T_R_SERIALIZATION_FAILURE,
             AuditError::UndoNothing(_) => ERRCODE_NO_DATA_FOUND,

@@ -137,7 +137,9 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
     let found = Spi::connect(|client| -> Result<Option<(String, String, Vec<String>, Vec<String>)>> {
         let mut rows = client.select(
             "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, t.exclude, t.redact
-               FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY AS a(relid, ord)
+               FROM (SELECT $1::pg_catalog.regclass, 0::pg_catalog.int8
+                     UNION ALL
+                     SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS a(relid, ord)
                JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid
                JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.relid
                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
