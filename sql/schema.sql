@@ -98,3 +98,11 @@ SELECT pg_catalog.pg_extension_config_dump('audit.secret', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.blocks', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.pruned', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.pruned_blocks', '');
+
+-- The earliest time history is complete for: written by retention when it removes partitions
+-- (no row: no limit, so a restore never collides with the install script).
+CREATE TABLE audit.horizon (
+    id      int         PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    horizon timestamptz NOT NULL DEFAULT '-infinity'
+);
+SELECT pg_catalog.pg_extension_config_dump('audit.horizon', '');

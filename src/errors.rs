@@ -31,6 +31,10 @@ pub enum AuditError {
     UndoNothing(i64),
     #[error("invalid value for {setting}: {why}")]
     InvalidSetting { setting: &'static str, why: String },
+    #[error("nothing is sealed yet: run audit.seal() first")]
+    NothingSealed,
+    #[error("invalid digest: {0}")]
+    BadDigest(String),
     #[error("audit_ext is not installed in this database")]
     NotInstalled,
     #[error("internal error: {0}")]
@@ -57,6 +61,8 @@ impl AuditError {
             AuditError::UndoNothing(_) => ERRCODE_NO_DATA_FOUND,
             AuditError::InvalidSetting { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             AuditError::NotInstalled => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::NothingSealed => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::BadDigest(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             AuditError::Internal(_) | AuditError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod chain;
 pub mod errors;
 pub mod settings;
+pub mod time_travel;
 pub mod tracking;
 
 ::pgrx::pg_module_magic!();

@@ -68,7 +68,7 @@ fn check_trackable(rel: &PgRelation) -> Result<()> {
 /// Runs `f` as the extension owner (restored on return; abort restores on error).
 pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     let owner = Spi::get_one::<Oid>(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'audit_ext'",
+        "SELECT (SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'audit_ext')",
     )?
     .ok_or(AuditError::NotInstalled)?;
     let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);

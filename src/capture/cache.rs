@@ -95,15 +95,16 @@ pub fn ext_state() -> Result<ExtState> {
         return Ok(e);
     }
     let row = Spi::get_three::<Oid, Oid, Oid>(
-        "SELECT e.extowner, 'audit.log'::pg_catalog.regclass::pg_catalog.oid,
-                'audit.log_id_seq'::pg_catalog.regclass::pg_catalog.oid
-           FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'audit_ext'",
+        "SELECT (SELECT e.extowner FROM pg_catalog.pg_extension e
+                  WHERE e.extname OPERATOR(pg_catalog.=) 'audit_ext'),
+                pg_catalog.to_regclass('audit.log')::pg_catalog.oid,
+                pg_catalog.to_regclass('audit.log_id_seq')::pg_catalog.oid",
     );
     let (owner, log, seq) = match row {
         Ok((Some(o), Some(l), Some(s))) => (o, l, s),
         _ => return Err(AuditError::NotInstalled),
     };
-    let tracked = Spi::get_one::<Oid>("SELECT 'audit.tracked'::pg_catalog.regclass::pg_catalog.oid")?
+    let tracked = Spi::get_one::<Oid>("SELECT pg_catalog.to_regclass('audit.tracked')::pg_catalog.oid")?
         .ok_or(AuditError::NotInstalled)?;
     let st = ExtState { owner, log, seq, tracked };
     EXT.with(|e| e.set(Some(st)));

@@ -72,7 +72,7 @@ fn secret() -> AResult<Vec<u8>> {
     if let Some(s) = SECRET.with(|s| s.borrow().clone()) {
         return Ok(s);
     }
-    let key = Spi::get_one::<Vec<u8>>("SELECT key FROM audit.secret LIMIT 1")?
+    let key = Spi::get_one::<Vec<u8>>("SELECT (SELECT key FROM audit.secret LIMIT 1)")?
         .ok_or_else(|| AuditError::Internal("audit.secret is empty; run audit.track() again".into()))?;
     SECRET.with(|s| *s.borrow_mut() = Some(key.clone()));
     Ok(key)

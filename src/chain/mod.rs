@@ -1,2 +1,4 @@
 //! Tamper evidence: row hashes (computed by the trigger), sealed blocks, verify and digest.
 pub mod hash;
+pub mod seal;
+pub mod verify;
