@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 pub mod capture;
 pub mod chain;
 pub mod errors;
+pub mod partitions;
 pub mod settings;
 pub mod time_travel;
 pub mod tracking;

@@ -1,0 +1,234 @@
+//! Partitions of audit.log: premade ranges, rows moved out of the DEFAULT
+//! partition, and retention. Lock order is fixed: the parent audit.log, then
+//! audit.log_default, each under a short lock_timeout with retries, so a
+//! writer never waits for more than a moment.
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+
+use crate::errors::{AuditError, OrRaise, Result};
+use crate::settings;
+use crate::tracking::as_extension_owner;
+
+const LOCK_TIMEOUT: &str = "200ms";
+const LOCK_RETRIES: usize = 10;
+
+struct Part {
+    name: String,
+    from: TimestampWithTimeZone,
+    to: TimestampWithTimeZone,
+}
+
+fn partitions() -> Result<Vec<Part>> {
+    Spi::connect(|c| -> Result<Vec<Part>> {
+        let rows = c.select(
+            "SELECT c.relname::pg_catalog.text,
+                    pg_catalog.substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']*)''\\)')::pg_catalog.timestamptz,
+                    pg_catalog.substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']*)''\\)')::pg_catalog.timestamptz
+               FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.inhrelid
+              WHERE i.inhparent OPERATOR(pg_catalog.=) 'audit.log'::pg_catalog.regclass
+                AND NOT c.relispartition IS FALSE
+                AND pg_catalog.pg_get_expr(c.relpartbound, c.oid) OPERATOR(pg_catalog.<>) 'DEFAULT'
+              ORDER BY 2",
+            None,
+            &[],
+        )?;
+        let mut v = Vec::new();
+        for r in rows {
+            if let (Some(name), Some(from), Some(to)) = (r.get::<String>(1)?, r.get(2)?, r.get(3)?) {
+                v.push(Part { name, from, to });
+            }
+        }
+        Ok(v)
+    })
+}
+
+/// Slot [start, end) of the partition that should hold `t`.
+fn slot_of(t: TimestampWithTimeZone, interval: &str) -> Result<(TimestampWithTimeZone, TimestampWithTimeZone)> {
+    let (a, b) = Spi::get_two_with_args::<TimestampWithTimeZone, TimestampWithTimeZone>(
+        "WITH i AS (SELECT $2::pg_catalog.interval AS iv),
+              s AS (SELECT CASE WHEN pg_catalog.date_part('month', iv) OPERATOR(pg_catalog.<>) 0
+                                  OR pg_catalog.date_part('year', iv) OPERATOR(pg_catalog.<>) 0
+                           THEN pg_catalog.date_trunc('month', $1, 'UTC')
+                           ELSE pg_catalog.date_bin(iv, $1, '2000-01-01 00:00:00+00') END AS st, iv FROM i)
+         SELECT st, st OPERATOR(pg_catalog.+) iv FROM s",
+        &[t.into(), interval.to_string().into()],
+    )?;
+    Ok((a.ok_or(AuditError::Internal("no slot".into()))?, b.ok_or(AuditError::Internal("no slot".into()))?))
+}
+
+fn add_interval(t: TimestampWithTimeZone, interval: &str) -> Result<TimestampWithTimeZone> {
+    Spi::get_one_with_args::<TimestampWithTimeZone>(
+        "SELECT $1 OPERATOR(pg_catalog.+) $2::pg_catalog.interval",
+        &[t.into(), interval.to_string().into()],
+    )?
+    .ok_or(AuditError::Internal("interval arithmetic".into()))
+}
+
+/// Takes the parent, then the default partition, retrying on lock timeout.
+fn lock_in_order() -> Result<()> {
+    Spi::run(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))?;
+    for attempt in 0..LOCK_RETRIES {
+        let ok = PgTryBuilder::new(|| {
+            Spi::run("LOCK TABLE audit.log IN SHARE UPDATE EXCLUSIVE MODE").is_ok()
+                && Spi::run("LOCK TABLE audit.log_default IN EXCLUSIVE MODE").is_ok()
+        })
+        .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| false)
+        .execute();
+        if ok {
+            return Ok(());
+        }
+        let _ = attempt;
+    }
+    Err(AuditError::Internal("could not lock audit.log briefly enough; try again later".into()))
+}
+
+/// Creates the partition [from, to), moving any of its rows out of the default partition.
+fn create_partition(from: TimestampWithTimeZone, to: TimestampWithTimeZone) -> Result<(String, i64)> {
+    let name = Spi::get_one_with_args::<String>(
+        "SELECT 'log_p' OPERATOR(pg_catalog.||) pg_catalog.to_char($1 AT TIME ZONE 'UTC', 'YYYYMMDD_HH24MI')",
+        &[from.into()],
+    )?
+    .unwrap_or_default();
+    let bounds = |t: TimestampWithTimeZone| -> Result<String> {
+        Ok(Spi::get_one_with_args::<String>("SELECT pg_catalog.quote_literal($1::pg_catalog.text)", &[t.into()])?.unwrap_or_default())
+    };
+    let (f, t) = (bounds(from)?, bounds(to)?);
+    let waiting = Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.count(*) FROM audit.log_default WHERE changed_at OPERATOR(pg_catalog.>=) $1 AND changed_at OPERATOR(pg_catalog.<) $2",
+        &[from.into(), to.into()],
+    )?
+    .unwrap_or(0);
+    if waiting == 0 {
+        Spi::run(&format!("CREATE TABLE audit.{name} PARTITION OF audit.log FOR VALUES FROM ({f}) TO ({t})"))?;
+        return Ok((name, 0));
+    }
+    Spi::run(&format!("CREATE TABLE audit.{name} (LIKE audit.log INCLUDING DEFAULTS)"))?;
+    Spi::run(&format!(
+        "ALTER TABLE audit.{name} ADD CONSTRAINT {name}_range CHECK (changed_at >= {f} AND changed_at < {t})"
+    ))?;
+    Spi::run("SET LOCAL audit.allow_drop = on")?;
+    Spi::run_with_args(
+        &format!(
+            "WITH moved AS (DELETE FROM audit.log_default WHERE changed_at >= $1 AND changed_at < $2 RETURNING *)
+             INSERT INTO audit.{name} SELECT * FROM moved"
+        ),
+        &[from.into(), to.into()],
+    )?;
+    Spi::run(&format!("ALTER TABLE audit.log ATTACH PARTITION audit.{name} FOR VALUES FROM ({f}) TO ({t})"))?;
+    Spi::run(&format!("ALTER TABLE audit.{name} DROP CONSTRAINT {name}_range"))?;
+    Ok((name, waiting))
+}
+
+/// Records what retention removes so verify still recomputes the blocks that remain.
+fn record_pruned(part: &str) -> Result<()> {
+    Spi::run(&format!(
+        "INSERT INTO audit.pruned (id, row_hash) SELECT id, row_hash FROM audit.{part} ON CONFLICT (id) DO NOTHING"
+    ))?;
+    // Blocks whose every row is now pruned need no per-row hashes any more.
+    Spi::run(
+        "WITH full_blocks AS (
+            SELECT b.block_id, b.from_id, b.through_id FROM audit.blocks b
+             WHERE b.row_count OPERATOR(pg_catalog.=) (SELECT pg_catalog.count(*) FROM audit.pruned p
+                                   WHERE p.id OPERATOR(pg_catalog.>) b.from_id AND p.id OPERATOR(pg_catalog.<=) b.through_id)
+               AND NOT EXISTS (SELECT 1 FROM audit.pruned_blocks pb WHERE pb.block_id OPERATOR(pg_catalog.=) b.block_id)),
+          ins AS (INSERT INTO audit.pruned_blocks (block_id) SELECT block_id FROM full_blocks)
+         DELETE FROM audit.pruned p USING full_blocks f
+          WHERE p.id OPERATOR(pg_catalog.>) f.from_id AND p.id OPERATOR(pg_catalog.<=) f.through_id",
+    )?;
+    Ok(())
+}
+
+pub fn maintain_impl(as_of: Option<TimestampWithTimeZone>) -> Result<Value> {
+    let as_of = as_of.ok_or(AuditError::NullArgument("as_of"))?;
+    let interval = settings::partition_interval();
+    let premake = settings::PREMAKE.get();
+    as_extension_owner(|| {
+        lock_in_order()?;
+        let mut created = Vec::new();
+        let mut moved = 0i64;
+        // Slots wanted: every slot holding rows in the default partition, and now .. now + premake.
+        let mut wanted: Vec<(TimestampWithTimeZone, TimestampWithTimeZone)> = Vec::new();
+        let stray: Vec<TimestampWithTimeZone> = Spi::connect(|c| -> Result<Vec<TimestampWithTimeZone>> {
+            let mut v = Vec::new();
+            for r in c.select("SELECT DISTINCT pg_catalog.date_trunc('hour', changed_at) FROM audit.log_default", None, &[])? {
+                if let Some(t) = r.get::<TimestampWithTimeZone>(1)? {
+                    v.push(t);
+                }
+            }
+            Ok(v)
+        })?;
+        for t in stray {
+            wanted.push(slot_of(t, &interval)?);
+        }
+        let (mut a, mut b) = slot_of(as_of, &interval)?;
+        for _ in 0..=premake {
+            wanted.push((a, b));
+            a = b;
+            b = add_interval(a, &interval)?;
+        }
+        wanted.sort_by_key(|w| pg_sys::TimestampTz::from(w.0));
+        wanted.dedup_by_key(|w| pg_sys::TimestampTz::from(w.0));
+        for (from, to) in wanted {
+            let existing = partitions()?;
+            if existing.iter().any(|p| p.from < to && from < p.to) {
+                continue; // an existing partition (maybe of another interval) covers part of it
+            }
+            let (name, n) = create_partition(from, to)?;
+            moved += n;
+            created.push(name);
+        }
+
+        let mut removed = Vec::new();
+        let mut kept = Vec::new();
+        if let Some(ret) = settings::retention() {
+            let cutoff = Spi::get_one_with_args::<TimestampWithTimeZone>(
+                "SELECT $1 OPERATOR(pg_catalog.-) $2::pg_catalog.interval",
+                &[as_of.into(), ret.into()],
+            )?
+            .ok_or(AuditError::Internal("retention arithmetic".into()))?;
+            let (_, sealed_through, _) = crate::chain::seal::chain_head()?;
+            for p in partitions()? {
+                if p.to > cutoff {
+                    continue;
+                }
+                let max_id = Spi::get_one::<i64>(&format!("SELECT pg_catalog.max(id) FROM audit.{}", p.name))?;
+                if max_id.is_some_and(|m| m > sealed_through) {
+                    kept.push(json!({"partition": p.name, "why": "has rows not sealed yet: run audit.seal() first"}));
+                    continue;
+                }
+                record_pruned(&p.name)?;
+                Spi::run_with_args(
+                    "INSERT INTO audit.horizon (id, horizon) VALUES (1, $1)
+                     ON CONFLICT (id) DO UPDATE SET horizon = GREATEST(audit.horizon.horizon, EXCLUDED.horizon)",
+                    &[p.to.into()],
+                )?;
+                Spi::run("SET LOCAL audit.allow_drop = on")?;
+                if settings::retention_detach() {
+                    Spi::run("CREATE SCHEMA IF NOT EXISTS audit_archive")?;
+                    Spi::run(&format!("ALTER TABLE audit.log DETACH PARTITION audit.{}", p.name))?;
+                    Spi::run(&format!("ALTER TABLE audit.{} SET SCHEMA audit_archive", p.name))?;
+                    removed.push(json!({"partition": p.name, "action": "detached"}));
+                } else {
+                    Spi::run(&format!("DROP TABLE audit.{}", p.name))?;
+                    removed.push(json!({"partition": p.name, "action": "dropped"}));
+                }
+            }
+        }
+        Ok(json!({
+            "as_of": as_of.to_string(),
+            "interval": interval,
+            "created": created,
+            "moved_from_default": moved,
+            "retention": removed,
+            "retention_skipped": kept,
+        }))
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn maintain(as_of: default!(Option<TimestampWithTimeZone>, "now()")) -> JsonB {
+    JsonB(maintain_impl(as_of).or_raise())
+}
