@@ -70,7 +70,7 @@ impl AuditError {
     fn hint(&self) -> Option<&'static str> {
         match self {
             AuditError::ActorRequired => Some(
-                "SET LOCAL app.current_user = '...' (or set_config('app.current_user', ..., true)) before writing.",
+                "SET LOCAL \"app.current_user\" = '...' (or set_config('app.current_user', ..., true)) before writing.",
             ),
             AuditError::UndoConflict(_) => Some("Pass force => true to undo anyway."),
             _ => None,

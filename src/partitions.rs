@@ -207,7 +207,13 @@ pub fn maintain_impl(as_of: Option<TimestampWithTimeZone>) -> Result<Value> {
                 )?;
                 Spi::run("SET LOCAL audit.allow_drop = on")?;
                 if settings::retention_detach() {
-                    Spi::run("CREATE SCHEMA IF NOT EXISTS audit_archive")?;
+                    let have = Spi::get_one::<bool>(
+                        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'audit_archive')",
+                    )?;
+                    if have != Some(true) {
+                        Spi::run("CREATE SCHEMA audit_archive")?;
+                        Spi::run("REVOKE ALL ON SCHEMA audit_archive FROM PUBLIC")?;
+                    }
                     Spi::run(&format!("ALTER TABLE audit.log DETACH PARTITION audit.{}", p.name))?;
                     Spi::run(&format!("ALTER TABLE audit.{} SET SCHEMA audit_archive", p.name))?;
                     removed.push(json!({"partition": p.name, "action": "detached"}));
