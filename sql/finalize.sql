@@ -1,11 +1,75 @@
 -- Runs last in the install script.
 
+-- DDL on tracked tables is recorded, and audit data is guarded (see src/ddl.rs).
+-- SECURITY DEFINER: the DDL's author needs no privilege in schema audit.
+CREATE FUNCTION audit._on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT DISTINCT c.command_tag, n.nspname::text AS nsp, cl.relname::text AS rel,
+                  pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(cl.relname) AS ident
+             FROM pg_catalog.pg_event_trigger_ddl_commands() c
+             JOIN audit.tracked t ON t.relid::oid = c.objid
+             JOIN pg_catalog.pg_class cl ON cl.oid = c.objid
+             -- Only while capture is attached: a restore's post-data DDL (keys,
+             -- indexes) comes before the dumped triggers and is not history.
+             JOIN pg_catalog.pg_trigger tg ON tg.tgrelid = c.objid AND tg.tgname = 'audit_capture_row'
+             JOIN pg_catalog.pg_namespace n ON n.oid = cl.relnamespace
+            WHERE c.classid = 'pg_catalog.pg_class'::pg_catalog.regclass LOOP
+    PERFORM audit._record_ddl(r.nsp, r.rel, r.command_tag, r.ident, pg_catalog.current_query());
+  END LOOP;
+END $$;
+
+CREATE FUNCTION audit._on_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() LOOP
+    IF r.object_type = 'table' AND r.schema_name = 'audit'
+          AND (r.object_name IN ('log', 'blocks') OR r.object_name LIKE 'log\_%') THEN
+      PERFORM audit._check_drop('table ' || r.object_identity);
+    ELSIF r.object_type = 'table' AND EXISTS (SELECT FROM audit.tracked t WHERE t.relid::oid = r.objid) THEN
+      PERFORM audit._record_ddl(r.schema_name, r.object_name, 'DROP TABLE', r.object_identity, pg_catalog.current_query());
+      DELETE FROM audit.tracked t WHERE t.relid::oid = r.objid;
+    ELSIF r.object_type = 'trigger' AND r.original AND r.address_names[3] LIKE 'audit\_capture\_%'
+          AND EXISTS (SELECT FROM audit.tracked t
+                       WHERE t.relid::oid = pg_catalog.to_regclass(pg_catalog.quote_ident(r.address_names[1]) || '.'
+                                                                    || pg_catalog.quote_ident(r.address_names[2]))::oid) THEN
+      PERFORM audit._record_ddl(r.address_names[1], r.address_names[2], 'DROP TRIGGER', r.object_identity,
+                                pg_catalog.current_query());
+    END IF;
+  END LOOP;
+END $$;
+
+CREATE FUNCTION audit._guard_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM audit._check_drop('table ' || pg_catalog.quote_ident(TG_TABLE_SCHEMA) || '.' || pg_catalog.quote_ident(TG_TABLE_NAME));
+  RETURN NULL;
+END $$;
+
+-- DROP EXTENSION audit_ext (or DROP SCHEMA audit): refused while the log holds rows.
+CREATE FUNCTION audit._on_drop_start() RETURNS event_trigger LANGUAGE c AS 'MODULE_PATHNAME', 'audit_on_drop_start';
+CREATE EVENT TRIGGER audit_drop_guard ON ddl_command_start WHEN TAG IN ('DROP EXTENSION', 'DROP SCHEMA')
+  EXECUTE FUNCTION audit._on_drop_start();
+CREATE EVENT TRIGGER audit_ddl ON ddl_command_end EXECUTE FUNCTION audit._on_ddl();
+CREATE EVENT TRIGGER audit_drop ON sql_drop EXECUTE FUNCTION audit._on_drop();
+CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.log FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
+CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.log_default FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
+CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.blocks FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
+
 -- The first partitions. They are not members of the extension, so pg_dump
--- carries them (and their rows) like the ones maintain() makes later.
-SELECT audit.maintain();
+-- carries them (and their rows) like the ones maintain() makes later. A restore
+-- brings its own: pg_dump's scripts and pg_restore turn check_function_bodies
+-- off, and then only the default partition is made here, which catches every
+-- write until the next maintain().
 DO $$
 DECLARE p regclass;
 BEGIN
+  IF NOT pg_catalog.current_setting('check_function_bodies')::bool THEN
+    RETURN;
+  END IF;
+  PERFORM audit.maintain();
   FOR p IN SELECT inhrelid::regclass FROM pg_inherits
             WHERE inhparent = 'audit.log'::regclass AND inhrelid <> 'audit.log_default'::regclass LOOP
     EXECUTE format('ALTER EXTENSION audit_ext DROP TABLE %s', p);
@@ -18,8 +82,13 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA audit FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA audit FROM PUBLIC;
 REVOKE ALL ON SCHEMA audit FROM PUBLIC;
 
--- No background worker ships yet, so maintenance is always the user's to schedule.
+-- Without preload there is no background worker: maintenance is the user's to schedule.
 DO $$
 BEGIN
-  RAISE NOTICE 'audit_ext: schedule maintenance, e.g. with pg_cron: SELECT cron.schedule(''audit-maintain'', ''* * * * *'', $c$SELECT audit.maintain(); SELECT audit.seal()$c$);';
+  IF NOT 'audit_ext' = ANY (pg_catalog.string_to_array(
+        pg_catalog.replace(pg_catalog.current_setting('shared_preload_libraries'), ' ', ''), ',')) THEN
+    -- CREATE EXTENSION hides a script's notices; this one is meant to be read.
+    PERFORM pg_catalog.set_config('client_min_messages', 'notice', true);
+    RAISE NOTICE 'audit_ext: no background worker (audit_ext is not in shared_preload_libraries); schedule maintenance, e.g. with pg_cron: SELECT cron.schedule(''audit-maintain'', ''* * * * *'', $c$SELECT audit.maintain(); SELECT audit.seal()$c$);';
+  END IF;
 END $$;

@@ -25,15 +25,18 @@ CREATE TABLE audit.log (
 COMMENT ON TABLE audit.log IS 'One row per change to a tracked table (audit_ext).';
 COMMENT ON COLUMN audit.log.old_row_id IS 'For an UPDATE that changed the key: the key before the change.';
 
--- Row history and point-in-time probes: one index probe per question.
-CREATE INDEX log_row_idx ON audit.log (table_name, row_id, changed_at, id);
--- Key changes: find the row under its former key.
-CREATE INDEX log_old_row_idx ON audit.log (table_name, old_row_id, changed_at, id) WHERE old_row_id IS NOT NULL;
--- Sealing and verification walk ids; undo finds a transaction. Both are insertion-ordered, so BRIN is enough.
-CREATE INDEX log_id_brin ON audit.log USING brin (id);
-CREATE INDEX log_txid_brin ON audit.log USING brin (txid);
-
 CREATE TABLE audit.log_default PARTITION OF audit.log DEFAULT;
+
+-- Indexes live on each partition, not on audit.log: an index on the parent
+-- would be re-created by every ATTACH during a restore and collide with the
+-- dumped partition indexes. maintain() gives new partitions the same four.
+-- Row history and point-in-time probes: one index probe per question.
+CREATE INDEX log_default_row_idx ON audit.log_default (table_name, row_id, changed_at, id);
+-- Key changes: find the row under its former key.
+CREATE INDEX log_default_old_row_idx ON audit.log_default (table_name, old_row_id, changed_at, id) WHERE old_row_id IS NOT NULL;
+-- Sealing and verification walk ids; undo finds a transaction. Both are insertion-ordered, so BRIN is enough.
+CREATE INDEX log_default_id_brin ON audit.log_default USING brin (id);
+CREATE INDEX log_default_txid_brin ON audit.log_default USING brin (txid);
 
 CREATE TABLE audit.tracked (
     relid         regclass    PRIMARY KEY,

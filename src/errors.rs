@@ -17,6 +17,14 @@ pub enum AuditError {
     NotTrackable { table: String, why: &'static str },
     #[error("must be owner of table {table}")]
     NotOwner { table: String },
+    #[error("permission denied for table {table}: audit_ext needs {what} on it for this")]
+    PermissionDenied { table: String, what: &'static str },
+    #[error("{table} is tracked through its parent {parent}: untrack {parent} instead")]
+    TrackedViaParent { table: String, parent: String },
+    #[error("refusing to drop or truncate {0}: it holds audit history")]
+    DropRefused(String),
+    #[error("{table} was truncated at {at}, after the requested time, and TRUNCATE does not log the rows it removes")]
+    TruncatedSince { table: String, at: String },
     #[error("relation \"{table}\" is not tracked by audit_ext")]
     NotTracked { table: String },
     #[error("audit.require_actor is on, but app.current_user is not set")]
@@ -53,6 +61,10 @@ impl AuditError {
             AuditError::WrongObjectType { .. } => ERRCODE_WRONG_OBJECT_TYPE,
             AuditError::NotTrackable { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             AuditError::NotOwner { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            AuditError::PermissionDenied { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            AuditError::DropRefused(_) => ERRCODE_OBJECT_IN_USE,
+            AuditError::TrackedViaParent { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::TruncatedSince { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::NotTracked { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::ActorRequired => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
             AuditError::TooEarly(_) => ERRCODE_INVALID_PARAMETER_VALUE,
@@ -73,6 +85,7 @@ impl AuditError {
                 "SET LOCAL \"app.current_user\" = '...' (or set_config('app.current_user', ..., true)) before writing.",
             ),
             AuditError::UndoConflict(_) => Some("Pass force => true to undo anyway."),
+            AuditError::DropRefused(_) => Some("A superuser can SET audit.allow_drop = on in this session first."),
             _ => None,
         }
     }

@@ -5,11 +5,14 @@ use pgrx::prelude::*;
 
 pub mod capture;
 pub mod chain;
+pub mod ddl;
 pub mod errors;
 pub mod partitions;
+pub mod privilege;
 pub mod settings;
 pub mod time_travel;
 pub mod tracking;
+pub mod worker;
 
 ::pgrx::pg_module_magic!();
 
@@ -19,6 +22,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::init();
+    worker::register();
 }
 
 #[cfg(test)]
@@ -26,6 +30,7 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'audit_ext'"]
+        // The worker is paused: it would race the tests' own seal() calls.
+        vec!["shared_preload_libraries = 'audit_ext'", "audit.naptime = 0"]
     }
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::settings;
-use crate::tracking::as_extension_owner;
+use crate::privilege::as_extension_owner;
 
 const LOCK_TIMEOUT: &str = "200ms";
 const LOCK_RETRIES: usize = 10;
@@ -103,6 +103,7 @@ fn create_partition(from: TimestampWithTimeZone, to: TimestampWithTimeZone) -> R
     .unwrap_or(0);
     if waiting == 0 {
         Spi::run(&format!("CREATE TABLE audit.{name} PARTITION OF audit.log FOR VALUES FROM ({f}) TO ({t})"))?;
+        dress_partition(&name)?;
         return Ok((name, 0));
     }
     Spi::run(&format!("CREATE TABLE audit.{name} (LIKE audit.log INCLUDING DEFAULTS)"))?;
@@ -119,7 +120,21 @@ fn create_partition(from: TimestampWithTimeZone, to: TimestampWithTimeZone) -> R
     )?;
     Spi::run(&format!("ALTER TABLE audit.log ATTACH PARTITION audit.{name} FOR VALUES FROM ({f}) TO ({t})"))?;
     Spi::run(&format!("ALTER TABLE audit.{name} DROP CONSTRAINT {name}_range"))?;
+    dress_partition(&name)?;
     Ok((name, waiting))
+}
+
+/// The indexes of audit.log_default (sql/schema.sql), and the TRUNCATE guard.
+fn dress_partition(name: &str) -> Result<()> {
+    Spi::run(&format!(
+        "CREATE INDEX {name}_row_idx ON audit.{name} (table_name, row_id, changed_at, id);
+         CREATE INDEX {name}_old_row_idx ON audit.{name} (table_name, old_row_id, changed_at, id) WHERE old_row_id IS NOT NULL;
+         CREATE INDEX {name}_id_brin ON audit.{name} USING brin (id);
+         CREATE INDEX {name}_txid_brin ON audit.{name} USING brin (txid);
+         CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.{name}
+           FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate()"
+    ))?;
+    Ok(())
 }
 
 /// Records what retention removes so verify still recomputes the blocks that remain.
@@ -145,6 +160,17 @@ pub fn maintain_impl(as_of: Option<TimestampWithTimeZone>) -> Result<Value> {
     let as_of = as_of.ok_or(AuditError::NullArgument("as_of"))?;
     let interval = settings::partition_interval();
     let premake = settings::PREMAKE.get();
+    // Like a function's SET clause: lock_timeout and allow_drop set below end with this call.
+    // SAFETY: a GUC nest level, closed right after; on ERROR, abort unwinds it.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    let r = maintain_locked(as_of, &interval, premake);
+    // SAFETY: closes the level opened above, keeping nothing set inside it.
+    unsafe { pg_sys::AtEOXact_GUC(false, level) };
+    r
+}
+
+fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -> Result<Value> {
+    let interval = interval.to_string();
     as_extension_owner(|| {
         lock_in_order()?;
         let mut created = Vec::new();

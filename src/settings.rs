@@ -109,10 +109,10 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"audit.naptime",
-        c"How often the background worker runs maintenance and sealing.",
+        c"How often the background worker runs maintenance and sealing; 0 pauses it.",
         c"",
         &NAPTIME,
-        1,
+        0,
         86400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
@@ -137,6 +137,11 @@ pub fn retention_detach() -> bool {
 }
 pub fn databases() -> Vec<String> {
     split_list(&guc_string(&DATABASES))
+}
+
+/// None when the worker is paused (`audit.naptime = 0`).
+pub fn naptime() -> Option<std::time::Duration> {
+    Some(NAPTIME.get()).filter(|n| *n > 0).map(|n| std::time::Duration::from_secs(n as u64))
 }
 
 pub fn split_list(s: &str) -> Vec<String> {

@@ -3,15 +3,17 @@
 //! The state of a row at time `at` is read from the first change after `at`
 //! (one index probe): INSERT means it did not exist, UPDATE means
 //! `new_values || old_values`, DELETE means `old_values`; with no later change
-//! it is the live row. Reads of the log run as the extension owner; undo's
-//! writes run as the caller, so table privileges still apply.
+//! it is the live row. Reads of the log run as the extension owner; reads of
+//! live rows and undo's writes run as the caller, so table privileges apply and
+//! no user code (casts, output functions) runs with the owner's rights.
 
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgRelation};
 use serde_json::Value;
 
 use crate::errors::{AuditError, OrRaise, Result};
-use crate::tracking::{as_extension_owner, quote_ident};
+use crate::privilege::{as_extension_owner, extension_owner, require_select};
+use crate::tracking::quote_ident;
 
 /// What we need to know about a tracked table to address its rows.
 struct Table {
@@ -29,6 +31,7 @@ impl Table {
     fn load(rel: &PgRelation) -> Result<Table> {
         let relid = rel.oid();
         let qname = format!("{}.{}", quote_ident(rel.namespace()), quote_ident(rel.name()));
+        require_select(relid, &qname)?;
         let found = as_extension_owner(|| {
             Spi::connect(|c| -> Result<Option<(Vec<String>, Vec<String>, TimestampWithTimeZone)>> {
                 let mut rows = c.select(
@@ -115,29 +118,58 @@ impl Table {
     /// SQL expression giving a live row's row_id, as the trigger writes it, on alias `t`.
     fn key_expr(&self) -> String {
         if self.key.len() == 1 {
-            return format!("t.{}::pg_catalog.text", quote_ident(&self.key[0].0));
+            // The type's output function, as the trigger uses (bool::text would say 'true').
+            return format!("pg_catalog.format('%s', t.{})", quote_ident(&self.key[0].0));
         }
         let cols: Vec<String> = self.key.iter().map(|(c, _)| format!("t.{}", quote_ident(c))).collect();
         format!("pg_catalog.jsonb_build_array({})::pg_catalog.text", cols.join(", "))
     }
 
-    /// SQL expression for a live row as the log stores it: excluded columns removed,
-    /// redacted ones replaced by their markers.
-    fn live_json(&self) -> String {
+    /// Select list for a live row on alias `t`: its row_id, `to_jsonb(t)` without
+    /// excluded and redacted columns, and the redacted columns' output text.
+    fn live_select(&self) -> String {
         let mut e = "pg_catalog.to_jsonb(t)".to_string();
-        if !self.exclude.is_empty() {
-            let arr: Vec<String> = self.exclude.iter().map(|c| quote_literal(c)).collect();
-            e = format!("({e} OPERATOR(pg_catalog.-) ARRAY[{}]::pg_catalog.text[])", arr.join(", "));
+        let hidden: Vec<String> = self.exclude.iter().chain(&self.redact).map(|c| quote_literal(c)).collect();
+        if !hidden.is_empty() {
+            e = format!("({e} OPERATOR(pg_catalog.-) ARRAY[{}]::pg_catalog.text[])", hidden.join(", "));
         }
-        if !self.redact.is_empty() {
-            let pairs: Vec<String> = self
-                .redact
-                .iter()
-                .map(|c| format!("{}, audit._marker(t.{}::pg_catalog.text)", quote_literal(c), quote_ident(c)))
-                .collect();
-            e = format!("({e} OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object({}))", pairs.join(", "));
-        }
-        e
+        let red: Vec<String> = self
+            .redact
+            .iter()
+            .map(|c| format!("CASE WHEN t.{q} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{q}) END", q = quote_ident(c)))
+            .collect();
+        let arr = if red.is_empty() {
+            "NULL::pg_catalog.text[]".to_string()
+        } else {
+            format!("ARRAY[{}]::pg_catalog.text[]", red.join(", "))
+        };
+        format!("{}, {e}, {arr}", self.key_expr())
+    }
+
+    /// Reads live rows as the caller (`where_` filters alias `t`), shaped as the log stores them.
+    fn live_rows(&self, where_: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<Vec<(String, Value)>> {
+        let key = if self.redact.is_empty() { None } else { Some(crate::capture::secret(extension_owner()?)?) };
+        let q = format!("SELECT {} FROM {} t {where_}", self.live_select(), self.qname);
+        Spi::connect(|c| -> Result<Vec<(String, Value)>> {
+            let mut out = Vec::new();
+            for r in c.select(&q, None, args)? {
+                let k = r.get::<String>(1)?.unwrap_or_default();
+                let mut v = r.get::<JsonB>(2)?.map(|j| j.0).unwrap_or(Value::Null);
+                let red = r.get::<Vec<Option<String>>>(3)?.unwrap_or_default();
+                if let (Value::Object(m), Some(key)) = (&mut v, key.as_deref()) {
+                    for (col, text) in self.redact.iter().zip(red) {
+                        let marker = text.map(|t| Value::String(crate::chain::hash::redaction_marker(key, t.as_bytes())));
+                        m.insert(col.clone(), marker.unwrap_or(Value::Null));
+                    }
+                }
+                out.push((k, v));
+            }
+            Ok(out)
+        })
+    }
+
+    fn truncated(&self, at: TimestampWithTimeZone) -> AuditError {
+        AuditError::TruncatedSince { table: self.qname.clone(), at: at.to_string() }
     }
 }
 
@@ -239,17 +271,10 @@ fn state_at_impl(rel: Option<PgRelation>, row_id: Option<String>, at: Option<Tim
         (Some(ch), tr) if tr.is_none_or(|tr| ch.changed_at <= tr) => {
             Ok(state_from_first_change(&ch.op, ch.as_old_key, ch.key_moved_in, ch.old, ch.new))
         }
-        (_, Some(tr)) => Err(AuditError::NotTrackable {
-            table: t.qname.clone(),
-            why: Box::leak(
-                format!("it was truncated at {tr}, after the requested time, and TRUNCATE does not log the rows it removes")
-                    .into_boxed_str(),
-            ),
-        }),
+        (_, Some(tr)) => Err(t.truncated(tr)),
         (None, None) => {
-            let q = format!("SELECT (SELECT {} FROM {} t WHERE {})", t.live_json(), t.qname, t.key_predicate(1));
-            let v = as_extension_owner(|| Ok(Spi::get_one_with_args::<JsonB>(&q, &[row_id.clone().into()])?))?;
-            Ok(v.map(|j| j.0))
+            let live = t.live_rows(&format!("WHERE {}", t.key_predicate(1)), &[row_id.clone().into()])?;
+            Ok(live.into_iter().next().map(|(_, v)| v))
         }
         (Some(_), None) => unreachable!("covered by the first arm"),
     }
@@ -268,13 +293,7 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
     t.check_at(at)?;
     let (_, truncated) = first_change_after(&t, "\u{0}", at)?;
     if let Some(tr) = truncated {
-        return Err(AuditError::NotTrackable {
-            table: t.qname.clone(),
-            why: Box::leak(
-                format!("it was truncated at {tr}, after the requested time, and TRUNCATE does not log the rows it removes")
-                    .into_boxed_str(),
-            ),
-        });
+        return Err(t.truncated(tr));
     }
     let q = format!(
         "WITH ch AS (
@@ -290,32 +309,34 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
          ), firsts AS (
             SELECT DISTINCT ON (k) * FROM ch ORDER BY k, changed_at, id
          )
-         SELECT CASE
+         SELECT k, CASE
                   WHEN as_old THEN new_values OPERATOR(pg_catalog.||) old_values
                   WHEN operation OPERATOR(pg_catalog.=) 'INSERT' THEN NULL
                   WHEN operation OPERATOR(pg_catalog.=) 'UPDATE' AND moved_in THEN NULL
                   WHEN operation OPERATOR(pg_catalog.=) 'UPDATE' THEN new_values OPERATOR(pg_catalog.||) old_values
                   ELSE old_values END
-           FROM firsts
-         UNION ALL
-         SELECT {live} FROM {tbl} t
-          WHERE NOT EXISTS (SELECT 1 FROM firsts f WHERE f.k OPERATOR(pg_catalog.=) {key})",
-        live = t.live_json(),
-        tbl = t.qname,
-        key = t.key_expr()
+           FROM firsts"
     );
+    // Rows changed after `at` come from the log (as the owner), the rest from the table (as the caller).
+    let mut changed = std::collections::HashSet::new();
+    let mut out = Vec::new();
     as_extension_owner(|| {
-        Spi::connect(|c| -> Result<Vec<Value>> {
-            let rows = c.select(&q, None, &[t.name.clone().into(), t.schema.clone().into(), at.into()])?;
-            let mut out = Vec::new();
-            for r in rows {
-                if let Some(j) = r.get::<JsonB>(1)? {
+        Spi::connect(|c| -> Result<()> {
+            for r in c.select(&q, None, &[t.name.clone().into(), t.schema.clone().into(), at.into()])? {
+                changed.insert(r.get::<String>(1)?.unwrap_or_default());
+                if let Some(j) = r.get::<JsonB>(2)? {
                     out.push(j.0);
                 }
             }
-            Ok(out)
+            Ok(())
         })
-    })
+    })?;
+    for (k, v) in t.live_rows("", &[])? {
+        if !changed.contains(&k) {
+            out.push(v);
+        }
+    }
+    Ok(out)
 }
 
 #[pg_extern(stable, parallel_safe)]
@@ -392,17 +413,6 @@ fn history(
     ),
 > {
     TableIterator::new(history_impl(tbl, row_id).or_raise())
-}
-
-/// The redaction marker of a value, as the trigger computes it.
-#[pg_extern(stable, strict, parallel_safe, name = "_marker")]
-fn marker(value: &str) -> String {
-    let key = as_extension_owner(|| {
-        Ok(Spi::get_one::<Vec<u8>>("SELECT (SELECT key FROM audit.secret LIMIT 1)")?
-            .ok_or_else(|| AuditError::Internal("audit.secret is empty".into()))?)
-    })
-    .or_raise();
-    crate::chain::hash::redaction_marker(&key, value.as_bytes())
 }
 
 struct UndoStep {

@@ -8,6 +8,7 @@ use pgrx::PgRelation;
 
 use crate::capture::cache;
 use crate::errors::{AuditError, OrRaise, Result};
+use crate::privilege::as_extension_owner;
 
 pub const ROW_TRIGGER: &str = "audit_capture_row";
 pub const TRUNCATE_TRIGGER: &str = "audit_capture_truncate";
@@ -63,24 +64,6 @@ fn check_trackable(rel: &PgRelation) -> Result<()> {
         return Err(AuditError::NotOwner { table: name });
     }
     Ok(())
-}
-
-/// Runs `f` as the extension owner (restored on return; abort restores on error).
-pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
-    let owner = Spi::get_one::<Oid>(
-        "SELECT (SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'audit_ext')",
-    )?
-    .ok_or(AuditError::NotInstalled)?;
-    let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
-    // SAFETY: save and switch the current user, as SECURITY DEFINER functions do.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
-        pg_sys::SetUserIdAndSecContext(owner, ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    }
-    let r = f();
-    // SAFETY: restore what was saved.
-    unsafe { pg_sys::SetUserIdAndSecContext(uid, ctx) };
-    r
 }
 
 fn invalidate_tree(relid: Oid) -> Result<()> {
@@ -202,10 +185,42 @@ pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
     let name = qualified_name(&rel);
     let relid = rel.oid();
     as_extension_owner(|| {
-        Spi::run(&format!("DROP TRIGGER IF EXISTS {ROW_TRIGGER} ON {name}"))?;
-        Spi::run(&format!("DROP TRIGGER IF EXISTS {TRUNCATE_TRIGGER} ON {name}"))?;
+        let tracked = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM audit.tracked WHERE relid OPERATOR(pg_catalog.=) $1)",
+            &[relid.into()],
+        )?
+        .unwrap_or(false);
+        if !tracked {
+            let parent = Spi::get_one_with_args::<String>(
+                "SELECT (SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname)
+                           FROM pg_catalog.pg_partition_ancestors($1) a
+                           JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid
+                           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.relid
+                           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                          WHERE a.relid OPERATOR(pg_catalog.<>) $1 LIMIT 1)",
+                &[relid.into()],
+            )?;
+            return match parent {
+                Some(parent) => Err(AuditError::TrackedViaParent { table: name.clone(), parent }),
+                None => Ok(()), // idempotent
+            };
+        }
+        // Untracked first, so the drop event trigger does not also record the trigger drops.
         Spi::run_with_args("DELETE FROM audit.tracked WHERE relid OPERATOR(pg_catalog.=) $1", &[relid.into()])?;
-        invalidate_tree(relid)
+        for trigger in [ROW_TRIGGER, TRUNCATE_TRIGGER] {
+            let own = Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) $1
+                    AND tgname OPERATOR(pg_catalog.=) $2 AND tgparentid OPERATOR(pg_catalog.=) 0)",
+                &[relid.into(), trigger.into()],
+            )?
+            .unwrap_or(false);
+            if own {
+                Spi::run(&format!("DROP TRIGGER {trigger} ON {name}"))?;
+            }
+        }
+        invalidate_tree(relid)?;
+        let statement = Spi::get_one::<String>("SELECT pg_catalog.current_query()")?.unwrap_or_default();
+        crate::ddl::record(rel.namespace(), rel.name(), "audit.untrack", &name, &statement)
     })
 }
 

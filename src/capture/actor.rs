@@ -101,13 +101,23 @@ fn client_info() -> (Option<String>, Option<i64>) {
 }
 
 /// The current session info, rebuilt only when a captured setting changed.
+/// Enforces `audit.require_actor`.
 pub fn current() -> Result<std::rc::Rc<SessionInfo>> {
+    session_info(true)
+}
+
+/// As `current`, for DDL records, which `audit.require_actor` does not block.
+pub fn current_for_ddl() -> Result<std::rc::Rc<SessionInfo>> {
+    session_info(false)
+}
+
+fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
     let names = settings::context_settings();
     let app_name = get_setting("application_name").unwrap_or_default();
     let values: Vec<Option<String>> = names.iter().map(|n| get_setting(n).filter(|v| !v.is_empty())).collect();
     let current_user = get_setting(CURRENT_USER_SETTING).filter(|v| !v.is_empty());
 
-    if settings::REQUIRE_ACTOR.get() && current_user.is_none() {
+    if require_actor && settings::REQUIRE_ACTOR.get() && current_user.is_none() {
         return Err(AuditError::ActorRequired);
     }
 

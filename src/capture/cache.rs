@@ -88,24 +88,29 @@ pub fn forget(relid: Oid) {
     });
 }
 
-/// Must be called inside an SPI connection.
+/// The extension's objects. Found by name without ACL checks, because the
+/// caller need not have USAGE on schema audit.
 pub fn ext_state() -> Result<ExtState> {
     ensure_registered();
     if let Some(e) = EXT.with(|e| e.get()) {
         return Ok(e);
     }
-    let row = Spi::get_three::<Oid, Oid, Oid>(
-        "SELECT (SELECT e.extowner FROM pg_catalog.pg_extension e
-                  WHERE e.extname OPERATOR(pg_catalog.=) 'audit_ext'),
-                pg_catalog.to_regclass('audit.log')::pg_catalog.oid,
-                pg_catalog.to_regclass('audit.log_id_seq')::pg_catalog.oid",
-    );
-    let (owner, log, seq) = match row {
-        Ok((Some(o), Some(l), Some(s))) => (o, l, s),
-        _ => return Err(AuditError::NotInstalled),
+    let owner = crate::privilege::extension_owner()?;
+    // SAFETY: plain syscache lookups by name; missing_ok returns InvalidOid.
+    let (log, seq, tracked) = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"audit".as_ptr(), true);
+        if ns == pg_sys::InvalidOid {
+            return Err(AuditError::NotInstalled);
+        }
+        (
+            pg_sys::get_relname_relid(c"log".as_ptr(), ns),
+            pg_sys::get_relname_relid(c"log_id_seq".as_ptr(), ns),
+            pg_sys::get_relname_relid(c"tracked".as_ptr(), ns),
+        )
     };
-    let tracked = Spi::get_one::<Oid>("SELECT pg_catalog.to_regclass('audit.tracked')::pg_catalog.oid")?
-        .ok_or(AuditError::NotInstalled)?;
+    if [log, seq, tracked].contains(&pg_sys::InvalidOid) {
+        return Err(AuditError::NotInstalled);
+    }
     let st = ExtState { owner, log, seq, tracked };
     EXT.with(|e| e.set(Some(st)));
     Ok(st)

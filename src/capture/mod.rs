@@ -6,6 +6,7 @@ pub mod encode;
 
 use std::cell::Cell;
 use std::ffi::{c_char, CStr};
+use std::rc::Rc;
 
 use pgrx::pg_sys::{self, Datum};
 use pgrx::prelude::*;
@@ -13,6 +14,7 @@ use pgrx::prelude::*;
 use crate::chain::hash::{self, RowFields};
 use crate::errors::{AuditError, OrRaise};
 use crate::errors::Result as AResult;
+use crate::privilege::AsOwner;
 use cache::{Column, RelConfig};
 use encode::Item;
 
@@ -26,7 +28,7 @@ const NPARAMS: usize = 15;
 
 thread_local! {
     static PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
-    static SECRET: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
+    static SECRET: std::cell::RefCell<Option<Rc<[u8]>>> = const { std::cell::RefCell::new(None) };
 }
 
 #[pg_trigger]
@@ -38,42 +40,17 @@ fn capture<'a>(
     Ok(None)
 }
 
-/// Switches to the extension owner for writing the log, and back.
-struct AsOwner {
-    uid: pg_sys::Oid,
-    ctx: i32,
-}
-
-impl AsOwner {
-    fn enter(owner: pg_sys::Oid) -> Self {
-        let mut uid = pg_sys::InvalidOid;
-        let mut ctx = 0;
-        // SAFETY: plain save/set of the backend's user id; abort restores it on error.
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
-            pg_sys::SetUserIdAndSecContext(
-                owner,
-                ctx | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
-            );
-        }
-        AsOwner { uid, ctx }
-    }
-}
-
-impl Drop for AsOwner {
-    fn drop(&mut self) {
-        // SAFETY: restores what enter() saved.
-        unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) };
-    }
-}
-
 /// The per-database redaction key, read once per backend as the extension owner.
-fn secret() -> AResult<Vec<u8>> {
+pub fn secret(owner: pg_sys::Oid) -> AResult<Rc<[u8]>> {
     if let Some(s) = SECRET.with(|s| s.borrow().clone()) {
         return Ok(s);
     }
-    let key = Spi::get_one::<Vec<u8>>("SELECT (SELECT key FROM audit.secret LIMIT 1)")?
-        .ok_or_else(|| AuditError::Internal("audit.secret is empty; run audit.track() again".into()))?;
+    let key = {
+        let _owner = AsOwner::enter(owner);
+        Spi::get_one::<Vec<u8>>("SELECT (SELECT key FROM audit.secret LIMIT 1)")?
+    }
+    .ok_or_else(|| AuditError::Internal("audit.secret is empty; run audit.track() again".into()))?;
+    let key: Rc<[u8]> = key.into();
     SECRET.with(|s| *s.borrow_mut() = Some(key.clone()));
     Ok(key)
 }
@@ -82,32 +59,26 @@ pub fn forget_secret() {
     SECRET.with(|s| *s.borrow_mut() = None);
 }
 
-/// Encoded values of one side (OLD or NEW) of a row change.
+/// Encoded values of one side (OLD or NEW) of a row change. Runs as the caller:
+/// output functions and casts to json are user code.
 unsafe fn encode_columns<'c>(
     cols: impl Iterator<Item = &'c Column>,
     tuple: pg_sys::HeapTuple,
     tupdesc: pg_sys::TupleDesc,
+    key: Option<&[u8]>,
 ) -> AResult<Datum> {
     let mut items: Vec<Item> = Vec::new();
-    let mut markers: Vec<String> = Vec::new();
-    let mut cols_v: Vec<(&Column, Datum, bool)> = Vec::new();
     for col in cols {
         let mut isnull = false;
         // SAFETY: attnum is within tupdesc (cache checked natts) and tuple matches tupdesc.
         let d = unsafe { pg_sys::heap_getattr(tuple, col.attnum, tupdesc, &mut isnull) };
         if col.redacted && !isnull {
+            let key = key.ok_or_else(|| AuditError::Internal("redacted column without a key".into()))?;
             // SAFETY: non-null datum of the column's type.
             let text = unsafe { encode::output_text(d, col.typid) };
-            markers.push(hash::redaction_marker(&secret()?, text.as_bytes()));
-        }
-        cols_v.push((col, d, isnull));
-    }
-    let mut m = markers.iter();
-    for (col, d, isnull) in cols_v {
-        if col.redacted && !isnull {
-            let mk = m.next().expect("one marker per redacted value");
-            // SAFETY: a fresh text datum.
-            let td = unsafe { encode::text_datum(mk.as_bytes()) };
+            let marker = hash::redaction_marker(key, text.as_bytes());
+            // SAFETY: a fresh text datum in the current memory context.
+            let td = unsafe { encode::text_datum(marker.as_bytes()) };
             items.push(Item { key: &col.name, value: td, isnull: false, typid: pg_sys::TEXTOID });
         } else {
             items.push(Item { key: &col.name, value: d, isnull, typid: col.typid });
@@ -153,15 +124,18 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
         return Err(AuditError::Internal("audit.capture must be a FOR EACH ROW trigger".into()));
     }
 
-    // Identity first, before switching to the owner.
     let info = actor::current()?;
     let db_user = actor::session_user_name();
 
     let ext = cache::ext_state()?;
-    let _owner = AsOwner::enter(ext.owner);
     let rel = td.tg_relation;
-    // SAFETY: the trigger's relation is open.
-    let cfg = unsafe { cache::rel_config(rel)? };
+    // SAFETY: the trigger's relation is open. audit.tracked is the owner's to read.
+    let cfg = unsafe {
+        let _owner = AsOwner::enter(ext.owner);
+        cache::rel_config(rel)?
+    };
+    let key = if cfg.columns.iter().any(|c| c.redacted) { Some(secret(ext.owner)?) } else { None };
+    let key = key.as_deref();
     // SAFETY: as above.
     let tupdesc = unsafe { (*rel).rd_att };
 
@@ -176,11 +150,11 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
         match op {
             pg_sys::TRIGGER_EVENT_INSERT => {
                 row_id = row_key(&cfg, td.tg_trigtuple, tupdesc);
-                new_values = Some(encode_columns(cfg.columns.iter(), td.tg_trigtuple, tupdesc)?);
+                new_values = Some(encode_columns(cfg.columns.iter(), td.tg_trigtuple, tupdesc, key)?);
             }
             pg_sys::TRIGGER_EVENT_DELETE => {
                 row_id = row_key(&cfg, td.tg_trigtuple, tupdesc);
-                old_values = Some(encode_columns(cfg.columns.iter(), td.tg_trigtuple, tupdesc)?);
+                old_values = Some(encode_columns(cfg.columns.iter(), td.tg_trigtuple, tupdesc, key)?);
             }
             pg_sys::TRIGGER_EVENT_UPDATE => {
                 let (old, new) = (td.tg_trigtuple, td.tg_newtuple);
@@ -207,13 +181,45 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
                     old_row_id = before;
                 }
                 changed = Some(diff.iter().map(|c| c.name.as_c_str()).collect());
-                old_values = Some(encode_columns(diff.into_iter(), old, tupdesc)?);
-                new_values = Some(encode_columns(cfg.columns.iter(), new, tupdesc)?);
+                old_values = Some(encode_columns(diff.into_iter(), old, tupdesc, key)?);
+                new_values = Some(encode_columns(cfg.columns.iter(), new, tupdesc, key)?);
             }
             _ => {}
         }
     }
 
+    let row = Row {
+        schema: cfg.schema_name.to_str().unwrap_or_default(),
+        table: cfg.table_name.to_str().unwrap_or_default(),
+        operation,
+        row_id,
+        old_row_id,
+        old_values,
+        new_values,
+        changed,
+    };
+    // SAFETY: the datums were built above as valid jsonb in the current memory context.
+    unsafe { write_row(&ext, &info, &db_user, row) }
+}
+
+/// One audit row, before ids, time and hash are added.
+pub struct Row<'a> {
+    pub schema: &'a str,
+    pub table: &'a str,
+    pub operation: &'a str,
+    pub row_id: Option<String>,
+    pub old_row_id: Option<String>,
+    pub old_values: Option<Datum>,
+    pub new_values: Option<Datum>,
+    pub changed: Option<Vec<&'a CStr>>,
+}
+
+/// Adds id, time, txid and hash, and inserts the row as the extension owner.
+///
+/// # Safety
+/// `old_values` and `new_values` must be valid jsonb datums.
+pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, db_user: &str, row: Row) -> AResult<()> {
+    let Row { schema, table, operation, row_id, old_row_id, old_values, new_values, changed } = row;
     // SAFETY: plain accessors of transaction state. The xid is taken before the id:
     // sealing relies on every id being handed out after its transaction's xid.
     let (txid, changed_at) = unsafe {
@@ -222,6 +228,8 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
             pg_sys::GetCurrentTransactionStartTimestamp(),
         )
     };
+    // From here on only the extension's own objects are touched.
+    let _owner = AsOwner::enter(ext.owner);
     // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
     let id = unsafe {
         pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))])
@@ -231,8 +239,6 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
     // SAFETY: the datums were just built as valid jsonb.
     let old_text = old_values.map(|d| unsafe { encode::jsonb_text(d) });
     let new_text = new_values.map(|d| unsafe { encode::jsonb_text(d) });
-    let schema = cfg.schema_name.to_str().unwrap_or_default();
-    let table = cfg.table_name.to_str().unwrap_or_default();
     let fields = RowFields {
         id,
         changed_at_us: changed_at + PG_EPOCH_OFFSET_US,
@@ -245,7 +251,7 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
         new_values: new_text.as_deref(),
         changed_fields: changed.as_ref().map(|v| v.iter().map(|c| c.to_str().ok()).collect()),
         changed_by: &info.changed_by,
-        db_user: &db_user,
+        db_user,
         session_info: Some(&info.text),
         old_row_id: old_row_id.as_deref(),
     };
@@ -267,7 +273,7 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
             new_values,
             changed.as_ref().map(|v| encode::text_array(v)),
             text(Some(&info.changed_by)),
-            text(Some(&db_user)),
+            text(Some(db_user)),
             Some(info.datum()),
             Some(encode::text_datum(&digest)),
         ];

@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 
 use crate::chain::hash::{self, BlockFields, RootBuilder};
 use crate::errors::{AuditError, OrRaise, Result};
-use crate::tracking::as_extension_owner;
+use crate::privilege::as_extension_owner;
 
 /// Most rows in one block: bounds the sealer's memory and each block's verify cost.
 pub const BLOCK_MAX_ROWS: i64 = 100_000;

@@ -11,7 +11,7 @@ use crate::capture::PG_EPOCH_OFFSET_US;
 use crate::chain::hash::{self, BlockFields, RootBuilder, RowFields};
 use crate::chain::seal::ZERO_HASH;
 use crate::errors::{AuditError, OrRaise, Result};
-use crate::tracking::as_extension_owner;
+use crate::privilege::as_extension_owner;
 
 const FETCH: i64 = 10_000;
 

@@ -287,6 +287,14 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// A client program of this server's version (pg_dump, pg_restore, psql, ...),
+    /// already pointed at the cluster as `postgres`; add the rest of the arguments.
+    pub fn client(&self, program: &str) -> Command {
+        let mut cmd = self.pg_command(self.bindir.join(program));
+        cmd.arg("-h").arg(&self.sock).arg("-p").arg(self.port.to_string()).arg("-U").arg("postgres");
+        cmd
+    }
+
     pub fn bindir(&self) -> &Path {
         &self.bindir
     }

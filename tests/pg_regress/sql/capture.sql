@@ -74,7 +74,7 @@ ALTER TABLE users ADD COLUMN phone text;
 UPDATE users SET phone = '555' WHERE id = 111;
 ALTER TABLE users DROP COLUMN score;
 UPDATE users SET name = 'Kim' WHERE id = 111;
-SELECT changed_fields, new_values - 'pw' AS new_values FROM audit.log WHERE table_name = 'users' ORDER BY id DESC LIMIT 2;
+SELECT changed_fields, new_values - 'pw' AS new_values FROM audit.log WHERE table_name = 'users' AND operation <> 'DDL' ORDER BY id DESC LIMIT 2;
 
 -- Idempotent track replaces the options; untrack keeps history and stops capture.
 SELECT audit.track('users', exclude => '{phone}');

@@ -11,7 +11,15 @@ SELECT jsonb_array_length(audit.maintain('2030-01-01 10:30+00')->'created') AS c
 SELECT audit.maintain('2030-01-01 10:30+00')->'created' AS created_again;
 CREATE TABLE p (id int PRIMARY KEY, v text);
 SELECT audit.track('p');
+-- Audit data is guarded: no DROP or TRUNCATE without audit.allow_drop.
+\set VERBOSITY sqlstate
+DROP TABLE audit.log_p20300101_1000;
+TRUNCATE audit.log;
+TRUNCATE audit.log_p20300101_1000;
+TRUNCATE audit.blocks;
+\set VERBOSITY default
 -- All ranged partitions dropped: writes still succeed into the default partition ...
+SET audit.allow_drop = on;
 DO $$
 DECLARE r record;
 BEGIN
@@ -20,6 +28,7 @@ BEGIN
     EXECUTE format('DROP TABLE %s', r.part);
   END LOOP;
 END $$;
+RESET audit.allow_drop;
 INSERT INTO p VALUES (1, 'a');
 SELECT tableoid::regclass FROM audit.log WHERE table_name = 'p';
 -- ... and maintain moves them out into a proper partition.
@@ -43,5 +52,21 @@ SELECT ok, blocks FROM audit.verify();
 \set VERBOSITY sqlstate
 SELECT audit.state_at('p', '1', '2030-01-01 00:00+00');
 \set VERBOSITY default
+-- Retention left allow_drop as it was.
+SHOW audit.allow_drop;
+-- DROP EXTENSION is refused while the log holds rows (here: the untrack's own DDL row),
+-- unless a superuser allows it.
+SELECT audit.untrack('p');
+DROP SCHEMA audit_archive CASCADE;
+\set VERBOSITY sqlstate
+DROP EXTENSION audit_ext;
+\set VERBOSITY default
+SELECT operation, new_values->>'command_tag' AS tag FROM audit.log;
+SET audit.allow_drop = on;
+SET client_min_messages = warning;
+DROP EXTENSION audit_ext;
+RESET client_min_messages;
+RESET audit.allow_drop;
+SELECT count(*) AS left_behind FROM pg_class WHERE relnamespace = 'audit'::regnamespace;
 \c audit_ext_regress
 DROP DATABASE audit_parts;
