@@ -13,7 +13,7 @@ use crate::settings;
 use crate::privilege::as_extension_owner;
 
 const LOCK_TIMEOUT: &str = "200ms";
-const LOCK_RETRIES: usize = 10;
+const LOCK_RETRIES: usize = 12;
 
 struct Part {
     name: String,
@@ -67,22 +67,58 @@ fn add_interval(t: TimestampWithTimeZone, interval: &str) -> Result<TimestampWit
     .ok_or(AuditError::Internal("interval arithmetic".into()))
 }
 
-/// Takes the parent, then the default partition, retrying on lock timeout.
+/// Takes the parent, then the default partition. Any statement of maintain()
+/// that meets a lock held longer than `LOCK_TIMEOUT` fails with 55P03; the
+/// caller then rolls back and retries (see `with_lock_retries`).
 fn lock_in_order() -> Result<()> {
     Spi::run(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))?;
+    Spi::run("LOCK TABLE audit.log IN SHARE UPDATE EXCLUSIVE MODE")?;
+    Spi::run("LOCK TABLE audit.log_default IN EXCLUSIVE MODE")?;
+    Ok(())
+}
+
+/// Runs `f` in a subtransaction; when it meets a lock timeout, rolls it back
+/// (releasing every lock it took, so writers go on) and tries again a little
+/// later. `None` when every attempt met one.
+fn with_lock_retries<R>(f: impl Fn() -> Result<R> + std::panic::RefUnwindSafe) -> Result<Option<R>> {
     for attempt in 0..LOCK_RETRIES {
-        let ok = PgTryBuilder::new(|| {
-            Spi::run("LOCK TABLE audit.log IN SHARE UPDATE EXCLUSIVE MODE").is_ok()
-                && Spi::run("LOCK TABLE audit.log_default IN EXCLUSIVE MODE").is_ok()
-        })
-        .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| false)
-        .execute();
-        if ok {
-            return Ok(());
+        // SAFETY: the standard internal-subtransaction pattern (as PL/pgSQL's
+        // exception blocks): memory context and resource owner are restored
+        // on both paths, and the error state is flushed before the rollback.
+        let outcome = unsafe {
+            let context = pg_sys::CurrentMemoryContext;
+            let owner = pg_sys::CurrentResourceOwner;
+            pg_sys::BeginInternalSubTransaction(std::ptr::null());
+            pg_sys::MemoryContextSwitchTo(context);
+            let r = PgTryBuilder::new(|| {
+                let r = f();
+                pg_sys::ReleaseCurrentSubTransaction();
+                pg_sys::MemoryContextSwitchTo(context);
+                pg_sys::CurrentResourceOwner = owner;
+                Some(r)
+            })
+            .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
+                pg_sys::MemoryContextSwitchTo(context);
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+                pg_sys::MemoryContextSwitchTo(context);
+                pg_sys::CurrentResourceOwner = owner;
+                None
+            })
+            .execute();
+            r
+        };
+        match outcome {
+            Some(r) => return r.map(Some),
+            None => {
+                // SAFETY: a plain sleep; interrupts are honoured between attempts.
+                unsafe {
+                    pg_sys::pg_usleep(50_000 * (attempt as std::ffi::c_long + 1));
+                    pgrx::check_for_interrupts!();
+                }
+            }
         }
-        let _ = attempt;
     }
-    Err(AuditError::Internal("could not lock audit.log briefly enough; try again later".into()))
+    Ok(None)
 }
 
 /// Creates the partition [from, to), moving any of its rows out of the default partition.
@@ -163,10 +199,18 @@ pub fn maintain_impl(as_of: Option<TimestampWithTimeZone>) -> Result<Value> {
     // Like a function's SET clause: lock_timeout and allow_drop set below end with this call.
     // SAFETY: a GUC nest level, closed right after; on ERROR, abort unwinds it.
     let level = unsafe { pg_sys::NewGUCNestLevel() };
-    let r = maintain_locked(as_of, &interval, premake);
+    let r = with_lock_retries(|| maintain_locked(as_of, &interval, premake));
     // SAFETY: closes the level opened above, keeping nothing set inside it.
     unsafe { pg_sys::AtEOXact_GUC(false, level) };
-    r
+    match r? {
+        Some(report) => Ok(report),
+        None => {
+            // Writers were never kept waiting; the next run will do the work.
+            notice!("audit.maintain: audit.log stayed busy, nothing was done; the next run tries again");
+            Ok(json!({"as_of": as_of.to_string(), "interval": interval, "busy": true,
+                      "created": [], "moved_from_default": 0, "retention": [], "retention_skipped": []}))
+        }
+    }
 }
 
 fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -> Result<Value> {
