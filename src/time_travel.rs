@@ -106,8 +106,12 @@ impl Table {
             .iter()
             .enumerate()
             .map(|(i, (col, ty))| {
+                // jsonb_to_record is the inverse of to_jsonb (a JSON array becomes a
+                // PostgreSQL array, a string goes through the type's input function);
+                // the subquery is constant, so the key's index still serves.
                 format!(
-                    "t.{} OPERATOR(pg_catalog.=) CAST(${n}::pg_catalog.jsonb OPERATOR(pg_catalog.->>) {i} AS {ty})",
+                    "t.{} OPERATOR(pg_catalog.=) (SELECT x.v FROM pg_catalog.jsonb_to_record(pg_catalog.jsonb_build_object('v', \
+                     ${n}::pg_catalog.jsonb OPERATOR(pg_catalog.->) {i})) AS x(v {ty}))",
                     quote_ident(col)
                 )
             })
@@ -128,7 +132,7 @@ impl Table {
     /// Select list for a live row on alias `t`: its row_id, `to_jsonb(t)` without
     /// excluded and redacted columns, and the redacted columns' output text.
     fn live_select(&self) -> String {
-        let mut e = "pg_catalog.to_jsonb(t)".to_string();
+        let mut e = "pg_catalog.to_jsonb(t.*)".to_string(); // t.*: a column may be named t
         let hidden: Vec<String> = self.exclude.iter().chain(&self.redact).map(|c| quote_literal(c)).collect();
         if !hidden.is_empty() {
             e = format!("({e} OPERATOR(pg_catalog.-) ARRAY[{}]::pg_catalog.text[])", hidden.join(", "));

@@ -2,3 +2,5 @@
 pub mod hash;
 pub mod seal;
 pub mod verify;
+#[cfg(test)]
+mod fuzz;
