@@ -105,3 +105,69 @@ fn dump_and_restore_keep_the_trail() {
     assert!(ok);
     c.assert_no_crash();
 }
+
+#[test]
+fn dumpall_into_a_new_cluster_and_the_worker_serves_it() {
+    let a = Cluster::start(ClusterOpts::new().preload(false));
+    a.create_db("app");
+    let mut s = a.connect("app");
+    s.batch_execute(
+        "CREATE EXTENSION audit_ext;
+         CREATE TABLE users (id int PRIMARY KEY, email text);
+         SELECT audit.track('users');
+         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 30) g;
+         UPDATE users SET email = 'x' WHERE id < 5;
+         SELECT audit.seal();
+         SELECT audit.maintain(now() + interval '2 months');",
+    )
+    .unwrap();
+    let dump = a.client("pg_dumpall").output().unwrap();
+    assert!(dump.status.success(), "pg_dumpall: {}", String::from_utf8_lossy(&dump.stderr));
+
+    // The worker is paused while restoring (see the README: it must not make
+    // partitions between CREATE EXTENSION and the dumped ones), then resumed.
+    let b = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
+    let mut psql = b
+        .client("psql")
+        .args(["-X", "-q", "-d", "postgres", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    psql.stdin.take().unwrap().write_all(&dump.stdout).unwrap();
+    let out = psql.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("ERROR") && !l.contains("role \"postgres\" already exists"))
+        .collect();
+    assert!(out.status.success() && errors.is_empty(), "restore errors: {errors:#?}\n{stderr}");
+
+    let mut d = b.connect("app");
+    assert_eq!(partitions(&mut s), partitions(&mut d));
+    assert_eq!(audit_rows(&mut s), audit_rows(&mut d));
+    let ok: bool = d.query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);
+    assert!(ok);
+
+    // Resume the worker: it finds the restored database and seals new changes.
+    let mut admin = b.connect("postgres");
+    admin.batch_execute("ALTER SYSTEM SET audit.naptime = 1").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    d.batch_execute("INSERT INTO users VALUES (100, 'new')").unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let left: i64 = d
+            .query_one("SELECT count(*) FROM audit.log WHERE id > (SELECT coalesce(max(through_id), 0) FROM audit.blocks)", &[])
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(60), "the worker did not seal in the restored database");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let ok: bool = d.query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);
+    assert!(ok);
+    b.assert_no_crash();
+}
