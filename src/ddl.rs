@@ -14,7 +14,6 @@ use crate::settings;
 /// Writes one 'DDL' audit row for `schema.table`.
 pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &str) -> Result<()> {
     let info = actor::current_for_ddl()?;
-    let db_user = actor::session_user_name();
     let ext = cache::ext_state()?;
     let new = JsonB(json!({"command_tag": tag, "object_identity": identity, "statement": statement}));
     let datum = new.into_datum().ok_or_else(|| AuditError::Internal("jsonb conversion".into()))?;
@@ -29,7 +28,7 @@ pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &
         changed: None,
     };
     // SAFETY: new_values was just built as jsonb.
-    unsafe { capture::write_row(&ext, &info, &db_user, row) }
+    unsafe { capture::write_row(&ext, &info, &info.db_user, row) }
 }
 
 #[pg_extern(volatile, parallel_unsafe, name = "_record_ddl")]

@@ -18,7 +18,8 @@ const JSON_ACTOR_KEYS: [&str; 4] = ["email", "user_id", "id", "name"];
 
 /// The session_info jsonb, kept as raw varlena bytes so one copy serves every row.
 pub struct SessionInfo {
-    key: String,
+    key: Vec<u8>,
+    pub db_user: String,
     bytes: Vec<u64>, // u64 storage keeps the varlena header aligned
     pub text: String,
     pub changed_by: String,
@@ -111,37 +112,60 @@ pub fn current_for_ddl() -> Result<std::rc::Rc<SessionInfo>> {
     session_info(false)
 }
 
-fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
-    let names = settings::context_settings();
-    let app_name = get_setting("application_name").unwrap_or_default();
-    let values: Vec<Option<String>> = names.iter().map(|n| get_setting(n).filter(|v| !v.is_empty())).collect();
-    let current_user = get_setting(CURRENT_USER_SETTING).filter(|v| !v.is_empty());
+/// A setting's current value, borrowed from the GUC machinery: valid until the
+/// setting changes, so use it before running anything else.
+fn raw_setting(name: &CStr) -> Option<&'static CStr> {
+    // SAFETY: GetConfigOption with missing_ok returns NULL or a NUL-terminated string it owns.
+    let p = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+    // SAFETY: checked for NULL; the string outlives this row's use of it.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) })
+}
 
+/// The names in audit.context_settings, re-split only when the setting changes.
+fn context_names() -> std::rc::Rc<Vec<CString>> {
+    thread_local! {
+        static NAMES: RefCell<(Vec<u8>, std::rc::Rc<Vec<CString>>)> = RefCell::new((vec![0xff], Default::default()));
+    }
+    let raw = raw_setting(c"audit.context_settings").map(|c| c.to_bytes()).unwrap_or_default();
+    NAMES.with(|n| {
+        let mut n = n.borrow_mut();
+        if n.0 != raw {
+            let list = settings::split_list(&String::from_utf8_lossy(raw));
+            n.1 = std::rc::Rc::new(list.into_iter().filter_map(|s| CString::new(s).ok()).collect());
+            n.0 = raw.to_vec();
+        }
+        n.1.clone()
+    })
+}
+
+fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
+    let names = context_names();
+    let current_user = raw_setting(c"app.current_user").filter(|v| !v.to_bytes().is_empty());
     if require_actor && settings::REQUIRE_ACTOR.get() && current_user.is_none() {
         return Err(AuditError::ActorRequired);
     }
-
-    let mut key = String::with_capacity(64);
-    key.push_str(&app_name);
-    for (n, v) in names.iter().zip(&values) {
-        key.push('\u{1}');
-        key.push_str(n);
-        key.push('\u{2}');
-        if let Some(v) = v {
-            key.push_str(v);
-        }
+    // The cache key: every input of session_info, read without allocating per row.
+    // SAFETY: plain accessor of backend state.
+    let session_user = unsafe { pg_sys::GetSessionUserId() };
+    let mut key = Vec::with_capacity(128);
+    key.extend_from_slice(&session_user.to_u32().to_le_bytes());
+    key.extend_from_slice(raw_setting(c"application_name").map(|c| c.to_bytes()).unwrap_or_default());
+    key.push(1);
+    key.extend_from_slice(current_user.map(|c| c.to_bytes()).unwrap_or_default());
+    for n in names.iter() {
+        key.push(2);
+        key.extend_from_slice(n.to_bytes());
+        key.push(3);
+        key.extend_from_slice(raw_setting(n).map(|c| c.to_bytes()).unwrap_or_default());
     }
-    key.push('\u{3}');
-    if let Some(u) = &current_user {
-        key.push_str(u);
-    }
-    key.push('\u{4}');
-    key.push_str(&session_user_name());
-
     if let Some(hit) = CACHE.with(|c| c.borrow().as_ref().filter(|s| s.key == key).cloned()) {
         return Ok(hit);
     }
 
+    let app_name = get_setting("application_name").unwrap_or_default();
+    let current_user = get_setting(CURRENT_USER_SETTING).filter(|v| !v.is_empty());
+    let names: Vec<String> = names.iter().map(|n| n.to_string_lossy().into_owned()).collect();
+    let values: Vec<Option<String>> = names.iter().map(|n| get_setting(n).filter(|v| !v.is_empty())).collect();
     let (changed_by, parsed) = match &current_user {
         Some(u) => actor_from(u),
         None => (session_user_name(), None),
@@ -174,7 +198,7 @@ fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
         std::ptr::copy_nonoverlapping(p as *const u8, buf.as_mut_ptr() as *mut u8, len);
         (buf, encode::jsonb_text(d))
     };
-    let info = std::rc::Rc::new(SessionInfo { key, bytes, text, changed_by });
+    let info = std::rc::Rc::new(SessionInfo { key, db_user: session_user_name(), bytes, text, changed_by });
     CACHE.with(|c| *c.borrow_mut() = Some(info.clone()));
     Ok(info)
 }

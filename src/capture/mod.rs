@@ -125,7 +125,6 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
     }
 
     let info = actor::current()?;
-    let db_user = actor::session_user_name();
 
     let ext = cache::ext_state()?;
     let rel = td.tg_relation;
@@ -199,7 +198,7 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
         changed,
     };
     // SAFETY: the datums were built above as valid jsonb in the current memory context.
-    unsafe { write_row(&ext, &info, &db_user, row) }
+    unsafe { write_row(&ext, &info, &info.db_user, row) }
 }
 
 /// One audit row, before ids, time and hash are added.
