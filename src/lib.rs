@@ -12,6 +12,7 @@ pub mod privilege;
 pub mod settings;
 pub mod time_travel;
 pub mod tracking;
+pub mod version;
 pub mod worker;
 
 ::pgrx::pg_module_magic!();
