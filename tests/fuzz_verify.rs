@@ -4,20 +4,8 @@
 //! Seed: AUDIT_EXT_FUZZ_SEED (printed on failure); trials: AUDIT_EXT_FUZZ_TRIALS.
 mod common;
 
-use common::{Cluster, ClusterOpts};
+use common::{Cluster, ClusterOpts, Rng};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// (description, edit SQL, undo SQL); `$id` is the row or block id.
 const ROW_EDITS: &[(&str, &str, &str)] = &[

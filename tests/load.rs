@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, ClusterOpts};
+use common::{Cluster, ClusterOpts, Rng};
 
 const CLIENTS: u64 = 8;
 const TABLES: [&str; 3] = ["acct", "orders", "notes"];
@@ -22,19 +22,6 @@ fn load_secs() -> u64 {
     std::env::var("AUDIT_EXT_LOAD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(8)
 }
 
-/// A tiny deterministic PRNG (xorshift), so a failure can be replayed by seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn setup(c: &Cluster) {
     let mut a = c.connect("postgres");

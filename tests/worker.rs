@@ -113,9 +113,8 @@ fn worker_serves_every_database_and_survives() {
     assert!(!log.lines().any(|l| l.contains("audit_ext") && (l.contains("ERROR") || l.contains("FATAL"))), "{log}");
 }
 
-#[test]
-fn without_preload_maintenance_is_manual() {
-    let c = Cluster::start(ClusterOpts::new().preload(false));
+/// Runs CREATE EXTENSION on a connection that keeps the notices it receives.
+fn create_extension_notices(c: &Cluster) -> (postgres::Client, String) {
     let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let n2 = notices.clone();
     let mut cfg = postgres::Config::new();
@@ -124,6 +123,13 @@ fn without_preload_maintenance_is_manual() {
     let mut a = cfg.connect(postgres::NoTls).unwrap();
     a.batch_execute("CREATE EXTENSION audit_ext").unwrap();
     let got = notices.lock().unwrap().join("\n");
+    (a, got)
+}
+
+#[test]
+fn without_preload_maintenance_is_manual() {
+    let c = Cluster::start(ClusterOpts::new().preload(false));
+    let (mut a, got) = create_extension_notices(&c);
     assert!(got.contains("cron.schedule"), "CREATE EXTENSION without preload names pg_cron: {got:?}");
     assert!(launcher_pid(&c).is_none(), "no launcher without preload");
     a.batch_execute("CREATE TABLE t (id int PRIMARY KEY); SELECT audit.track('t'); INSERT INTO t VALUES (1), (2)").unwrap();
@@ -138,13 +144,6 @@ fn without_preload_maintenance_is_manual() {
 #[test]
 fn with_preload_create_extension_is_quiet() {
     let c = Cluster::start(ClusterOpts::new().preload(true));
-    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let n2 = notices.clone();
-    let mut cfg = postgres::Config::new();
-    cfg.host_path(c.host()).port(c.port()).user("postgres").dbname("postgres");
-    cfg.notice_callback(move |n| n2.lock().unwrap().push(n.message().to_string()));
-    let mut a = cfg.connect(postgres::NoTls).unwrap();
-    a.batch_execute("CREATE EXTENSION audit_ext").unwrap();
-    let got = notices.lock().unwrap().join("\n");
+    let (_a, got) = create_extension_notices(&c);
     assert!(!got.contains("cron.schedule"), "no scheduling notice with the worker: {got:?}");
 }
