@@ -60,13 +60,14 @@ CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.blocks FOR EACH STA
 
 -- The first partitions. They are not members of the extension, so pg_dump
 -- carries them (and their rows) like the ones maintain() makes later. A restore
--- brings its own: pg_dump's scripts and pg_restore turn check_function_bodies
--- off, and then only the default partition is made here, which catches every
--- write until the next maintain().
+-- brings its own: pg_dump's scripts and pg_restore run SET row_security = off
+-- (which PostgreSQL leaves alone inside extension scripts, unlike
+-- check_function_bodies), and then only the default partition is made here; it
+-- catches every write until the next maintain().
 DO $$
 DECLARE p regclass;
 BEGIN
-  IF NOT pg_catalog.current_setting('check_function_bodies')::bool THEN
+  IF NOT pg_catalog.current_setting('row_security')::bool THEN
     RETURN;
   END IF;
   PERFORM audit.maintain();

@@ -38,8 +38,13 @@ fn dump_and_restore_keep_the_trail() {
          CREATE TABLE users (id int PRIMARY KEY, email text, pw text);
          SELECT audit.track('users', redact => '{pw}');
          INSERT INTO users SELECT g, 'u' || g || '@x', 'secret' || g FROM generate_series(1, 20) g;
-         UPDATE users SET email = 'changed@x' WHERE id = 3;
-         SELECT audit.seal();
+         UPDATE users SET email = 'changed@x' WHERE id = 3;",
+    )
+    .unwrap();
+    // A separate transaction: seal() leaves rows of a transaction with subtransactions
+    // (CREATE EXTENSION's maintain() uses them) to a later call.
+    s.batch_execute(
+        "SELECT audit.seal();
          -- partitions made after CREATE EXTENSION, as the worker makes them
          SELECT audit.maintain(now() + interval '7 months');
          DELETE FROM users WHERE id = 4;",
@@ -116,8 +121,11 @@ fn dumpall_into_a_new_cluster_and_the_worker_serves_it() {
          CREATE TABLE users (id int PRIMARY KEY, email text);
          SELECT audit.track('users');
          INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 30) g;
-         UPDATE users SET email = 'x' WHERE id < 5;
-         SELECT audit.seal();
+         UPDATE users SET email = 'x' WHERE id < 5;",
+    )
+    .unwrap();
+    s.batch_execute(
+        "SELECT audit.seal();
          SELECT audit.maintain(now() + interval '2 months');",
     )
     .unwrap();

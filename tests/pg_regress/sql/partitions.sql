@@ -5,6 +5,9 @@ CREATE DATABASE audit_parts;
 SET client_min_messages = warning;
 CREATE EXTENSION audit_ext;
 RESET client_min_messages;
+-- CREATE EXTENSION made the current partition and audit.premake (3) more.
+SELECT count(*) AS ranged_partitions FROM pg_inherits
+ WHERE inhparent = 'audit.log'::regclass AND inhrelid <> 'audit.log_default'::regclass;
 SET audit.partition_interval = '1 hour';
 SET audit.premake = 2;
 SELECT jsonb_array_length(audit.maintain('2030-01-01 10:30+00')->'created') AS created;
@@ -57,7 +60,9 @@ SHOW audit.allow_drop;
 -- DROP EXTENSION is refused while the log holds rows (here: the untrack's own DDL row),
 -- unless a superuser allows it.
 SELECT audit.untrack('p');
+SET client_min_messages = warning;  -- the archived names depend on the hour
 DROP SCHEMA audit_archive CASCADE;
+RESET client_min_messages;
 \set VERBOSITY sqlstate
 DROP EXTENSION audit_ext;
 \set VERBOSITY default
