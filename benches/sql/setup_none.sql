@@ -1,0 +1,2 @@
+-- Variant none: no audit at all.
+SELECT 1;
