@@ -28,7 +28,7 @@ pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &
         changed: None,
     };
     // SAFETY: new_values was just built as jsonb.
-    unsafe { capture::write_row(&ext, &info, &info.db_user, row) }
+    unsafe { capture::write_row(&ext, &info, row) }
 }
 
 #[pg_extern(volatile, parallel_unsafe, name = "_record_ddl")]

@@ -50,7 +50,8 @@ pub fn extension_owner() -> Result<Oid> {
 /// Runs `f` as the extension owner. `f` must only touch audit_ext's own objects.
 pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     // Not security-restricted: maintenance creates and detaches partitions.
-    let _owner = AsOwner::switch(extension_owner()?, pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    let owner = crate::capture::cache::ext_state()?.owner;
+    let _owner = AsOwner::switch(owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
     f()
 }
 

@@ -123,9 +123,6 @@ fn guc_string(s: &GucSetting<Option<CString>>) -> String {
     s.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-pub fn context_settings() -> Vec<String> {
-    split_list(&guc_string(&CONTEXT_SETTINGS))
-}
 pub fn partition_interval() -> String {
     guc_string(&PARTITION_INTERVAL)
 }

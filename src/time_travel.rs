@@ -12,7 +12,7 @@ use pgrx::{JsonB, PgRelation};
 use serde_json::Value;
 
 use crate::errors::{AuditError, OrRaise, Result};
-use crate::privilege::{as_extension_owner, extension_owner, require_select};
+use crate::privilege::{as_extension_owner, require_select};
 use crate::tracking::quote_ident;
 
 /// What we need to know about a tracked table to address its rows.
@@ -152,7 +152,7 @@ impl Table {
 
     /// Reads live rows as the caller (`where_` filters alias `t`), shaped as the log stores them.
     fn live_rows(&self, where_: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<Vec<(String, Value)>> {
-        let key = if self.redact.is_empty() { None } else { Some(crate::capture::secret(extension_owner()?)?) };
+        let key = if self.redact.is_empty() { None } else { Some(crate::capture::secret(crate::capture::cache::ext_state()?.owner)?) };
         let q = format!("SELECT {} FROM {} t {where_}", self.live_select(), self.qname);
         Spi::connect(|c| -> Result<Vec<(String, Value)>> {
             let mut out = Vec::new();

@@ -33,7 +33,6 @@ impl SessionInfo {
 
 thread_local! {
     static CACHE: RefCell<Option<std::rc::Rc<SessionInfo>>> = const { RefCell::new(None) };
-    static DB_USER: RefCell<Option<(pg_sys::Oid, String)>> = const { RefCell::new(None) };
 }
 
 pub fn get_setting(name: &str) -> Option<String> {
@@ -66,20 +65,10 @@ pub fn actor_from(value: &str) -> (String, Option<Value>) {
     }
 }
 
-pub fn session_user_name() -> String {
-    // SAFETY: plain accessor of backend state.
-    let oid = unsafe { pg_sys::GetSessionUserId() };
-    DB_USER.with(|c| {
-        if let Some((o, n)) = &*c.borrow() {
-            if *o == oid {
-                return n.clone();
-            }
-        }
-        // SAFETY: the session user always exists; noerr=false would ERROR otherwise.
-        let name = unsafe { encode::cstr_to_string(pg_sys::GetUserNameFromId(oid, false)) };
-        *c.borrow_mut() = Some((oid, name.clone()));
-        name
-    })
+/// Called only when session_info is rebuilt, which its cache key (with the session user) decides.
+fn session_user_name() -> String {
+    // SAFETY: the session user always exists; noerr=false would ERROR otherwise.
+    unsafe { encode::cstr_to_string(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false)) }
 }
 
 fn client_info() -> (Option<String>, Option<i64>) {

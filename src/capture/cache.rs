@@ -116,12 +116,12 @@ pub fn ext_state() -> Result<ExtState> {
     Ok(st)
 }
 
-/// The configuration of `rel`, built on a miss. Must be called inside an SPI
-/// connection, as a role that can read audit.tracked.
+/// The configuration of `rel`, built on a miss (as `owner`, who can read
+/// audit.tracked); a hit switches nothing.
 ///
 /// # Safety
 /// `rel` must be an open relation.
-pub unsafe fn rel_config(rel: pg_sys::Relation) -> Result<Rc<RelConfig>> {
+pub unsafe fn rel_config(rel: pg_sys::Relation, owner: Oid) -> Result<Rc<RelConfig>> {
     ensure_registered();
     flush_if_needed();
     // SAFETY: rel is open, so rd_id and rd_att are valid.
@@ -131,6 +131,8 @@ pub unsafe fn rel_config(rel: pg_sys::Relation) -> Result<Rc<RelConfig>> {
             return Ok(c);
         }
     }
+    // A miss reads audit.tracked, which only the extension owner may read.
+    let _owner = crate::privilege::AsOwner::enter(owner);
     // SAFETY: forwarded.
     let cfg = Rc::new(unsafe { build(rel)? });
     RELS.with(|r| r.borrow_mut().insert(relid, cfg.clone()));

@@ -128,11 +128,8 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
 
     let ext = cache::ext_state()?;
     let rel = td.tg_relation;
-    // SAFETY: the trigger's relation is open. audit.tracked is the owner's to read.
-    let cfg = unsafe {
-        let _owner = AsOwner::enter(ext.owner);
-        cache::rel_config(rel)?
-    };
+    // SAFETY: the trigger's relation is open.
+    let cfg = unsafe { cache::rel_config(rel, ext.owner)? };
     let key = if cfg.columns.iter().any(|c| c.redacted) { Some(secret(ext.owner)?) } else { None };
     let key = key.as_deref();
     // SAFETY: as above.
@@ -198,7 +195,7 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
         changed,
     };
     // SAFETY: the datums were built above as valid jsonb in the current memory context.
-    unsafe { write_row(&ext, &info, &info.db_user, row) }
+    unsafe { write_row(&ext, &info, row) }
 }
 
 /// One audit row, before ids, time and hash are added.
@@ -217,7 +214,8 @@ pub struct Row<'a> {
 ///
 /// # Safety
 /// `old_values` and `new_values` must be valid jsonb datums.
-pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, db_user: &str, row: Row) -> AResult<()> {
+pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: Row) -> AResult<()> {
+    let db_user = info.db_user.as_str();
     let Row { schema, table, operation, row_id, old_row_id, old_values, new_values, changed } = row;
     // SAFETY: plain accessors of transaction state. The xid is taken before the id:
     // sealing relies on every id being handed out after its transaction's xid.
