@@ -84,6 +84,8 @@ pub unsafe extern "C-unwind" fn audit_on_drop_start(fcinfo: pg_sys::FunctionCall
         };
         if ours {
             check("extension audit_ext").or_raise();
+            // The drop goes ahead: let go of audit.log, or it is "in use" by this session.
+            crate::capture::sink::release();
         }
     }
     pg_sys::Datum::from(0)

@@ -17,22 +17,37 @@ pub const CURRENT_USER_SETTING: &str = "app.current_user";
 const JSON_ACTOR_KEYS: [&str; 4] = ["email", "user_id", "id", "name"];
 
 /// The session_info jsonb, kept as raw varlena bytes so one copy serves every row.
-pub struct SessionInfo {
+/// It does not depend on the actor (unless `audit.context_settings` names it), so
+/// a pool that sets a new actor per transaction does not rebuild it.
+pub struct Context {
     key: Vec<u8>,
     pub db_user: String,
     bytes: Vec<u64>, // u64 storage keeps the varlena header aligned
     pub text: String,
+}
+
+/// Who and where: the actor plus the session's context.
+pub struct SessionInfo {
+    key: Vec<u8>,
+    context: std::rc::Rc<Context>,
     pub changed_by: String,
 }
 
 impl SessionInfo {
     pub fn datum(&self) -> Datum {
-        Datum::from(self.bytes.as_ptr())
+        Datum::from(self.context.bytes.as_ptr())
+    }
+    pub fn text(&self) -> &str {
+        &self.context.text
+    }
+    pub fn db_user(&self) -> &str {
+        &self.context.db_user
     }
 }
 
 thread_local! {
     static CACHE: RefCell<Option<std::rc::Rc<SessionInfo>>> = const { RefCell::new(None) };
+    static CONTEXT: RefCell<Option<std::rc::Rc<Context>>> = const { RefCell::new(None) };
 }
 
 pub fn get_setting(name: &str) -> Option<String> {
@@ -128,37 +143,52 @@ fn context_names() -> std::rc::Rc<Vec<CString>> {
 }
 
 fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
-    let names = context_names();
     let current_user = raw_setting(c"app.current_user").filter(|v| !v.to_bytes().is_empty());
     if require_actor && settings::REQUIRE_ACTOR.get() && current_user.is_none() {
         return Err(AuditError::ActorRequired);
     }
+    let context = context()?;
+    // SAFETY: plain accessor of backend state.
+    let session_user = unsafe { pg_sys::GetSessionUserId() };
+    let mut key = Vec::with_capacity(64);
+    key.extend_from_slice(&session_user.to_u32().to_le_bytes());
+    key.extend_from_slice(current_user.map(|c| c.to_bytes()).unwrap_or_default());
+    if let Some(hit) = CACHE.with(|c| {
+        c.borrow().as_ref().filter(|s| s.key == key && std::rc::Rc::ptr_eq(&s.context, &context)).cloned()
+    }) {
+        return Ok(hit);
+    }
+    let changed_by = match get_setting(CURRENT_USER_SETTING).filter(|v| !v.is_empty()) {
+        Some(u) => actor_from(&u).0,
+        None => context.db_user.clone(),
+    };
+    let info = std::rc::Rc::new(SessionInfo { key, context, changed_by });
+    CACHE.with(|c| *c.borrow_mut() = Some(info.clone()));
+    Ok(info)
+}
+
+/// The session_info jsonb, rebuilt only when one of its inputs changed.
+fn context() -> Result<std::rc::Rc<Context>> {
+    let names = context_names();
     // The cache key: every input of session_info, read without allocating per row.
     // SAFETY: plain accessor of backend state.
     let session_user = unsafe { pg_sys::GetSessionUserId() };
     let mut key = Vec::with_capacity(128);
     key.extend_from_slice(&session_user.to_u32().to_le_bytes());
     key.extend_from_slice(raw_setting(c"application_name").map(|c| c.to_bytes()).unwrap_or_default());
-    key.push(1);
-    key.extend_from_slice(current_user.map(|c| c.to_bytes()).unwrap_or_default());
     for n in names.iter() {
         key.push(2);
         key.extend_from_slice(n.to_bytes());
         key.push(3);
         key.extend_from_slice(raw_setting(n).map(|c| c.to_bytes()).unwrap_or_default());
     }
-    if let Some(hit) = CACHE.with(|c| c.borrow().as_ref().filter(|s| s.key == key).cloned()) {
+    if let Some(hit) = CONTEXT.with(|c| c.borrow().as_ref().filter(|s| s.key == key).cloned()) {
         return Ok(hit);
     }
 
     let app_name = get_setting("application_name").unwrap_or_default();
-    let current_user = get_setting(CURRENT_USER_SETTING).filter(|v| !v.is_empty());
     let names: Vec<String> = names.iter().map(|n| n.to_string_lossy().into_owned()).collect();
     let values: Vec<Option<String>> = names.iter().map(|n| get_setting(n).filter(|v| !v.is_empty())).collect();
-    let (changed_by, parsed) = match &current_user {
-        Some(u) => actor_from(u),
-        None => (session_user_name(), None),
-    };
     let (addr, port) = client_info();
     let mut m = Map::new();
     m.insert("application_name".into(), Value::String(app_name));
@@ -169,7 +199,7 @@ fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
     for (n, v) in names.iter().zip(values) {
         let Some(v) = v else { continue };
         let val = if n == CURRENT_USER_SETTING {
-            parsed.clone().unwrap_or(Value::String(v))
+            actor_from(&v).1.unwrap_or(Value::String(v))
         } else {
             Value::String(v)
         };
@@ -187,9 +217,9 @@ fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
         std::ptr::copy_nonoverlapping(p as *const u8, buf.as_mut_ptr() as *mut u8, len);
         (buf, encode::jsonb_text(d))
     };
-    let info = std::rc::Rc::new(SessionInfo { key, db_user: session_user_name(), bytes, text, changed_by });
-    CACHE.with(|c| *c.borrow_mut() = Some(info.clone()));
-    Ok(info)
+    let ctx = std::rc::Rc::new(Context { key, db_user: session_user_name(), bytes, text });
+    CONTEXT.with(|c| *c.borrow_mut() = Some(ctx.clone()));
+    Ok(ctx)
 }
 
 #[cfg(test)]

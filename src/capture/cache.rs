@@ -30,6 +30,8 @@ pub struct RelConfig {
     /// (attnum, type) of the primary key, else the replica identity index; empty if neither.
     pub key: Vec<(i32, Oid)>,
     pub natts: usize,
+    /// Encodes a whole row (redacted columns as their text markers).
+    pub full_row: super::encode::ObjectBuilder,
 }
 
 /// The extension's objects, looked up once per backend.
@@ -51,6 +53,7 @@ thread_local! {
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: Oid) {
     // Runs inside invalidation processing: no allocation-heavy or erroring work here.
+    super::sink::invalidate(relid);
     if let Some(ext) = EXT.with(|e| e.get()) {
         if relid == pg_sys::InvalidOid || relid == ext.log || relid == ext.seq || relid == ext.tracked {
             EXT.with(|e| e.set(None));
@@ -201,7 +204,12 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
     }
     // SAFETY: rel is open.
     let key = unsafe { key_columns(rel, &tupdesc) };
+    let names: Vec<&std::ffi::CStr> = columns.iter().map(|c| c.name.as_c_str()).collect();
+    let types: Vec<Oid> = columns.iter().map(|c| if c.redacted { pg_sys::TEXTOID } else { c.typid }).collect();
+    // SAFETY: inside the transaction that opened rel; names and types have equal length.
+    let full_row = unsafe { super::encode::ObjectBuilder::new(&names, &types) };
     Ok(RelConfig {
+        full_row,
         schema_name: CString::new(schema).unwrap_or_default(),
         table_name: CString::new(table).unwrap_or_default(),
         columns,

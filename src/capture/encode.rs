@@ -78,6 +78,89 @@ pub unsafe fn jsonb_object(items: &[Item<'_>]) -> Datum {
     unsafe { call_variadic(pg_sys::F_JSONB_BUILD_OBJECT_ANY, pg_sys::jsonb_build_object, &args) }
 }
 
+/// `jsonb_build_object` prepared once for a fixed list of keys and types: the
+/// call's expression, function info and key datums live in their own memory
+/// context, so encoding a whole row allocates only the result.
+pub struct ObjectBuilder {
+    cxt: pg_sys::MemoryContext,
+    flinfo: *mut pg_sys::FmgrInfo,
+    keys: Vec<Datum>,
+}
+
+impl ObjectBuilder {
+    /// # Safety
+    /// Must run inside a transaction (fmgr lookups); `keys` and `types` have equal length.
+    pub unsafe fn new(keys: &[&CStr], types: &[Oid]) -> ObjectBuilder {
+        // SAFETY: a fresh context under CacheMemoryContext, deleted by Drop; every
+        // allocation below happens in it and is initialised before use.
+        unsafe {
+            let cxt = pg_sys::AllocSetContextCreateExtended(
+                pg_sys::CacheMemoryContext,
+                c"audit_ext row encoder".as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            );
+            let old = pg_sys::MemoryContextSwitchTo(cxt);
+            let mut exprs: *mut pg_sys::List = std::ptr::null_mut();
+            let mut key_datums = Vec::with_capacity(keys.len());
+            for (k, &t) in keys.iter().zip(types) {
+                key_datums.push(text_datum(k.to_bytes()));
+                exprs = pg_sys::lappend(exprs, pg_sys::makeNullConst(pg_sys::TEXTOID, -1, pg_sys::InvalidOid).cast());
+                exprs = pg_sys::lappend(exprs, pg_sys::makeNullConst(t, -1, pg_sys::InvalidOid).cast());
+            }
+            let func = pg_sys::F_JSONB_BUILD_OBJECT_ANY;
+            let expr = pg_sys::makeFuncExpr(
+                func.into(),
+                pg_sys::JSONBOID,
+                exprs,
+                pg_sys::InvalidOid,
+                pg_sys::InvalidOid,
+                pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+            );
+            let flinfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+            pg_sys::fmgr_info_cxt(func.into(), flinfo, cxt);
+            (*flinfo).fn_expr = expr.cast();
+            pg_sys::MemoryContextSwitchTo(old);
+            ObjectBuilder { cxt, flinfo, keys: key_datums }
+        }
+    }
+
+    /// The object of `values` (datum, isnull), one per key, in key order.
+    ///
+    /// # Safety
+    /// Each non-null datum must be valid for its key's type; allocates in CurrentMemoryContext.
+    pub unsafe fn build(&self, values: &[(Datum, bool)]) -> Datum {
+        debug_assert_eq!(values.len(), self.keys.len());
+        if values.is_empty() {
+            // SAFETY: a static, valid JSON literal.
+            return unsafe { jsonb_from_str(c"{}") };
+        }
+        let nargs = values.len() * 2;
+        // SAFETY: as InitFunctionCallInfoData does, with every argument set below.
+        unsafe {
+            let size = std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>()
+                + nargs * std::mem::size_of::<pg_sys::NullableDatum>();
+            let fcinfo = pg_sys::palloc0(size) as pg_sys::FunctionCallInfo;
+            (*fcinfo).flinfo = self.flinfo;
+            (*fcinfo).nargs = nargs as i16;
+            let args = (*fcinfo).args.as_mut_slice(nargs);
+            for (i, (&key, &(value, isnull))) in self.keys.iter().zip(values).enumerate() {
+                args[2 * i] = pg_sys::NullableDatum { value: key, isnull: false };
+                args[2 * i + 1] = pg_sys::NullableDatum { value, isnull };
+            }
+            pg_sys::jsonb_build_object(fcinfo)
+        }
+    }
+}
+
+impl Drop for ObjectBuilder {
+    fn drop(&mut self) {
+        // SAFETY: the context was created in new() and is deleted once.
+        unsafe { pg_sys::MemoryContextDelete(self.cxt) };
+    }
+}
+
 /// A jsonb array of the values (used for composite keys).
 ///
 /// # Safety

@@ -3,6 +3,7 @@
 pub mod actor;
 pub mod cache;
 pub mod encode;
+pub mod sink;
 
 use std::cell::Cell;
 use std::ffi::{c_char, CStr};
@@ -59,8 +60,40 @@ pub fn forget_secret() {
     SECRET.with(|s| *s.borrow_mut() = None);
 }
 
-/// Encoded values of one side (OLD or NEW) of a row change. Runs as the caller:
-/// output functions and casts to json are user code.
+/// The value stored for one column: redacted columns become their HMAC marker.
+/// Runs as the caller: output functions are user code.
+unsafe fn column_value(
+    col: &Column,
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+    key: Option<&[u8]>,
+) -> AResult<(Datum, bool)> {
+    let mut isnull = false;
+    // SAFETY: attnum is within tupdesc (cache checked natts) and tuple matches tupdesc.
+    let d = unsafe { pg_sys::heap_getattr(tuple, col.attnum, tupdesc, &mut isnull) };
+    if col.redacted && !isnull {
+        let key = key.ok_or_else(|| AuditError::Internal("redacted column without a key".into()))?;
+        // SAFETY: non-null datum of the column's type.
+        let text = unsafe { encode::output_text(d, col.typid) };
+        let marker = hash::redaction_marker(key, text.as_bytes());
+        // SAFETY: a fresh text datum in the current memory context.
+        return Ok((unsafe { encode::text_datum(marker.as_bytes()) }, false));
+    }
+    Ok((d, isnull))
+}
+
+/// The whole tracked row as jsonb, through the relation's prepared builder.
+unsafe fn encode_row(cfg: &RelConfig, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc, key: Option<&[u8]>) -> AResult<Datum> {
+    let mut values = Vec::with_capacity(cfg.columns.len());
+    for col in &cfg.columns {
+        // SAFETY: forwarded from the caller.
+        values.push(unsafe { column_value(col, tuple, tupdesc, key)? });
+    }
+    // SAFETY: values follow the builder's columns and types (markers are text).
+    Ok(unsafe { cfg.full_row.build(&values) })
+}
+
+/// Some columns of a row (an UPDATE's changed ones) as jsonb.
 unsafe fn encode_columns<'c>(
     cols: impl Iterator<Item = &'c Column>,
     tuple: pg_sys::HeapTuple,
@@ -69,20 +102,10 @@ unsafe fn encode_columns<'c>(
 ) -> AResult<Datum> {
     let mut items: Vec<Item> = Vec::new();
     for col in cols {
-        let mut isnull = false;
-        // SAFETY: attnum is within tupdesc (cache checked natts) and tuple matches tupdesc.
-        let d = unsafe { pg_sys::heap_getattr(tuple, col.attnum, tupdesc, &mut isnull) };
-        if col.redacted && !isnull {
-            let key = key.ok_or_else(|| AuditError::Internal("redacted column without a key".into()))?;
-            // SAFETY: non-null datum of the column's type.
-            let text = unsafe { encode::output_text(d, col.typid) };
-            let marker = hash::redaction_marker(key, text.as_bytes());
-            // SAFETY: a fresh text datum in the current memory context.
-            let td = unsafe { encode::text_datum(marker.as_bytes()) };
-            items.push(Item { key: &col.name, value: td, isnull: false, typid: pg_sys::TEXTOID });
-        } else {
-            items.push(Item { key: &col.name, value: d, isnull, typid: col.typid });
-        }
+        // SAFETY: forwarded from the caller.
+        let (value, isnull) = unsafe { column_value(col, tuple, tupdesc, key)? };
+        let typid = if col.redacted { pg_sys::TEXTOID } else { col.typid };
+        items.push(Item { key: &col.name, value, isnull, typid });
     }
     // SAFETY: items hold valid datums of their types.
     Ok(unsafe { encode::jsonb_object(&items) })
@@ -146,11 +169,11 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
         match op {
             pg_sys::TRIGGER_EVENT_INSERT => {
                 row_id = row_key(&cfg, td.tg_trigtuple, tupdesc);
-                new_values = Some(encode_columns(cfg.columns.iter(), td.tg_trigtuple, tupdesc, key)?);
+                new_values = Some(encode_row(&cfg, td.tg_trigtuple, tupdesc, key)?);
             }
             pg_sys::TRIGGER_EVENT_DELETE => {
                 row_id = row_key(&cfg, td.tg_trigtuple, tupdesc);
-                old_values = Some(encode_columns(cfg.columns.iter(), td.tg_trigtuple, tupdesc, key)?);
+                old_values = Some(encode_row(&cfg, td.tg_trigtuple, tupdesc, key)?);
             }
             pg_sys::TRIGGER_EVENT_UPDATE => {
                 let (old, new) = (td.tg_trigtuple, td.tg_newtuple);
@@ -178,7 +201,7 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
                 }
                 changed = Some(diff.iter().map(|c| c.name.as_c_str()).collect());
                 old_values = Some(encode_columns(diff.into_iter(), old, tupdesc, key)?);
-                new_values = Some(encode_columns(cfg.columns.iter(), new, tupdesc, key)?);
+                new_values = Some(encode_row(&cfg, new, tupdesc, key)?);
             }
             _ => {}
         }
@@ -215,7 +238,7 @@ pub struct Row<'a> {
 /// # Safety
 /// `old_values` and `new_values` must be valid jsonb datums.
 pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: Row) -> AResult<()> {
-    let db_user = info.db_user.as_str();
+    let db_user = info.db_user();
     let Row { schema, table, operation, row_id, old_row_id, old_values, new_values, changed } = row;
     // SAFETY: plain accessors of transaction state. The xid is taken before the id:
     // sealing relies on every id being handed out after its transaction's xid.
@@ -249,7 +272,7 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
         changed_fields: changed.as_ref().map(|v| v.iter().map(|c| c.to_str().ok()).collect()),
         changed_by: &info.changed_by,
         db_user,
-        session_info: Some(&info.text),
+        session_info: Some(info.text()),
         old_row_id: old_row_id.as_deref(),
     };
     let digest = hash::row_hash(&fields);
@@ -277,6 +300,11 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
         let nulls: [c_char; NPARAMS] = vals.map(|v| if v.is_some() { b' ' as c_char } else { b'n' as c_char });
         (vals.map(|v| v.unwrap_or(Datum::from(0))), nulls)
     };
+    let isnull = nulls.map(|n| n == b'n' as c_char);
+    // SAFETY: values match audit.log's columns (the INSERT_SQL order is the table's).
+    if unsafe { sink::insert(ext.log, &values, &isnull) } {
+        return Ok(());
+    }
     // SAFETY: a standard SPI session around one execution of the kept plan.
     unsafe { insert_row(&values, &nulls) }
 }

@@ -1,0 +1,260 @@
+//! The log writer: inserts audit rows straight into the right partition of
+//! `audit.log` through PostgreSQL's own routing, heap and index functions, the
+//! way COPY FROM does. An executor per row (SPI) spent more time setting up and
+//! tearing down partition routing than storing the row.
+//!
+//! One writer per transaction: it is opened at the transaction's first audit
+//! row, under the top transaction's resource owner so that subtransactions
+//! neither release nor warn about it, and closed before commit. Anything
+//! unusual about a partition (a user's row trigger, a foreign table, a
+//! different column layout) makes the caller fall back to a plain INSERT.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::{c_char, c_void};
+
+use pgrx::pg_sys::{self, Datum, Oid};
+use pgrx::prelude::*;
+
+// executor/execPartition.h, which pgrx does not bind. Called only through
+// `guarded`, which turns a PostgreSQL ERROR into a Rust panic at the boundary.
+unsafe extern "C-unwind" {
+    fn ExecSetupPartitionTupleRouting(estate: *mut pg_sys::EState, rel: pg_sys::Relation) -> *mut c_void;
+    fn ExecFindPartition(
+        mtstate: *mut pg_sys::ModifyTableState,
+        root: *mut pg_sys::ResultRelInfo,
+        proute: *mut c_void,
+        slot: *mut pg_sys::TupleTableSlot,
+        estate: *mut pg_sys::EState,
+    ) -> *mut pg_sys::ResultRelInfo;
+    fn ExecCleanupTupleRouting(mtstate: *mut pg_sys::ModifyTableState, proute: *mut c_void);
+}
+
+/// Runs `f` (a call into PostgreSQL not bound by pgrx) behind pgrx's longjmp guard.
+unsafe fn guarded<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: called on the backend's main thread, as every trigger is.
+    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(f) }
+}
+
+struct Sink {
+    log: Oid,
+    estate: *mut pg_sys::EState,
+    mtstate: *mut pg_sys::ModifyTableState,
+    root: *mut pg_sys::ResultRelInfo,
+    proute: *mut c_void,
+    slot: *mut pg_sys::TupleTableSlot,
+    /// Partitions already checked: (oid, whether rows can go straight in).
+    leaves: Vec<(Oid, bool)>,
+}
+
+thread_local! {
+    static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
+    /// Set by invalidations: close and reopen before the next row.
+    static STALE: Cell<bool> = const { Cell::new(false) };
+    /// Set while a row is written: still set at the next row if an error interrupted it.
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => release(),
+        // Abort releases the relations and frees the memory: only forget them.
+        _ => {
+            SINK.with(|s| s.replace(None));
+            STALE.with(|s| s.set(false));
+            BUSY.with(|b| b.set(false));
+        }
+    }
+}
+
+/// Relcache invalidation for `relid` (InvalidOid: all): the writer's routing or
+/// index lists may be out of date.
+pub fn invalidate(relid: Oid) {
+    let hit = SINK.with(|s| match s.try_borrow() {
+        Ok(s) => s.as_ref().is_some_and(|s| {
+            relid == pg_sys::InvalidOid || relid == s.log || s.leaves.iter().any(|&(o, _)| o == relid)
+        }),
+        Err(_) => true,
+    });
+    if hit {
+        STALE.with(|s| s.set(true));
+    }
+}
+
+/// Closes the writer, if open. Called before commit, and before the extension
+/// itself changes or drops partitions in this transaction.
+pub fn release() {
+    if let Some(sink) = SINK.with(|s| s.replace(None)) {
+        // SAFETY: the writer was opened in this transaction and is closed once.
+        unsafe { close(sink) };
+    }
+    STALE.with(|s| s.set(false));
+    BUSY.with(|b| b.set(false));
+}
+
+unsafe fn close(s: Sink) {
+    // SAFETY: every pointer was created by open() in this transaction and is still owned by it;
+    // references are given back to the owner that holds them.
+    unsafe {
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+        let _guard = RestoreOwner(owner);
+        guarded(|| ExecCleanupTupleRouting(s.mtstate, s.proute));
+        pg_sys::ExecDropSingleTupleTableSlot(s.slot);
+        pg_sys::ExecCloseIndices(s.root);
+        pg_sys::table_close((*s.root).ri_RelationDesc, pg_sys::NoLock as i32);
+        pg_sys::FreeExecutorState(s.estate);
+    }
+}
+
+unsafe fn open(log: Oid) -> Sink {
+    if !REGISTERED.with(|r| r.replace(true)) {
+        // SAFETY: a static callback, registered once per backend.
+        unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
+    }
+    // SAFETY: standard executor set-up, as CopyFrom does it, in the top transaction's memory.
+    unsafe {
+        let old_cxt = pg_sys::MemoryContextSwitchTo(pg_sys::TopTransactionContext);
+        let estate = pg_sys::CreateExecutorState();
+        pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
+        let rel = pg_sys::table_open(log, pg_sys::RowExclusiveLock as i32);
+        let root = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
+        (*root).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+        pg_sys::InitResultRelInfo(root, rel, 0, std::ptr::null_mut(), 0);
+        let mtstate = pg_sys::palloc0(std::mem::size_of::<pg_sys::ModifyTableState>()).cast::<pg_sys::ModifyTableState>();
+        (*mtstate).ps.type_ = pg_sys::NodeTag::T_ModifyTableState;
+        (*mtstate).ps.state = estate;
+        (*mtstate).operation = pg_sys::CmdType::CMD_INSERT;
+        (*mtstate).mt_nrels = 1;
+        (*mtstate).resultRelInfo = root;
+        (*mtstate).rootResultRelInfo = root;
+        let proute = guarded(|| ExecSetupPartitionTupleRouting(estate, rel));
+        let slot = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsVirtual);
+        pg_sys::MemoryContextSwitchTo(old_cxt);
+        Sink { log, estate, mtstate, root, proute, slot, leaves: Vec::new() }
+    }
+}
+
+/// Whether rows can go straight into this partition: a plain table, no row
+/// triggers, and the parent's column layout.
+unsafe fn direct_ok(root: *mut pg_sys::ResultRelInfo, leaf: *mut pg_sys::ResultRelInfo) -> bool {
+    // SAFETY: both are open result relations of this writer.
+    unsafe {
+        let rel = (*leaf).ri_RelationDesc;
+        if (*(*rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as c_char || !(*leaf).ri_FdwRoutine.is_null() {
+            return false;
+        }
+        let trig = (*leaf).ri_TrigDesc;
+        if !trig.is_null() && ((*trig).trig_insert_before_row || (*trig).trig_insert_after_row || (*trig).trig_insert_instead_row) {
+            return false;
+        }
+        let (a, b) = ((*rel).rd_att, (*(*root).ri_RelationDesc).rd_att);
+        if (*a).natts != (*b).natts {
+            return false;
+        }
+        let (aa, ba) = ((*a).attrs.as_slice((*a).natts as usize), (*b).attrs.as_slice((*b).natts as usize));
+        aa.iter().zip(ba).all(|(x, y)| x.attisdropped == y.attisdropped && (x.attisdropped || x.atttypid == y.atttypid))
+    }
+}
+
+/// Inserts one row into `log` (the extension owner must be the current user).
+/// Returns false, having written nothing, when the row's partition needs the
+/// executor's full INSERT.
+///
+/// # Safety
+/// `values` must be valid datums of `audit.log`'s column types, in column order.
+pub unsafe fn insert(log: Oid, values: &[Datum], nulls: &[bool]) -> bool {
+    if STALE.with(|s| s.get()) || BUSY.with(|b| b.get()) || SINK.with(|s| s.borrow().as_ref().is_some_and(|s| s.log != log)) {
+        release();
+    }
+    if SINK.with(|s| s.borrow().is_none()) {
+        // SAFETY: relations are opened under the top transaction's resource owner,
+        // so that they outlive the subtransaction we may be in.
+        let sink = unsafe {
+            let owner = pg_sys::CurrentResourceOwner;
+            pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+            let guard = RestoreOwner(owner);
+            let s = open(log);
+            drop(guard);
+            s
+        };
+        SINK.with(|s| *s.borrow_mut() = Some(sink));
+    }
+    // An error below leaves the writer half-used: it is reopened before the next row.
+    BUSY.with(|b| b.set(true));
+    let done = SINK.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = s.as_mut().expect("opened above");
+        // SAFETY: the slot has the parent's descriptor; values match it (caller's contract).
+        unsafe { write(s, values, nulls) }
+    });
+    BUSY.with(|b| b.set(false));
+    done
+}
+
+unsafe fn write(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> bool {
+    // SAFETY: see insert(); every pointer belongs to this transaction's open writer.
+    unsafe {
+        let slot = s.slot;
+        pg_sys::ExecClearTuple(slot);
+        let n = (*(*slot).tts_tupleDescriptor).natts as usize;
+        if n != values.len() || n != nulls.len() {
+            return false; // audit.log has gained or lost columns: the INSERT maps them by name
+        }
+        std::ptr::copy_nonoverlapping(values.as_ptr(), (*slot).tts_values, n);
+        std::ptr::copy_nonoverlapping(nulls.as_ptr(), (*slot).tts_isnull, n);
+        pg_sys::ExecStoreVirtualTuple(slot);
+
+        // Routing may open the partition: under the top transaction's owner, as in open().
+        let leaf = {
+            let owner = pg_sys::CurrentResourceOwner;
+            pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+            let _guard = RestoreOwner(owner);
+            guarded(|| ExecFindPartition(s.mtstate, s.root, s.proute, slot, s.estate))
+        };
+        let rel = (*leaf).ri_RelationDesc;
+        let oid = (*rel).rd_id;
+        let ok = match s.leaves.iter().find(|&&(o, _)| o == oid) {
+            Some(&(_, ok)) => ok,
+            None => {
+                let ok = direct_ok(s.root, leaf);
+                s.leaves.push((oid, ok));
+                ok
+            }
+        };
+        if !ok {
+            pg_sys::ExecClearTuple(slot);
+            return false;
+        }
+        let estate = s.estate;
+        if !(*(*rel).rd_att).constr.is_null() {
+            pg_sys::ExecConstraints(leaf, slot, estate);
+        }
+        let cid = pg_sys::GetCurrentCommandId(true);
+        (*estate).es_output_cid = cid;
+        pg_sys::table_tuple_insert(rel, slot, cid, 0, std::ptr::null_mut());
+        if (*leaf).ri_NumIndices > 0 {
+            #[cfg(feature = "pg15")]
+            pg_sys::ExecInsertIndexTuples(leaf, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut());
+            #[cfg(not(feature = "pg15"))]
+            pg_sys::ExecInsertIndexTuples(leaf, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut(), false);
+        }
+        let econtext = (*estate).es_per_tuple_exprcontext;
+        if !econtext.is_null() {
+            pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
+        }
+        pg_sys::ExecClearTuple(slot);
+        true
+    }
+}
+
+struct RestoreOwner(pg_sys::ResourceOwner);
+
+impl Drop for RestoreOwner {
+    fn drop(&mut self) {
+        // SAFETY: puts back the owner that was current before the switch.
+        unsafe { pg_sys::CurrentResourceOwner = self.0 };
+    }
+}
