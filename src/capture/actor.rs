@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::ffi::{CStr, CString};
 
 use pgrx::pg_sys::{self, Datum};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::capture::encode;
 use crate::errors::{AuditError, Result};
@@ -186,31 +186,51 @@ fn context() -> Result<std::rc::Rc<Context>> {
         return Ok(hit);
     }
 
-    let app_name = get_setting("application_name").unwrap_or_default();
-    let names: Vec<String> = names.iter().map(|n| n.to_string_lossy().into_owned()).collect();
-    let values: Vec<Option<String>> = names.iter().map(|n| get_setting(n).filter(|v| !v.is_empty())).collect();
+    // Built by jsonb_build_object from the values themselves: no JSON text to parse.
+    let app_name = raw_setting(c"application_name").map(CStr::to_bytes).unwrap_or_default().to_vec();
+    let values: Vec<Option<Vec<u8>>> = names
+        .iter()
+        .map(|n| raw_setting(n).map(|v| v.to_bytes().to_vec()).filter(|v| !v.is_empty()))
+        .collect();
     let (addr, port) = client_info();
-    let mut m = Map::new();
-    m.insert("application_name".into(), Value::String(app_name));
-    m.insert("client_addr".into(), addr.map(Value::String).unwrap_or(Value::Null));
-    m.insert("client_port".into(), port.map(Value::from).unwrap_or(Value::Null));
-    // SAFETY: MyProcPid is a plain global set at backend start.
-    m.insert("backend_pid".into(), Value::from(unsafe { pg_sys::MyProcPid }));
-    for (n, v) in names.iter().zip(values) {
-        let Some(v) = v else { continue };
-        let val = if n == CURRENT_USER_SETTING {
-            actor_from(&v).1.unwrap_or(Value::String(v))
-        } else {
-            Value::String(v)
-        };
-        m.insert(n.clone(), val);
-    }
-    let json = CString::new(Value::Object(m).to_string())
-        .map_err(|_| AuditError::Internal("NUL byte in session info".into()))?;
-
-    // SAFETY: valid JSON from serde; the datum is copied out before the context resets.
+    // SAFETY: every datum is built here, in the current memory context, with the type
+    // given next to it; the result is copied out before that context is reset.
     let (bytes, text) = unsafe {
-        let d = encode::jsonb_from_str(&json);
+        let mut items: Vec<encode::Item> = Vec::with_capacity(4 + names.len());
+        let text_item = |key: &'static CStr, v: Option<&[u8]>| encode::Item {
+            key,
+            value: v.map(|v| encode::text_datum(v)).unwrap_or(Datum::from(0)),
+            isnull: v.is_none(),
+            typid: pg_sys::TEXTOID,
+        };
+        items.push(text_item(c"application_name", Some(&app_name)));
+        items.push(text_item(c"client_addr", addr.as_deref().map(str::as_bytes)));
+        items.push(encode::Item {
+            key: c"client_port",
+            value: Datum::from(port.unwrap_or(0)),
+            isnull: port.is_none(),
+            typid: pg_sys::INT8OID,
+        });
+        items.push(encode::Item {
+            key: c"backend_pid",
+            value: Datum::from(pg_sys::MyProcPid),
+            isnull: false,
+            typid: pg_sys::INT4OID,
+        });
+        for (n, v) in names.iter().zip(&values) {
+            let Some(v) = v else { continue };
+            // An actor given as a JSON object is kept as that object.
+            let parsed = (n.as_c_str() == c"app.current_user")
+                .then(|| actor_from(&String::from_utf8_lossy(v)).1)
+                .flatten()
+                .and_then(|obj| CString::new(obj.to_string()).ok());
+            let (value, typid) = match parsed {
+                Some(json) => (encode::jsonb_from_str(&json), pg_sys::JSONBOID),
+                None => (encode::text_datum(v), pg_sys::TEXTOID),
+            };
+            items.push(encode::Item { key: n.as_c_str(), value, isnull: false, typid });
+        }
+        let d = encode::jsonb_object(&items);
         let p = d.cast_mut_ptr::<pg_sys::varlena>();
         let len = pgrx::varlena::varsize_any(p);
         let mut buf = vec![0u64; len.div_ceil(8)];

@@ -2,7 +2,7 @@
 -- transaction it is opened and closed. Savepoints, errors, maintain() and a
 -- DROP in the middle of a transaction must neither lose nor invent a row, nor
 -- leave a relation reference behind (PostgreSQL would print a WARNING here).
-CREATE EXTENSION audit_ext;
+CREATE EXTENSION IF NOT EXISTS audit_ext;
 CREATE TABLE acct (id int PRIMARY KEY, v int);
 SELECT audit.track('acct');
 
@@ -14,7 +14,7 @@ INSERT INTO acct VALUES (2, 0);
 ROLLBACK TO a;
 INSERT INTO acct VALUES (3, 0);
 COMMIT;
-SELECT row_id, operation FROM audit.log ORDER BY id;
+SELECT row_id, operation FROM audit.log WHERE table_name = 'acct' ORDER BY id;
 
 -- The transaction's first audit row inside a savepoint that is rolled back:
 -- the writer opened there must still serve the rest of the transaction.
@@ -27,7 +27,7 @@ SAVEPOINT b;
 UPDATE acct SET v = 3 WHERE id = 3;
 RELEASE b;
 COMMIT;
-SELECT row_id, operation, new_values->>'v' AS v FROM audit.log WHERE operation = 'UPDATE' ORDER BY id;
+SELECT row_id, operation, new_values->>'v' AS v FROM audit.log WHERE table_name = 'acct' AND operation = 'UPDATE' ORDER BY id;
 
 -- An error inside the writer's subtransaction (a PL/pgSQL exception block),
 -- then more rows in the same transaction.
@@ -42,7 +42,7 @@ BEGIN
   END;
   INSERT INTO acct VALUES (12, 0);
 END $$;
-SELECT row_id FROM audit.log WHERE operation = 'INSERT' AND row_id::int >= 10 ORDER BY id;
+SELECT row_id FROM audit.log WHERE table_name = 'acct' AND operation = 'INSERT' AND row_id::int >= 10 ORDER BY id;
 
 -- maintain() in the middle of a transaction that has written audit rows.
 BEGIN;
@@ -50,18 +50,18 @@ INSERT INTO acct VALUES (20, 0);
 SELECT (audit.maintain()) ? 'created' AS ran;
 INSERT INTO acct VALUES (21, 0);
 COMMIT;
-SELECT count(*) FROM audit.log WHERE row_id IN ('20', '21');
+SELECT count(*) FROM audit.log WHERE table_name = 'acct' AND row_id IN ('20', '21');
 
 -- Rows never land in the default partition when a partition covers their time.
-SELECT count(*) AS in_default FROM audit.log_default;
+SELECT count(*) AS in_default FROM audit.log_default WHERE table_name = 'acct';
 
 -- A statement's rows all land, with every index consistent.
 INSERT INTO acct SELECT g, 0 FROM generate_series(100, 5099) g;
 UPDATE acct SET v = v + 1 WHERE id >= 100;
-SELECT count(*) FROM audit.log WHERE row_id::int >= 100;
+SELECT count(*) FROM audit.log WHERE table_name = 'acct' AND row_id::int >= 100;
 CREATE EXTENSION amcheck;
 -- heapallindexed: every log row is in every btree of its partition.
-SELECT count(*) AS checked FROM (
+SELECT count(*) > 0 AS checked FROM (
   SELECT bt_index_check(i.indexrelid, true) FROM pg_index i JOIN pg_inherits h ON h.inhrelid = i.indrelid
     JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
    WHERE h.inhparent = 'audit.log'::regclass AND a.amname = 'btree') s;
@@ -71,7 +71,7 @@ CREATE FUNCTION note_row() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN RAISE NOTICE 'partition trigger saw %', NEW.row_id; RETURN NULL; END $$;
 DO $$ BEGIN
   EXECUTE format('CREATE TRIGGER note AFTER INSERT ON %s FOR EACH ROW EXECUTE FUNCTION note_row()',
-                 (SELECT tableoid::regclass FROM audit.log ORDER BY id DESC LIMIT 1));
+                 (SELECT tableoid::regclass FROM audit.log WHERE table_name = 'acct' ORDER BY id DESC LIMIT 1));
 END $$;
 INSERT INTO acct VALUES (30, 0);
 BEGIN;
@@ -79,18 +79,19 @@ INSERT INTO acct VALUES (31, 0);
 INSERT INTO acct VALUES (32, 0);
 COMMIT;
 DO $$ BEGIN
-  EXECUTE format('DROP TRIGGER note ON %s', (SELECT tableoid::regclass FROM audit.log ORDER BY id DESC LIMIT 1));
+  EXECUTE format('DROP TRIGGER note ON %s', (SELECT tableoid::regclass FROM audit.log WHERE table_name = 'acct' ORDER BY id DESC LIMIT 1));
 END $$;
-SELECT count(*) FROM audit.log WHERE row_id IN ('30', '31', '32');
+SELECT count(*) FROM audit.log WHERE table_name = 'acct' AND row_id IN ('30', '31', '32');
 
 -- The chain covers rows written both ways.
 SELECT (audit.seal()) > 0 AS sealed;
-SELECT ok, rows FROM audit.verify();
+SELECT ok FROM audit.verify();
 
 -- DROP EXTENSION after audit rows in the same transaction: the writer lets go first.
 BEGIN;
 INSERT INTO acct VALUES (40, 0);
 SET LOCAL audit.allow_drop = on;
+SET LOCAL client_min_messages = warning;
 DROP EXTENSION audit_ext CASCADE;
 ROLLBACK;
-SELECT count(*) FROM audit.log WHERE row_id = '40';
+SELECT count(*) FROM audit.log WHERE table_name = 'acct' AND row_id = '40';
