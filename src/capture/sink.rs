@@ -150,12 +150,12 @@ unsafe fn direct_ok(root: *mut pg_sys::ResultRelInfo, leaf: *mut pg_sys::ResultR
         if !trig.is_null() && ((*trig).trig_insert_before_row || (*trig).trig_insert_after_row || (*trig).trig_insert_instead_row) {
             return false;
         }
-        let (a, b) = ((*rel).rd_att, (*(*root).ri_RelationDesc).rd_att);
-        if (*a).natts != (*b).natts {
-            return false;
-        }
-        let (aa, ba) = ((*a).attrs.as_slice((*a).natts as usize), (*b).attrs.as_slice((*b).natts as usize));
-        aa.iter().zip(ba).all(|(x, y)| x.attisdropped == y.attisdropped && (x.attisdropped || x.atttypid == y.atttypid))
+        let a = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let b = pgrx::PgTupleDesc::from_pg_unchecked((*(*root).ri_RelationDesc).rd_att);
+        a.len() == b.len()
+            && a.iter().zip(b.iter()).all(|(x, y)| {
+                x.attisdropped == y.attisdropped && (x.attisdropped || x.atttypid == y.atttypid)
+            })
     }
 }
 
