@@ -11,9 +11,48 @@ use pgrx::prelude::*;
 use pgrx::{JsonB, PgRelation};
 use serde_json::Value;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+use pgrx::PgOid;
+
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::privilege::{as_extension_owner, require_select};
 use crate::tracking::quote_ident;
+
+thread_local! {
+    /// Kept plans by query text: a state_at call runs a handful of small queries,
+    /// and planning them against every partition of audit.log cost more than running them.
+    static PLANS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// Queries whose text depends on the table stay bounded by this many kept plans.
+const MAX_PLANS: usize = 256;
+
+/// Runs `sql` through a plan kept for the backend's life (PostgreSQL re-plans it
+/// when a table it uses changes). Privileges are checked at each execution, as
+/// the user current then.
+fn select_kept<'c>(c: &SpiClient<'c>, sql: &str, args: &[DatumWithOid]) -> Result<SpiTupleTable<'c>> {
+    let plan = match PLANS.with(|m| m.borrow().get(sql).cloned()) {
+        Some(p) => p,
+        None => {
+            let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
+            let p = Rc::new(c.prepare(sql, &types)?.keep());
+            PLANS.with(|m| {
+                let mut m = m.borrow_mut();
+                if m.len() >= MAX_PLANS {
+                    m.clear();
+                }
+                m.insert(sql.to_string(), p.clone());
+            });
+            p
+        }
+    };
+    Ok(c.select(&*plan, None, args)?)
+}
 
 /// What we need to know about a tracked table to address its rows.
 struct Table {
@@ -34,11 +73,11 @@ impl Table {
         require_select(relid, &qname)?;
         let found = as_extension_owner(|| {
             Spi::connect(|c| -> Result<Option<(Vec<String>, Vec<String>, TimestampWithTimeZone)>> {
-                let mut rows = c.select(
+                let mut rows = select_kept(
+                    c,
                     "SELECT t.exclude, t.redact,
                             GREATEST(t.tracked_since, (SELECT h.horizon FROM audit.horizon h))
                        FROM audit.tracked t WHERE t.relid OPERATOR(pg_catalog.=) $1",
-                    None,
                     &[relid.into()],
                 )?;
                 match rows.next() {
@@ -54,7 +93,8 @@ impl Table {
         let (exclude, redact, earliest) = found.ok_or_else(|| AuditError::NotTracked { table: qname.clone() })?;
         let key = Spi::connect(|c| -> Result<Vec<(String, String)>> {
             // The primary key, else the replica identity index: the same key the trigger uses.
-            let rows = c.select(
+            let rows = select_kept(
+                c,
                 "WITH idx AS (
                     SELECT i.indkey, i.indnkeyatts FROM pg_catalog.pg_index i
                      WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND (i.indisprimary OR i.indisreplident)
@@ -64,7 +104,6 @@ impl Table {
                    JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) $1
                   WHERE a.attnum OPERATOR(pg_catalog.=) idx.indkey[s.n] AND s.n OPERATOR(pg_catalog.<) idx.indnkeyatts
                   ORDER BY s.n",
-                None,
                 &[relid.into()],
             )?;
             let mut v = Vec::new();
@@ -156,7 +195,7 @@ impl Table {
         let q = format!("SELECT {} FROM {} t {where_}", self.live_select(), self.qname);
         Spi::connect(|c| -> Result<Vec<(String, Value)>> {
             let mut out = Vec::new();
-            for r in c.select(&q, None, args)? {
+            for r in select_kept(c, &q, args)? {
                 let k = r.get::<String>(1)?.unwrap_or_default();
                 let mut v = r.get::<JsonB>(2)?.map(|j| j.0).unwrap_or(Value::Null);
                 let red = r.get::<Vec<Option<String>>>(3)?.unwrap_or_default();
@@ -229,7 +268,7 @@ fn first_change_after(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Res
                       ORDER BY changed_at, id LIMIT 1"
                 );
                 let mut rows =
-                    c.select(&q, None, &[t.name.clone().into(), row_id.to_string().into(), at.into(), t.schema.clone().into()])?;
+                    select_kept(c, &q, &[t.name.clone().into(), row_id.to_string().into(), at.into(), t.schema.clone().into()])?;
                 if let Some(r) = rows.next() {
                     let when = r.get::<TimestampWithTimeZone>(5)?.unwrap_or(at);
                     let id = r.get::<i64>(6)?.unwrap_or(0);
@@ -246,14 +285,13 @@ fn first_change_after(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Res
                     }
                 }
             }
-            let trunc = c
-                .select(
+            let trunc = select_kept(
+                    c,
                     "SELECT changed_at FROM audit.log
                       WHERE table_name OPERATOR(pg_catalog.=) $1 AND row_id IS NULL
                         AND changed_at OPERATOR(pg_catalog.>) $2 AND schema_name OPERATOR(pg_catalog.=) $3
                         AND operation OPERATOR(pg_catalog.=) 'TRUNCATE'
                       ORDER BY changed_at, id LIMIT 1",
-                    None,
                     &[t.name.clone().into(), at.into(), t.schema.clone().into()],
                 )?
                 .next()

@@ -257,8 +257,8 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
     .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))?;
 
     // SAFETY: the datums were just built as valid jsonb.
-    let old_text = old_values.map(|d| unsafe { encode::jsonb_text(d) });
-    let new_text = new_values.map(|d| unsafe { encode::jsonb_text(d) });
+    let old_text = old_values.map(|d| unsafe { encode::jsonb_text_borrowed(d) });
+    let new_text = new_values.map(|d| unsafe { encode::jsonb_text_borrowed(d) });
     let fields = RowFields {
         id,
         changed_at_us: changed_at + PG_EPOCH_OFFSET_US,
