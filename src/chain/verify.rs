@@ -2,18 +2,19 @@
 //! link, and optionally prove that an externally held digest is still in the chain.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::{c_char, CStr};
+use std::ops::ControlFlow;
+use std::ptr::{self, NonNull};
 
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use pgrx::{varlena, JsonB, PgMemoryContexts};
 
 use crate::capture::PG_EPOCH_OFFSET_US;
 use crate::chain::hash::{self, BlockFields, RootBuilder, RowFields};
 use crate::chain::seal::ZERO_HASH;
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::privilege::as_extension_owner;
-
-const FETCH: i64 = 10_000;
 
 struct Block {
     block_id: i64,
@@ -219,78 +220,61 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
         let mut bc = BlockCheck::new();
         let mut last_pushed = blocks.first().map(|b| b.from_id).unwrap_or(0);
         let mut unsealed = 0i64;
-        let outcome = Spi::connect(|c| -> Result<std::result::Result<(), Failure>> {
-            let mut cur = c.open_cursor(
-                "SELECT id, changed_at, txid, schema_name, table_name, operation, row_id, old_values::pg_catalog.text,
-                        new_values::pg_catalog.text, changed_fields, changed_by, db_user,
-                        session_info::pg_catalog.text, old_row_id, row_hash
-                   FROM audit.log ORDER BY id",
-                &[],
-            );
+        let outcome = Spi::connect(|_| -> Result<std::result::Result<(), Failure>> {
+            let (mut rows, mut ids) = open_log_cursors()?;
+            // Pass 1, in storage order: recompute every row's hash. The walk below stops at the
+            // first failure in id order, so only the lowest id whose hash differs matters.
+            let mut bad = BadRows::default();
+            let mut texts = JsonbText::new_set();
+            rows.for_each(&ROWS_TYPES, |v, n| {
+                let f = row_fields(v, n, &mut texts)?;
+                let stored = or_empty(v, n, 14);
+                if hash::row_hash(&f).as_slice() != stored {
+                    bad.note(f.id, stored);
+                }
+                Ok(ControlFlow::Continue(()))
+            })?;
+            drop(rows);
+            // Pass 2, in id order over (id, row_hash) only: duplicates, hashes, blocks and roots.
             let mut prev_id: Option<i64> = None;
-            loop {
-                let table = cur.fetch(FETCH)?;
-                if table.is_empty() {
-                    break;
+            let mut failure = None;
+            ids.for_each(&IDS_TYPES, |v, n| {
+                let id = int8(v, n, 0);
+                let stored = or_empty(v, n, 1);
+                if prev_id == Some(id) {
+                    failure = Some(Failure(Some(id), format!("row id {id} appears more than once")));
+                    return Ok(ControlFlow::Break(()));
                 }
-                for r in table {
-                    let id: i64 = r.get(1)?.unwrap_or_default();
-                    let at: Option<TimestampWithTimeZone> = r.get(2)?;
-                    let schema: String = r.get(4)?.unwrap_or_default();
-                    let tname: String = r.get(5)?.unwrap_or_default();
-                    let op: String = r.get(6)?.unwrap_or_default();
-                    let row_id: Option<String> = r.get(7)?;
-                    let old: Option<String> = r.get(8)?;
-                    let new: Option<String> = r.get(9)?;
-                    let fields: Option<Vec<Option<String>>> = r.get(10)?;
-                    let by: String = r.get(11)?.unwrap_or_default();
-                    let dbu: String = r.get(12)?.unwrap_or_default();
-                    let si: Option<String> = r.get(13)?;
-                    let old_row_id: Option<String> = r.get(14)?;
-                    let stored: Vec<u8> = r.get(15)?.unwrap_or_default();
-                    if prev_id == Some(id) {
-                        return Ok(Err(Failure(Some(id), format!("row id {id} appears more than once"))));
-                    }
-                    prev_id = Some(id);
-                    let f = RowFields {
-                        id,
-                        changed_at_us: at.map(|a| pg_sys::TimestampTz::from(a) + PG_EPOCH_OFFSET_US).unwrap_or(i64::MIN),
-                        txid: r.get::<i64>(3)?.unwrap_or_default(),
-                        schema_name: &schema,
-                        table_name: &tname,
-                        operation: &op,
-                        row_id: row_id.as_deref(),
-                        old_values: old.as_deref(),
-                        new_values: new.as_deref(),
-                        changed_fields: fields.as_ref().map(|v| v.iter().map(|s| s.as_deref()).collect()),
-                        changed_by: &by,
-                        db_user: &dbu,
-                        session_info: si.as_deref(),
-                        old_row_id: old_row_id.as_deref(),
-                    };
-                    if hash::row_hash(&f).as_slice() != stored.as_slice() {
-                        return Ok(Err(Failure(Some(id), format!("row {id} was altered: its contents do not match its row_hash"))));
-                    }
-                    report.rows += 1;
-                    while bi < blocks.len() && id > blocks[bi].through_id {
-                        if let Err(e) = finish_block(&blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &pruned, last_pushed, &pruned_blocks) {
-                            return Ok(Err(e));
-                        }
-                        last_pushed = blocks[bi].through_id;
-                        bi += 1;
-                    }
-                    if bi < blocks.len() && id > blocks[bi].from_id {
-                        for (pid, h) in pruned.range(last_pushed + 1..id) {
-                            bc.push(*pid, h);
-                        }
-                        bc.push(id, &stored);
-                        last_pushed = id;
-                    } else if bi >= blocks.len() {
-                        unsealed += 1;
-                    } else {
-                        return Ok(Err(Failure(Some(id), format!("row {id} lies outside every sealed block's range"))));
-                    }
+                prev_id = Some(id);
+                if bad.contains(id, stored) {
+                    failure = Some(Failure(Some(id), format!("row {id} was altered: its contents do not match its row_hash")));
+                    return Ok(ControlFlow::Break(()));
                 }
+                report.rows += 1;
+                while bi < blocks.len() && id > blocks[bi].through_id {
+                    if let Err(e) = finish_block(&blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &pruned, last_pushed, &pruned_blocks) {
+                        failure = Some(e);
+                        return Ok(ControlFlow::Break(()));
+                    }
+                    last_pushed = blocks[bi].through_id;
+                    bi += 1;
+                }
+                if bi < blocks.len() && id > blocks[bi].from_id {
+                    for (pid, h) in pruned.range(last_pushed + 1..id) {
+                        bc.push(*pid, h);
+                    }
+                    bc.push(id, stored);
+                    last_pushed = id;
+                } else if bi >= blocks.len() {
+                    unsealed += 1;
+                } else {
+                    failure = Some(Failure(Some(id), format!("row {id} lies outside every sealed block's range")));
+                    return Ok(ControlFlow::Break(()));
+                }
+                Ok(ControlFlow::Continue(()))
+            })?;
+            if let Some(f) = failure {
+                return Ok(Err(f));
             }
             while bi < blocks.len() {
                 if let Err(e) = finish_block(&blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &pruned, last_pushed, &pruned_blocks) {
@@ -313,6 +297,313 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
             if claim.is_some() { "; the digest's block is in the chain unchanged" } else { "" }
         );
         Ok(report)
+    })
+}
+
+// ---- Reading audit.log: raw tuples, no per-cell conversion ---------------------------------
+
+/// Rows per fetch from each cursor; each batch is freed before the next.
+const FETCH: i64 = 10_000;
+
+/// Pass 1: every column, in the table's own column order (then the scan hands each
+/// stored tuple over as it is, with no projection), in any row order.
+const ROWS_SQL: &CStr = c"SELECT id, changed_at, txid, schema_name, table_name, operation, row_id, old_row_id,
+        old_values, new_values, changed_fields, changed_by, db_user, session_info, row_hash
+   FROM audit.log";
+const ROWS_TYPES: [pg_sys::Oid; 15] = [
+    pg_sys::INT8OID,
+    pg_sys::TIMESTAMPTZOID,
+    pg_sys::INT8OID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::JSONBOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::BYTEAOID,
+];
+/// Pass 2: the walk in id order needs only these, so the sort stays narrow.
+const IDS_SQL: &CStr = c"SELECT id, row_hash FROM audit.log ORDER BY id";
+const IDS_TYPES: [pg_sys::Oid; 2] = [pg_sys::INT8OID, pg_sys::BYTEAOID];
+
+/// Opens both passes over audit.log on one snapshot, so that the rows pass 1 hashes
+/// are exactly the rows pass 2 walks. It is the snapshot a single SPI cursor opened
+/// here would get: pgrx opens read-only (the active snapshot) until the transaction
+/// has written, and read-write (a fresh snapshot) after.
+fn open_log_cursors() -> Result<(RawCursor, RawCursor)> {
+    // SAFETY: reads this backend's own transaction state.
+    let wrote = unsafe { pg_sys::GetCurrentTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+    if wrote {
+        // SAFETY: what SPI_cursor_open does for a read-write cursor, done once for both
+        // cursors; popped below. On ERROR, abort pops it.
+        unsafe {
+            pg_sys::CommandCounterIncrement();
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        }
+    }
+    let rows = RawCursor::open(ROWS_SQL);
+    let ids = RawCursor::open(IDS_SQL);
+    if wrote {
+        // SAFETY: pops the snapshot pushed above; each portal holds its own registered copy.
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
+    Ok((rows?, ids?))
+}
+
+/// A read-only SPI cursor, read as raw tuples.
+struct RawCursor(NonNull<pg_sys::PortalData>);
+
+impl RawCursor {
+    fn open(sql: &CStr) -> Result<Self> {
+        // SAFETY: SPI is connected (callers run inside Spi::connect); a query without
+        // parameters; read-only, so it runs on the active snapshot. Failures raise an ERROR.
+        let portal = unsafe {
+            pg_sys::SPI_cursor_open_with_args(ptr::null(), sql.as_ptr(), 0, ptr::null_mut(), ptr::null_mut(), ptr::null(), true, 0)
+        };
+        NonNull::new(portal).map(RawCursor).ok_or_else(|| AuditError::Internal("could not open a cursor on audit.log".into()))
+    }
+
+    /// Calls `f` with each row's columns (datums and null flags), until the rows run
+    /// out or `f` breaks. `f` runs in a memory context that is reset after each batch,
+    /// so what it detoasts or allocates lives as long as the batch's tuples.
+    fn for_each(
+        &mut self,
+        types: &[pg_sys::Oid],
+        mut f: impl FnMut(&[pg_sys::Datum], &[bool]) -> Result<ControlFlow<()>>,
+    ) -> Result<()> {
+        let mut values = vec![pg_sys::Datum::from(0usize); types.len()];
+        let mut nulls = vec![false; types.len()];
+        let mut batch_cx = PgMemoryContexts::new("audit.verify batch");
+        loop {
+            let batch = Batch::fetch(self);
+            if batch.len == 0 {
+                return Ok(());
+            }
+            batch.check_types(types)?;
+            for i in 0..batch.len {
+                batch.deform(i, &mut values, &mut nulls);
+                // SAFETY: batch_cx is ours and alive; only this batch's rows use what f allocates in it.
+                let flow = unsafe { batch_cx.switch_to(|_| f(&values, &nulls)) }?;
+                if flow.is_break() {
+                    return Ok(());
+                }
+            }
+            drop(batch);
+            // SAFETY: nothing allocated in it during this batch is used any more.
+            unsafe { batch_cx.reset() };
+        }
+    }
+}
+
+impl Drop for RawCursor {
+    fn drop(&mut self) {
+        // SAFETY: the portal was opened by us in this SPI connection and is closed once.
+        unsafe { pg_sys::SPI_cursor_close(self.0.as_ptr()) };
+    }
+}
+
+/// One fetched batch; its tuple table is freed on drop.
+struct Batch {
+    table: *mut pg_sys::SPITupleTable,
+    len: usize,
+}
+
+impl Batch {
+    fn fetch(cur: &mut RawCursor) -> Self {
+        // SAFETY: an open portal of this SPI connection; SPI_cursor_fetch sets SPI_tuptable
+        // (a fresh table of SPI_processed rows, or NULL) and raises on failure.
+        unsafe {
+            pg_sys::SPI_tuptable = ptr::null_mut();
+            pg_sys::SPI_cursor_fetch(cur.0.as_ptr(), true, FETCH as _);
+            let table = pg_sys::SPI_tuptable;
+            pg_sys::SPI_tuptable = ptr::null_mut();
+            Batch { table, len: if table.is_null() { 0 } else { pg_sys::SPI_processed as usize } }
+        }
+    }
+
+    /// The columns must have the types the decoders below read them as.
+    fn check_types(&self, types: &[pg_sys::Oid]) -> Result<()> {
+        // SAFETY: a live tuple table with a valid descriptor; SPI_gettypeid takes 1-based column numbers.
+        let ok = unsafe {
+            let desc = (*self.table).tupdesc;
+            (*desc).natts as usize == types.len()
+                && types.iter().enumerate().all(|(i, t)| pg_sys::SPI_gettypeid(desc, i as i32 + 1) == *t)
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(AuditError::Internal("audit.log does not have the columns audit.verify expects".into()))
+        }
+    }
+
+    fn deform(&self, i: usize, values: &mut [pg_sys::Datum], nulls: &mut [bool]) {
+        debug_assert!(i < self.len);
+        // SAFETY: i < len rows in the table; values and nulls hold natts entries (check_types).
+        unsafe {
+            let t = *(*self.table).vals.add(i);
+            pg_sys::heap_deform_tuple(t, (*self.table).tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if !self.table.is_null() {
+            // SAFETY: a tuple table SPI_cursor_fetch made for us, freed once.
+            unsafe { pg_sys::SPI_freetuptable(self.table) };
+        }
+    }
+}
+
+/// The lowest id whose recomputed hash differs from its stored row_hash, and those
+/// rows' stored hashes (an id may be duplicated): the walk in id order stops there.
+#[derive(Default)]
+struct BadRows {
+    id: Option<i64>,
+    stored: Vec<Vec<u8>>,
+}
+
+impl BadRows {
+    fn note(&mut self, id: i64, stored: &[u8]) {
+        match self.id {
+            Some(b) if b < id => {}
+            Some(b) if b == id => self.stored.push(stored.to_vec()),
+            _ => {
+                self.id = Some(id);
+                self.stored = vec![stored.to_vec()];
+            }
+        }
+    }
+    fn contains(&self, id: i64, stored: &[u8]) -> bool {
+        self.id == Some(id) && self.stored.iter().any(|s| s.as_slice() == stored)
+    }
+}
+
+/// A reused buffer for jsonb_out's text of a jsonb value.
+struct JsonbText(pg_sys::StringInfo);
+
+impl JsonbText {
+    /// Allocated in the current (SPI) memory context, which outlives the scan.
+    fn new_set() -> [JsonbText; 3] {
+        // SAFETY: makeStringInfo pallocs in CurrentMemoryContext or raises.
+        std::array::from_fn(|_| JsonbText(unsafe { pg_sys::makeStringInfo() }))
+    }
+
+    /// The text of jsonb column `i` (None when NULL): the very bytes `::text` gives,
+    /// since the cast is jsonb_out, which is JsonbToCString.
+    fn of<'a>(&'a mut self, v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<&'a str>> {
+        if n[i] {
+            return Ok(None);
+        }
+        // SAFETY: a non-null jsonb datum of a live tuple. Unless it is plain (4-byte header,
+        // inline, uncompressed), pg_detoast_datum copies it so into the batch context.
+        // The buffer is a valid StringInfo; JsonbToCString appends to it after we empty it.
+        let bytes = unsafe {
+            let mut p = v[i].cast_mut_ptr::<pg_sys::varlena>();
+            if !varlena::varatt_is_4b_u(p) {
+                p = pg_sys::pg_detoast_datum(p);
+            }
+            let out = self.0;
+            (*out).len = 0;
+            *(*out).data = 0;
+            (*out).cursor = 0;
+            pg_sys::JsonbToCString(out, &mut (*p.cast::<pg_sys::Jsonb>()).root, varlena::varsize(p) as i32);
+            std::slice::from_raw_parts((*out).data as *const u8, (*out).len as usize)
+        };
+        utf8(bytes).map(Some)
+    }
+}
+
+fn utf8(b: &[u8]) -> Result<&str> {
+    std::str::from_utf8(b).map_err(|_| AuditError::Internal("audit.log holds text that is not valid UTF-8".into()))
+}
+
+/// The bytes of a text or bytea datum.
+fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: a non-null varlena datum of a live tuple (or array). Out-of-line or compressed
+    // values are detoasted into the batch context; short (1-byte header) ones are read as
+    // they are. Callers only keep the slice while the batch lives (see RawCursor::for_each).
+    unsafe {
+        let mut p = d.cast_mut_ptr::<pg_sys::varlena>();
+        if varlena::varatt_is_1b_e(p) || varlena::varatt_is_4b_c(p) {
+            p = pg_sys::pg_detoast_datum_packed(p);
+        }
+        varlena::varlena_to_byte_slice(p)
+    }
+}
+
+fn int8(v: &[pg_sys::Datum], n: &[bool], i: usize) -> i64 {
+    if n[i] {
+        0
+    } else {
+        v[i].value() as i64
+    }
+}
+
+fn text<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<&'a str>> {
+    if n[i] {
+        Ok(None)
+    } else {
+        utf8(varlena_bytes(v[i])).map(Some)
+    }
+}
+
+fn or_empty<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> &'a [u8] {
+    if n[i] {
+        &[]
+    } else {
+        varlena_bytes(v[i])
+    }
+}
+
+fn text_array<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<Vec<Option<&'a str>>>> {
+    if n[i] {
+        return Ok(None);
+    }
+    let (mut elems, mut enulls, mut count) = (ptr::null_mut(), ptr::null_mut(), 0);
+    // SAFETY: a non-null text[] datum (check_types), detoasted like DatumGetArrayTypeP does;
+    // deconstruct_array allocates its outputs in the batch context.
+    unsafe {
+        let arr = pg_sys::pg_detoast_datum(v[i].cast_mut_ptr()).cast::<pg_sys::ArrayType>();
+        pg_sys::deconstruct_array(arr, pg_sys::TEXTOID, -1, false, pg_sys::TYPALIGN_INT as c_char, &mut elems, &mut enulls, &mut count);
+    }
+    (0..count.max(0) as usize)
+        .map(|k| {
+            // SAFETY: deconstruct_array filled `count` datums and null flags.
+            let (d, null) = unsafe { (*elems.add(k), *enulls.add(k)) };
+            if null {
+                Ok(None)
+            } else {
+                utf8(varlena_bytes(d)).map(Some)
+            }
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// One ROWS_SQL row as the row hash sees it (its fields in hash order, old_row_id last).
+fn row_fields<'a>(v: &'a [pg_sys::Datum], n: &'a [bool], t: &'a mut [JsonbText; 3]) -> Result<RowFields<'a>> {
+    let [old, new, si] = t;
+    Ok(RowFields {
+        id: int8(v, n, 0),
+        changed_at_us: if n[1] { i64::MIN } else { v[1].value() as i64 + PG_EPOCH_OFFSET_US },
+        txid: int8(v, n, 2),
+        schema_name: text(v, n, 3)?.unwrap_or_default(),
+        table_name: text(v, n, 4)?.unwrap_or_default(),
+        operation: text(v, n, 5)?.unwrap_or_default(),
+        row_id: text(v, n, 6)?,
+        old_values: old.of(v, n, 8)?,
+        new_values: new.of(v, n, 9)?,
+        changed_fields: text_array(v, n, 10)?,
+        changed_by: text(v, n, 11)?.unwrap_or_default(),
+        db_user: text(v, n, 12)?.unwrap_or_default(),
+        session_info: si.of(v, n, 13)?,
+        old_row_id: text(v, n, 7)?,
     })
 }
 
