@@ -518,6 +518,8 @@ impl JsonbText {
         };
         self.buf.clear();
         if jsonb_text::write(&mut self.buf, root).is_none() {
+            // write may have written part of it.
+            self.buf.clear();
             self.buf.extend_from_slice(pg_text(self.pg, jb));
         } else if cfg!(debug_assertions) {
             let text = pg_text(self.pg, jb);
