@@ -2,18 +2,19 @@
 //! link, and optionally prove that an externally held digest is still in the chain.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::{c_char, CStr};
+use std::ops::ControlFlow;
+use std::ptr::{self, NonNull};
 
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use pgrx::{varlena, JsonB, PgMemoryContexts};
 
 use crate::capture::PG_EPOCH_OFFSET_US;
 use crate::chain::hash::{self, BlockFields, RootBuilder, RowFields};
 use crate::chain::seal::ZERO_HASH;
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::privilege::as_extension_owner;
-
-const FETCH: i64 = 10_000;
 
 struct Block {
     block_id: i64,
@@ -219,78 +220,61 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
         let mut bc = BlockCheck::new();
         let mut last_pushed = blocks.first().map(|b| b.from_id).unwrap_or(0);
         let mut unsealed = 0i64;
-        let outcome = Spi::connect(|c| -> Result<std::result::Result<(), Failure>> {
-            let mut cur = c.open_cursor(
-                "SELECT id, changed_at, txid, schema_name, table_name, operation, row_id, old_values::pg_catalog.text,
-                        new_values::pg_catalog.text, changed_fields, changed_by, db_user,
-                        session_info::pg_catalog.text, old_row_id, row_hash
-                   FROM audit.log ORDER BY id",
-                &[],
-            );
+        let outcome = Spi::connect(|_| -> Result<std::result::Result<(), Failure>> {
+            let (mut rows, mut ids) = open_log_cursors()?;
+            // Pass 1, in storage order: recompute every row's hash. The walk below stops at the
+            // first failure in id order, so only the lowest id whose hash differs matters.
+            let mut bad = BadRows::default();
+            let mut texts = JsonbText::new_set();
+            rows.for_each(&ROWS_TYPES, |v, n| {
+                let f = row_fields(v, n, &mut texts)?;
+                let stored = or_empty(v, n, 14);
+                if hash::row_hash(&f).as_slice() != stored {
+                    bad.note(f.id, stored);
+                }
+                Ok(ControlFlow::Continue(()))
+            })?;
+            drop(rows);
+            // Pass 2, in id order over (id, row_hash) only: duplicates, hashes, blocks and roots.
             let mut prev_id: Option<i64> = None;
-            loop {
-                let table = cur.fetch(FETCH)?;
-                if table.is_empty() {
-                    break;
+            let mut failure = None;
+            ids.for_each(&IDS_TYPES, |v, n| {
+                let id = int8(v, n, 0);
+                let stored = or_empty(v, n, 1);
+                if prev_id == Some(id) {
+                    failure = Some(Failure(Some(id), format!("row id {id} appears more than once")));
+                    return Ok(ControlFlow::Break(()));
                 }
-                for r in table {
-                    let id: i64 = r.get(1)?.unwrap_or_default();
-                    let at: Option<TimestampWithTimeZone> = r.get(2)?;
-                    let schema: String = r.get(4)?.unwrap_or_default();
-                    let tname: String = r.get(5)?.unwrap_or_default();
-                    let op: String = r.get(6)?.unwrap_or_default();
-                    let row_id: Option<String> = r.get(7)?;
-                    let old: Option<String> = r.get(8)?;
-                    let new: Option<String> = r.get(9)?;
-                    let fields: Option<Vec<Option<String>>> = r.get(10)?;
-                    let by: String = r.get(11)?.unwrap_or_default();
-                    let dbu: String = r.get(12)?.unwrap_or_default();
-                    let si: Option<String> = r.get(13)?;
-                    let old_row_id: Option<String> = r.get(14)?;
-                    let stored: Vec<u8> = r.get(15)?.unwrap_or_default();
-                    if prev_id == Some(id) {
-                        return Ok(Err(Failure(Some(id), format!("row id {id} appears more than once"))));
-                    }
-                    prev_id = Some(id);
-                    let f = RowFields {
-                        id,
-                        changed_at_us: at.map(|a| pg_sys::TimestampTz::from(a) + PG_EPOCH_OFFSET_US).unwrap_or(i64::MIN),
-                        txid: r.get::<i64>(3)?.unwrap_or_default(),
-                        schema_name: &schema,
-                        table_name: &tname,
-                        operation: &op,
-                        row_id: row_id.as_deref(),
-                        old_values: old.as_deref(),
-                        new_values: new.as_deref(),
-                        changed_fields: fields.as_ref().map(|v| v.iter().map(|s| s.as_deref()).collect()),
-                        changed_by: &by,
-                        db_user: &dbu,
-                        session_info: si.as_deref(),
-                        old_row_id: old_row_id.as_deref(),
-                    };
-                    if hash::row_hash(&f).as_slice() != stored.as_slice() {
-                        return Ok(Err(Failure(Some(id), format!("row {id} was altered: its contents do not match its row_hash"))));
-                    }
-                    report.rows += 1;
-                    while bi < blocks.len() && id > blocks[bi].through_id {
-                        if let Err(e) = finish_block(&blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &pruned, last_pushed, &pruned_blocks) {
-                            return Ok(Err(e));
-                        }
-                        last_pushed = blocks[bi].through_id;
-                        bi += 1;
-                    }
-                    if bi < blocks.len() && id > blocks[bi].from_id {
-                        for (pid, h) in pruned.range(last_pushed + 1..id) {
-                            bc.push(*pid, h);
-                        }
-                        bc.push(id, &stored);
-                        last_pushed = id;
-                    } else if bi >= blocks.len() {
-                        unsealed += 1;
-                    } else {
-                        return Ok(Err(Failure(Some(id), format!("row {id} lies outside every sealed block's range"))));
-                    }
+                prev_id = Some(id);
+                if bad.contains(id, stored) {
+                    failure = Some(Failure(Some(id), format!("row {id} was altered: its contents do not match its row_hash")));
+                    return Ok(ControlFlow::Break(()));
                 }
+                report.rows += 1;
+                while bi < blocks.len() && id > blocks[bi].through_id {
+                    if let Err(e) = finish_block(&blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &pruned, last_pushed, &pruned_blocks) {
+                        failure = Some(e);
+                        return Ok(ControlFlow::Break(()));
+                    }
+                    last_pushed = blocks[bi].through_id;
+                    bi += 1;
+                }
+                if bi < blocks.len() && id > blocks[bi].from_id {
+                    for (pid, h) in pruned.range(last_pushed + 1..id) {
+                        bc.push(*pid, h);
+                    }
+                    bc.push(id, stored);
+                    last_pushed = id;
+                } else if bi >= blocks.len() {
+                    unsealed += 1;
+                } else {
+                    failure = Some(Failure(Some(id), format!("row {id} lies outside every sealed block's range")));
+                    return Ok(ControlFlow::Break(()));
+                }
+                Ok(ControlFlow::Continue(()))
+            })?;
+            if let Some(f) = failure {
+                return Ok(Err(f));
             }
             while bi < blocks.len() {
                 if let Err(e) = finish_block(&blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &pruned, last_pushed, &pruned_blocks) {
@@ -316,6 +300,564 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
     })
 }
 
+// ---- Reading audit.log: raw tuples, no per-cell conversion ---------------------------------
+
+/// Rows per fetch from each cursor; each batch is freed before the next.
+const FETCH: i64 = 1_000;
+
+/// Pass 1: every column, in the table's own column order (then the scan hands each
+/// stored tuple over as it is, with no projection), in any row order.
+const ROWS_SQL: &CStr = c"SELECT id, changed_at, txid, schema_name, table_name, operation, row_id, old_row_id,
+        old_values, new_values, changed_fields, changed_by, db_user, session_info, row_hash
+   FROM audit.log";
+const ROWS_TYPES: [pg_sys::Oid; 15] = [
+    pg_sys::INT8OID,
+    pg_sys::TIMESTAMPTZOID,
+    pg_sys::INT8OID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::JSONBOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::BYTEAOID,
+];
+/// Pass 2: the walk in id order needs only these, so the sort stays narrow.
+const IDS_SQL: &CStr = c"SELECT id, row_hash FROM audit.log ORDER BY id";
+const IDS_TYPES: [pg_sys::Oid; 2] = [pg_sys::INT8OID, pg_sys::BYTEAOID];
+
+/// Opens both passes over audit.log on one snapshot, so that the rows pass 1 hashes
+/// are exactly the rows pass 2 walks. It is the snapshot a single SPI cursor opened
+/// here would get: pgrx opens read-only (the active snapshot) until the transaction
+/// has written, and read-write (a fresh snapshot) after.
+fn open_log_cursors() -> Result<(RawCursor, RawCursor)> {
+    // SAFETY: reads this backend's own transaction state.
+    let wrote = unsafe { pg_sys::GetCurrentTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+    if wrote {
+        // SAFETY: what SPI_cursor_open does for a read-write cursor, done once for both
+        // cursors; popped below. On ERROR, abort pops it.
+        unsafe {
+            pg_sys::CommandCounterIncrement();
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        }
+    }
+    let rows = RawCursor::open(ROWS_SQL);
+    let ids = RawCursor::open(IDS_SQL);
+    if wrote {
+        // SAFETY: pops the snapshot pushed above; each portal holds its own registered copy.
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
+    Ok((rows?, ids?))
+}
+
+/// A read-only SPI cursor, read as raw tuples.
+struct RawCursor(NonNull<pg_sys::PortalData>);
+
+impl RawCursor {
+    fn open(sql: &CStr) -> Result<Self> {
+        // SAFETY: SPI is connected (callers run inside Spi::connect); a query without
+        // parameters; read-only, so it runs on the active snapshot. Failures raise an ERROR.
+        let portal = unsafe {
+            pg_sys::SPI_cursor_open_with_args(ptr::null(), sql.as_ptr(), 0, ptr::null_mut(), ptr::null_mut(), ptr::null(), true, 0)
+        };
+        NonNull::new(portal).map(RawCursor).ok_or_else(|| AuditError::Internal("could not open a cursor on audit.log".into()))
+    }
+
+    /// Calls `f` with each row's columns (datums and null flags), until the rows run
+    /// out or `f` breaks. `f` runs in a memory context that is reset after each batch,
+    /// so what it detoasts or allocates lives as long as the batch's tuples.
+    fn for_each(
+        &mut self,
+        types: &[pg_sys::Oid],
+        mut f: impl FnMut(&[pg_sys::Datum], &[bool]) -> Result<ControlFlow<()>>,
+    ) -> Result<()> {
+        let mut values = vec![pg_sys::Datum::from(0usize); types.len()];
+        let mut nulls = vec![false; types.len()];
+        let mut batch_cx = PgMemoryContexts::new("audit.verify batch");
+        loop {
+            let batch = Batch::fetch(self);
+            if batch.len == 0 {
+                return Ok(());
+            }
+            batch.check_types(types)?;
+            for i in 0..batch.len {
+                batch.deform(i, &mut values, &mut nulls);
+                // SAFETY: batch_cx is ours and alive; only this batch's rows use what f allocates in it.
+                let flow = unsafe { batch_cx.switch_to(|_| f(&values, &nulls)) }?;
+                if flow.is_break() {
+                    return Ok(());
+                }
+            }
+            drop(batch);
+            // SAFETY: nothing allocated in it during this batch is used any more.
+            unsafe { batch_cx.reset() };
+        }
+    }
+}
+
+impl Drop for RawCursor {
+    fn drop(&mut self) {
+        // SAFETY: the portal was opened by us in this SPI connection and is closed once.
+        unsafe { pg_sys::SPI_cursor_close(self.0.as_ptr()) };
+    }
+}
+
+/// One fetched batch; its tuple table is freed on drop.
+struct Batch {
+    table: *mut pg_sys::SPITupleTable,
+    len: usize,
+}
+
+impl Batch {
+    fn fetch(cur: &mut RawCursor) -> Self {
+        // SAFETY: an open portal of this SPI connection; SPI_cursor_fetch sets SPI_tuptable
+        // (a fresh table of SPI_processed rows, or NULL) and raises on failure.
+        unsafe {
+            pg_sys::SPI_tuptable = ptr::null_mut();
+            pg_sys::SPI_cursor_fetch(cur.0.as_ptr(), true, FETCH as _);
+            let table = pg_sys::SPI_tuptable;
+            pg_sys::SPI_tuptable = ptr::null_mut();
+            Batch { table, len: if table.is_null() { 0 } else { pg_sys::SPI_processed as usize } }
+        }
+    }
+
+    /// The columns must have the types the decoders below read them as.
+    fn check_types(&self, types: &[pg_sys::Oid]) -> Result<()> {
+        // SAFETY: a live tuple table with a valid descriptor; SPI_gettypeid takes 1-based column numbers.
+        let ok = unsafe {
+            let desc = (*self.table).tupdesc;
+            (*desc).natts as usize == types.len()
+                && types.iter().enumerate().all(|(i, t)| pg_sys::SPI_gettypeid(desc, i as i32 + 1) == *t)
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(AuditError::Internal("audit.log does not have the columns audit.verify expects".into()))
+        }
+    }
+
+    fn deform(&self, i: usize, values: &mut [pg_sys::Datum], nulls: &mut [bool]) {
+        debug_assert!(i < self.len);
+        // SAFETY: i < len rows in the table; values and nulls hold natts entries (check_types).
+        unsafe {
+            let t = *(*self.table).vals.add(i);
+            pg_sys::heap_deform_tuple(t, (*self.table).tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if !self.table.is_null() {
+            // SAFETY: a tuple table SPI_cursor_fetch made for us, freed once.
+            unsafe { pg_sys::SPI_freetuptable(self.table) };
+        }
+    }
+}
+
+/// The lowest id whose recomputed hash differs from its stored row_hash, and those
+/// rows' stored hashes (an id may be duplicated): the walk in id order stops there.
+#[derive(Default)]
+struct BadRows {
+    id: Option<i64>,
+    stored: Vec<Vec<u8>>,
+}
+
+impl BadRows {
+    fn note(&mut self, id: i64, stored: &[u8]) {
+        match self.id {
+            Some(b) if b < id => {}
+            Some(b) if b == id => self.stored.push(stored.to_vec()),
+            _ => {
+                self.id = Some(id);
+                self.stored = vec![stored.to_vec()];
+            }
+        }
+    }
+    fn contains(&self, id: i64, stored: &[u8]) -> bool {
+        self.id == Some(id) && self.stored.iter().any(|s| s.as_slice() == stored)
+    }
+}
+
+/// A reused buffer for jsonb_out's text of a jsonb value.
+struct JsonbText {
+    buf: Vec<u8>,
+    /// For values jsonb_text::write leaves to PostgreSQL (and the debug cross-check).
+    pg: pg_sys::StringInfo,
+}
+
+impl JsonbText {
+    /// Call outside RawCursor::for_each: the StringInfos live in the current (SPI) memory context.
+    fn new_set() -> [JsonbText; 3] {
+        // SAFETY: makeStringInfo pallocs in CurrentMemoryContext or raises.
+        std::array::from_fn(|_| JsonbText { buf: Vec::new(), pg: unsafe { pg_sys::makeStringInfo() } })
+    }
+
+    /// The text of jsonb column `i` (None when NULL): the very bytes `::text` gives
+    /// (jsonb_out, that is JsonbToCString), written by jsonb_text::write, or by
+    /// JsonbToCString itself for anything write does not handle.
+    fn of<'a>(&'a mut self, v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<&'a str>> {
+        if n[i] {
+            return Ok(None);
+        }
+        // SAFETY: a non-null jsonb datum of a live tuple (check_types). Unless it is plain
+        // (4-byte header, inline, uncompressed), pg_detoast_datum copies it so into the batch
+        // context. The slice is its root container, VARSIZE - 4 bytes after the header.
+        let (jb, root) = unsafe {
+            let mut p = v[i].cast_mut_ptr::<pg_sys::varlena>();
+            if !varlena::varatt_is_4b_u(p) {
+                p = pg_sys::pg_detoast_datum(p);
+            }
+            let size = varlena::varsize_4b(p);
+            (p.cast::<pg_sys::Jsonb>(), std::slice::from_raw_parts(p.cast::<u8>().add(4), size.saturating_sub(4)))
+        };
+        self.buf.clear();
+        if jsonb_text::write(&mut self.buf, root).is_none() {
+            // write may have written part of it.
+            self.buf.clear();
+            self.buf.extend_from_slice(pg_text(self.pg, jb));
+        } else if cfg!(debug_assertions) {
+            let text = pg_text(self.pg, jb);
+            if text != self.buf {
+                return Err(AuditError::Internal(format!(
+                    "jsonb text differs from jsonb_out: {:?} vs {:?}",
+                    String::from_utf8_lossy(&self.buf),
+                    String::from_utf8_lossy(text)
+                )));
+            }
+        }
+        utf8(&self.buf).map(Some)
+    }
+}
+
+/// JsonbToCString's text of a detoasted jsonb, in the reused StringInfo `out`
+/// (valid until its next use).
+fn pg_text<'a>(out: pg_sys::StringInfo, jb: *mut pg_sys::Jsonb) -> &'a [u8] {
+    // SAFETY: jb is a detoasted jsonb (see JsonbText::of); out is a valid StringInfo
+    // (JsonbText::new_set) that JsonbToCString appends to after we empty it.
+    unsafe {
+        (*out).len = 0;
+        *(*out).data = 0;
+        (*out).cursor = 0;
+        pg_sys::JsonbToCString(out, &mut (*jb).root, varlena::varsize_4b(jb.cast()) as i32);
+        std::slice::from_raw_parts((*out).data as *const u8, (*out).len as usize)
+    }
+}
+
+/// jsonb_out's text, written from jsonb's on-disk format without the iterator,
+/// StringInfo and per-character escaping PostgreSQL uses. The format it follows
+/// is JsonbToCString's without indentation: `{"k": v, "k2": [1, 2]}`, a raw
+/// scalar as itself, strings as escape_json writes them, numbers by numeric_out.
+/// Anything unexpected (an unknown entry type, bounds that do not add up, deep
+/// nesting, a NUL byte) returns None, and the caller uses JsonbToCString instead.
+mod jsonb_text {
+    use super::*;
+
+    const JB_CMASK: u32 = 0x0FFF_FFFF;
+    const JB_FSCALAR: u32 = 0x1000_0000;
+    const JB_FOBJECT: u32 = 0x2000_0000;
+    const JB_FARRAY: u32 = 0x4000_0000;
+    const JENTRY_OFFLENMASK: u32 = 0x0FFF_FFFF;
+    const JENTRY_TYPEMASK: u32 = 0x7000_0000;
+    const JENTRY_HAS_OFF: u32 = 0x8000_0000;
+    const JENTRY_ISSTRING: u32 = 0x0000_0000;
+    const JENTRY_ISNUMERIC: u32 = 0x1000_0000;
+    const JENTRY_ISBOOL_FALSE: u32 = 0x2000_0000;
+    const JENTRY_ISBOOL_TRUE: u32 = 0x3000_0000;
+    const JENTRY_ISNULL: u32 = 0x4000_0000;
+    const JENTRY_ISCONTAINER: u32 = 0x5000_0000;
+    /// Deeper values go to JsonbToCString, which does not recurse.
+    const MAX_DEPTH: u32 = 64;
+
+    /// Appends the text of the root container `c` to `out`.
+    pub(super) fn write(out: &mut Vec<u8>, c: &[u8]) -> Option<()> {
+        if cfg!(target_endian = "big") {
+            return None;
+        }
+        container(out, c, 0, true)
+    }
+
+    fn u32_at(c: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(c.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    }
+
+    fn intalign(x: usize) -> usize {
+        (x + 3) & !3
+    }
+
+    /// A container's children: their entries and where each one's data starts and ends.
+    struct Children<'a> {
+        c: &'a [u8],
+        n: usize,
+        data: usize,
+    }
+
+    impl Children<'_> {
+        fn entry(&self, i: usize) -> Option<u32> {
+            if i >= self.n {
+                return None;
+            }
+            u32_at(self.c, 4 + 4 * i)
+        }
+        /// Start of child i's data, relative to the data area (getJsonbOffset).
+        fn start(&self, i: usize) -> Option<usize> {
+            let mut off = 0usize;
+            let mut k = i;
+            while k > 0 {
+                k -= 1;
+                let e = self.entry(k)?;
+                off = off.checked_add((e & JENTRY_OFFLENMASK) as usize)?;
+                if e & JENTRY_HAS_OFF != 0 {
+                    break;
+                }
+            }
+            Some(off)
+        }
+        /// Child i's bytes from `start`, given that its data starts there.
+        fn end(&self, i: usize, start: usize) -> Option<usize> {
+            let e = self.entry(i)?;
+            let f = (e & JENTRY_OFFLENMASK) as usize;
+            let end = if e & JENTRY_HAS_OFF != 0 { f } else { start.checked_add(f)? };
+            (end >= start && self.data.checked_add(end)? <= self.c.len()).then_some(end)
+        }
+        fn bytes(&self, from: usize, to: usize) -> Option<&[u8]> {
+            self.c.get(self.data + from..self.data + to)
+        }
+    }
+
+    fn container(out: &mut Vec<u8>, c: &[u8], depth: u32, top: bool) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let header = u32_at(c, 0)?;
+        let count = (header & JB_CMASK) as usize;
+        let object = header & JB_FOBJECT != 0;
+        let array = header & JB_FARRAY != 0;
+        let scalar = header & JB_FSCALAR != 0;
+        if object == array || (scalar && !(array && top && count == 1)) {
+            return None;
+        }
+        let n = if object { count.checked_mul(2)? } else { count };
+        let data = n.checked_mul(4)?.checked_add(4)?;
+        if data > c.len() {
+            return None;
+        }
+        let ch = Children { c, n, data };
+        if scalar {
+            let end = ch.end(0, 0)?;
+            return value(out, &ch, 0, 0, end, depth);
+        }
+        if object {
+            out.push(b'{');
+            let mut ks = 0usize;
+            let mut vs = ch.start(count)?;
+            for i in 0..count {
+                if i > 0 {
+                    out.extend_from_slice(b", ");
+                }
+                let ke = ch.end(i, ks)?;
+                if ch.entry(i)? & JENTRY_TYPEMASK != JENTRY_ISSTRING {
+                    return None;
+                }
+                escape(out, ch.bytes(ks, ke)?)?;
+                out.extend_from_slice(b": ");
+                let ve = ch.end(count + i, vs)?;
+                value(out, &ch, count + i, vs, ve, depth)?;
+                ks = ke;
+                vs = ve;
+            }
+            out.push(b'}');
+        } else {
+            out.push(b'[');
+            let mut s = 0usize;
+            for i in 0..count {
+                if i > 0 {
+                    out.extend_from_slice(b", ");
+                }
+                let e = ch.end(i, s)?;
+                value(out, &ch, i, s, e, depth)?;
+                s = e;
+            }
+            out.push(b']');
+        }
+        Some(())
+    }
+
+    fn value(out: &mut Vec<u8>, ch: &Children<'_>, i: usize, start: usize, end: usize, depth: u32) -> Option<()> {
+        match ch.entry(i)? & JENTRY_TYPEMASK {
+            JENTRY_ISSTRING => escape(out, ch.bytes(start, end)?),
+            JENTRY_ISNUMERIC => numeric(out, ch.bytes(intalign(start).min(end), end)?),
+            JENTRY_ISBOOL_FALSE => {
+                out.extend_from_slice(b"false");
+                Some(())
+            }
+            JENTRY_ISBOOL_TRUE => {
+                out.extend_from_slice(b"true");
+                Some(())
+            }
+            JENTRY_ISNULL => {
+                out.extend_from_slice(b"null");
+                Some(())
+            }
+            JENTRY_ISCONTAINER => container(out, ch.bytes(intalign(start).min(end), end)?, depth + 1, false),
+            _ => None,
+        }
+    }
+
+    /// escape_json: quotes, and \b \f \n \r \t \" \\ or \u00xx for the other control bytes.
+    fn escape(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        let mut from = 0;
+        for (i, &b) in s.iter().enumerate() {
+            if b >= 0x20 && b != b'"' && b != b'\\' {
+                continue;
+            }
+            out.extend_from_slice(&s[from..i]);
+            from = i + 1;
+            match b {
+                0 => return None, // PostgreSQL would stop the string there
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+                }
+            }
+        }
+        out.extend_from_slice(&s[from..]);
+        out.push(b'"');
+        Some(())
+    }
+
+    /// numeric_out of the numeric varlena at the start of `b` (4-byte aligned, as jsonb stores it).
+    fn numeric(out: &mut Vec<u8>, b: &[u8]) -> Option<()> {
+        let first = *b.first()?;
+        let size = if first & 1 == 1 {
+            if first == 1 {
+                return None; // an external pointer: never inside a jsonb
+            }
+            (first >> 1) as usize
+        } else {
+            let h = u32_at(b, 0)?;
+            if h & 2 != 0 {
+                return None; // compressed: never inside a jsonb
+            }
+            (h >> 2) as usize
+        };
+        if size < 1 || size > b.len() {
+            return None;
+        }
+        // SAFETY: b starts with one whole, inline, uncompressed numeric varlena (its size is
+        // checked against the slice above), aligned as jsonb stores numerics. numeric_out
+        // returns a palloc'd C string, in the batch context, or raises.
+        let text = unsafe {
+            let d = pgrx::direct_function_call_as_datum(pg_sys::numeric_out, &[Some(pg_sys::Datum::from(b.as_ptr()))])?;
+            CStr::from_ptr(d.cast_mut_ptr::<c_char>())
+        };
+        out.extend_from_slice(text.to_bytes());
+        Some(())
+    }
+}
+
+fn utf8(b: &[u8]) -> Result<&str> {
+    std::str::from_utf8(b).map_err(|_| AuditError::Internal("audit.log holds text that is not valid UTF-8".into()))
+}
+
+/// The bytes of a text or bytea datum.
+fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: a non-null varlena datum of a live tuple (or array). Out-of-line or compressed
+    // values are detoasted into the batch context; short (1-byte header) ones are read as
+    // they are. Callers only keep the slice while the batch lives (see RawCursor::for_each).
+    unsafe {
+        let mut p = d.cast_mut_ptr::<pg_sys::varlena>();
+        if varlena::varatt_is_1b_e(p) || varlena::varatt_is_4b_c(p) {
+            p = pg_sys::pg_detoast_datum_packed(p);
+        }
+        varlena::varlena_to_byte_slice(p)
+    }
+}
+
+fn int8(v: &[pg_sys::Datum], n: &[bool], i: usize) -> i64 {
+    if n[i] {
+        0
+    } else {
+        v[i].value() as i64
+    }
+}
+
+fn text<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<&'a str>> {
+    if n[i] {
+        Ok(None)
+    } else {
+        utf8(varlena_bytes(v[i])).map(Some)
+    }
+}
+
+fn or_empty<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> &'a [u8] {
+    if n[i] {
+        &[]
+    } else {
+        varlena_bytes(v[i])
+    }
+}
+
+fn text_array<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<Vec<Option<&'a str>>>> {
+    if n[i] {
+        return Ok(None);
+    }
+    let (mut elems, mut enulls, mut count) = (ptr::null_mut(), ptr::null_mut(), 0);
+    // SAFETY: a non-null text[] datum (check_types), detoasted like DatumGetArrayTypeP does;
+    // deconstruct_array allocates its outputs in the batch context.
+    unsafe {
+        let arr = pg_sys::pg_detoast_datum(v[i].cast_mut_ptr()).cast::<pg_sys::ArrayType>();
+        pg_sys::deconstruct_array(arr, pg_sys::TEXTOID, -1, false, pg_sys::TYPALIGN_INT as c_char, &mut elems, &mut enulls, &mut count);
+    }
+    (0..count.max(0) as usize)
+        .map(|k| {
+            // SAFETY: deconstruct_array filled `count` datums and null flags.
+            let (d, null) = unsafe { (*elems.add(k), *enulls.add(k)) };
+            if null {
+                Ok(None)
+            } else {
+                utf8(varlena_bytes(d)).map(Some)
+            }
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// One ROWS_SQL row as the row hash sees it (its fields in hash order, old_row_id last).
+fn row_fields<'a>(v: &'a [pg_sys::Datum], n: &'a [bool], t: &'a mut [JsonbText; 3]) -> Result<RowFields<'a>> {
+    let [old, new, si] = t;
+    Ok(RowFields {
+        id: int8(v, n, 0),
+        changed_at_us: if n[1] { i64::MIN } else { v[1].value() as i64 + PG_EPOCH_OFFSET_US },
+        txid: int8(v, n, 2),
+        schema_name: text(v, n, 3)?.unwrap_or_default(),
+        table_name: text(v, n, 4)?.unwrap_or_default(),
+        operation: text(v, n, 5)?.unwrap_or_default(),
+        row_id: text(v, n, 6)?,
+        old_values: old.of(v, n, 8)?,
+        new_values: new.of(v, n, 9)?,
+        changed_fields: text_array(v, n, 10)?,
+        changed_by: text(v, n, 11)?.unwrap_or_default(),
+        db_user: text(v, n, 12)?.unwrap_or_default(),
+        session_info: si.of(v, n, 13)?,
+        old_row_id: text(v, n, 7)?,
+    })
+}
+
 #[pg_extern(stable, parallel_safe)]
 fn verify(
     digest: default!(Option<JsonB>, "NULL"),
@@ -331,4 +873,68 @@ fn verify(
 > {
     let r = verify_impl(digest.map(|j| j.0)).or_raise();
     TableIterator::once((r.ok, r.blocks, r.rows, r.first_bad_id, r.detail))
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    /// jsonb_in of `text`, in the current memory context.
+    fn jsonb(text: &str) -> pg_sys::Datum {
+        let c = std::ffi::CString::new(text).unwrap();
+        // SAFETY: jsonb_in of a C string; the result is a palloc'd jsonb or an ERROR.
+        unsafe { pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(c.as_ptr()))]) }.unwrap()
+    }
+
+    #[pg_test]
+    fn jsonb_text_matches_jsonb_out() {
+        let many_keys = format!("{{{}}}", (0..100).map(|i| format!("\"k{i:03}\": {i}.{i}")).collect::<Vec<_>>().join(", "));
+        let many_elems = format!("[{}]", (0..100).map(|i| format!("\"e{i}\\n\"")).collect::<Vec<_>>().join(", "));
+        let long_string = format!("\"{}\"", "ab\\\"c\\\\d\\u0001é😀 ".repeat(2000));
+        let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        let cases: Vec<&str> = vec![
+            "null",
+            "true",
+            "false",
+            "0",
+            "-0",
+            "1",
+            "-0.5e-10",
+            "1e100",
+            "123456789012345678901234567890.123456789000",
+            "\"\"",
+            "\"a\\\"b\\\\c\\n\\t\\r\\b\\f\\u0001\\u001f\\u007f é 😀 /\"",
+            "[]",
+            "{}",
+            "[null, true, false, 1.50, \"x\", [], {}]",
+            "[1, [2, [3, {}]], {\"a\": []}]",
+            "{\"b\": 1, \"a\": {\"c\": null, \"d\": [true, false]}, \"\": \"\", \"aa\": 2.000}",
+            "{\"k\\\"ey\\n\": {\"x\": [1, {\"y\": \"z\"}]}}",
+            &many_keys,
+            &many_elems,
+            &long_string,
+            &deep,
+        ];
+        let [mut t, ..] = JsonbText::new_set();
+        for case in cases {
+            let d = jsonb(case);
+            // SAFETY: d is a freshly made, plain (4-byte header) jsonb.
+            let (jb, root) = unsafe {
+                let p = d.cast_mut_ptr::<pg_sys::varlena>();
+                (p.cast::<pg_sys::Jsonb>(), std::slice::from_raw_parts(p.cast::<u8>().add(4), varlena::varsize_4b(p) - 4))
+            };
+            let expected = pg_text(t.pg, jb).to_vec();
+            let mut ours = Vec::new();
+            let handled = jsonb_text::write(&mut ours, root).is_some();
+            assert_eq!(handled, case != deep, "{case}");
+            if handled {
+                assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&expected), "{case}");
+            }
+            // And through the column decoder, which falls back to PostgreSQL where needed.
+            let got = t.of(&[d], &[false], 0).unwrap().unwrap().as_bytes().to_vec();
+            assert_eq!(got, expected, "{case}");
+        }
+        assert_eq!(t.of(&[pg_sys::Datum::from(0usize)], &[true], 0).unwrap(), None);
+    }
 }
