@@ -193,20 +193,6 @@ pub unsafe fn jsonb_text(d: Datum) -> String {
     }
 }
 
-/// As [`jsonb_text`], borrowing the palloc'd output instead of copying it (the
-/// hot path hashes it and lets the memory context free it).
-///
-/// # Safety
-/// `d` must be a valid jsonb datum; the result lives as long as CurrentMemoryContext.
-pub unsafe fn jsonb_text_borrowed<'a>(d: Datum) -> std::borrow::Cow<'a, str> {
-    // SAFETY: jsonb_out returns a palloc'd NUL-terminated string that is never freed here.
-    unsafe {
-        let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
-            .expect("jsonb_out never returns NULL");
-        CStr::from_ptr(out.cast_mut_ptr::<c_char>()).to_string_lossy()
-    }
-}
-
 /// The type's text output of a datum, as `::text` gives it.
 ///
 /// # Safety

@@ -257,8 +257,8 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
     .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))?;
 
     // SAFETY: the datums were just built as valid jsonb.
-    let old_text = old_values.map(|d| unsafe { encode::jsonb_text_borrowed(d) });
-    let new_text = new_values.map(|d| unsafe { encode::jsonb_text_borrowed(d) });
+    let old_text = old_values.map(|d| unsafe { hash_text(d) }).transpose()?;
+    let new_text = new_values.map(|d| unsafe { hash_text(d) }).transpose()?;
     let fields = RowFields {
         id,
         changed_at_us: changed_at + PG_EPOCH_OFFSET_US,
@@ -307,6 +307,17 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
     }
     // SAFETY: a standard SPI session around one execution of the kept plan.
     unsafe { insert_row(&values, &nulls) }
+}
+
+/// The jsonb's text as `jsonb_out` writes it, which is what the row hash covers.
+///
+/// # Safety
+/// `d` must be a valid jsonb datum.
+unsafe fn hash_text(d: Datum) -> AResult<String> {
+    let mut buf = Vec::with_capacity(1024);
+    // SAFETY: forwarded.
+    unsafe { crate::chain::jsonb_text::datum_text(d, &mut buf) }.map_err(AuditError::Internal)?;
+    Ok(String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 unsafe fn insert_row(values: &[Datum; NPARAMS], nulls: &[c_char; NPARAMS]) -> AResult<()> {

@@ -207,13 +207,13 @@ unsafe fn write(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> bool {
         std::ptr::copy_nonoverlapping(nulls.as_ptr(), (*slot).tts_isnull, n);
         pg_sys::ExecStoreVirtualTuple(slot);
 
-        // Routing may open the partition: under the top transaction's owner, as in open().
-        let leaf = {
-            let owner = pg_sys::CurrentResourceOwner;
-            pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
-            let _guard = RestoreOwner(owner);
-            guarded(|| ExecFindPartition(s.mtstate, s.root, s.proute, slot, s.estate))
-        };
+        // Everything below runs under the top transaction's owner, as open() does:
+        // routing may open the partition, and index AMs may keep buffers pinned
+        // between inserts (BRIN does since PostgreSQL 17) until close() releases them.
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+        let _guard = RestoreOwner(owner);
+        let leaf = guarded(|| ExecFindPartition(s.mtstate, s.root, s.proute, slot, s.estate));
         let rel = (*leaf).ri_RelationDesc;
         let oid = (*rel).rd_id;
         let ok = match s.leaves.iter().find(|&&(o, _)| o == oid) {

@@ -1,5 +1,6 @@
 //! Tamper evidence: row hashes (computed by the trigger), sealed blocks, verify and digest.
 pub mod hash;
+pub mod jsonb_text;
 pub mod seal;
 pub mod verify;
 #[cfg(test)]
