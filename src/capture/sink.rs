@@ -138,12 +138,16 @@ unsafe fn open(log: Oid) -> Sink {
 }
 
 /// Whether rows can go straight into this partition: a plain table, no row
-/// triggers, and the parent's column layout.
+/// triggers, no row-level security, and the parent's column layout.
 unsafe fn direct_ok(root: *mut pg_sys::ResultRelInfo, leaf: *mut pg_sys::ResultRelInfo) -> bool {
     // SAFETY: both are open result relations of this writer.
     unsafe {
+        // Row-level security on the log (even the owner's, if forced) is the executor's to apply.
+        if (*(*(*root).ri_RelationDesc).rd_rel).relrowsecurity {
+            return false;
+        }
         let rel = (*leaf).ri_RelationDesc;
-        if (*(*rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as c_char || !(*leaf).ri_FdwRoutine.is_null() {
+        if (*(*rel).rd_rel).relrowsecurity || (*(*rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as c_char || !(*leaf).ri_FdwRoutine.is_null() {
             return false;
         }
         let trig = (*leaf).ri_TrigDesc;

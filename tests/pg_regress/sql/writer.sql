@@ -83,6 +83,12 @@ DO $$ BEGIN
 END $$;
 SELECT count(*) FROM audit.log WHERE table_name = 'acct' AND row_id IN ('30', '31', '32');
 
+-- Row-level security on the log: rows take the full INSERT too.
+ALTER TABLE audit.log ENABLE ROW LEVEL SECURITY;
+INSERT INTO acct VALUES (33, 0);
+ALTER TABLE audit.log DISABLE ROW LEVEL SECURITY;
+SELECT count(*) FROM audit.log WHERE table_name = 'acct' AND row_id = '33';
+
 -- The chain covers rows written both ways.
 SELECT (audit.seal()) > 0 AS sealed;
 SELECT ok FROM audit.verify();
