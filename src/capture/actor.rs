@@ -13,7 +13,8 @@ use crate::capture::encode;
 use crate::errors::{AuditError, Result};
 use crate::settings;
 
-pub const CURRENT_USER_SETTING: &str = "app.current_user";
+/// The setting an application sets to name its user (the actor).
+const CURRENT_USER: &CStr = c"app.current_user";
 const JSON_ACTOR_KEYS: [&str; 4] = ["email", "user_id", "id", "name"];
 
 /// The session_info jsonb, kept as raw varlena bytes so one copy serves every row.
@@ -48,18 +49,6 @@ impl SessionInfo {
 thread_local! {
     static CACHE: RefCell<Option<std::rc::Rc<SessionInfo>>> = const { RefCell::new(None) };
     static CONTEXT: RefCell<Option<std::rc::Rc<Context>>> = const { RefCell::new(None) };
-}
-
-pub fn get_setting(name: &str) -> Option<String> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: GetConfigOption with missing_ok returns NULL or a valid string it owns.
-    let p = unsafe { pg_sys::GetConfigOption(c.as_ptr(), true, false) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: non-null, NUL-terminated.
-    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-    Some(s)
 }
 
 /// `changed_by` and the parsed JSON object, if `app.current_user` holds one.
@@ -143,23 +132,21 @@ fn context_names() -> std::rc::Rc<Vec<CString>> {
 }
 
 fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
-    let current_user = raw_setting(c"app.current_user").filter(|v| !v.to_bytes().is_empty());
+    let current_user = raw_setting(CURRENT_USER).filter(|v| !v.to_bytes().is_empty());
     if require_actor && settings::REQUIRE_ACTOR.get() && current_user.is_none() {
         return Err(AuditError::ActorRequired);
     }
+    // The context's own key covers the session user (changed_by's fallback).
     let context = context()?;
-    // SAFETY: plain accessor of backend state.
-    let session_user = unsafe { pg_sys::GetSessionUserId() };
-    let mut key = Vec::with_capacity(64);
-    key.extend_from_slice(&session_user.to_u32().to_le_bytes());
-    key.extend_from_slice(current_user.map(|c| c.to_bytes()).unwrap_or_default());
+    let key = current_user.map(|c| c.to_bytes()).unwrap_or_default();
     if let Some(hit) = CACHE.with(|c| {
         c.borrow().as_ref().filter(|s| s.key == key && std::rc::Rc::ptr_eq(&s.context, &context)).cloned()
     }) {
         return Ok(hit);
     }
-    let changed_by = match get_setting(CURRENT_USER_SETTING).filter(|v| !v.is_empty()) {
-        Some(u) => actor_from(&u).0,
+    let key = key.to_vec();
+    let changed_by = match current_user {
+        Some(u) => actor_from(&u.to_string_lossy()).0,
         None => context.db_user.clone(),
     };
     let info = std::rc::Rc::new(SessionInfo { key, context, changed_by });
@@ -220,7 +207,7 @@ fn context() -> Result<std::rc::Rc<Context>> {
         for (n, v) in names.iter().zip(&values) {
             let Some(v) = v else { continue };
             // An actor given as a JSON object is kept as that object.
-            let parsed = (n.as_c_str() == c"app.current_user")
+            let parsed = (n.as_c_str() == CURRENT_USER)
                 .then(|| actor_from(&String::from_utf8_lossy(v)).1)
                 .flatten()
                 .and_then(|obj| CString::new(obj.to_string()).ok());

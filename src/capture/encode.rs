@@ -14,23 +14,19 @@ pub struct Item<'a> {
     pub typid: Oid,
 }
 
-/// Call a variadic-"any" jsonb builder (`jsonb_build_object` or `jsonb_build_array`).
+/// Function info for a variadic-"any" jsonb builder called with arguments of
+/// `types`: those builders read their argument types from the call expression,
+/// so a synthesized one (NULL constants of each type) is attached. The expression
+/// is built in CurrentMemoryContext, the function info in `cxt`.
 ///
 /// # Safety
-/// Datums must be valid for their type oids; allocates in CurrentMemoryContext.
-unsafe fn call_variadic(
-    func_oid: u32,
-    func: unsafe fn(pg_sys::FunctionCallInfo) -> Datum,
-    args: &[(Datum, bool, Oid)],
-) -> Datum {
-    // SAFETY: every pointer below is freshly palloc'd in CurrentMemoryContext and
-    // initialised before the call, exactly as fmgr.h's InitFunctionCallInfoData does.
+/// Must run inside a transaction (fmgr lookup).
+unsafe fn variadic_flinfo(func_oid: u32, types: impl Iterator<Item = Oid>, cxt: pg_sys::MemoryContext) -> *mut pg_sys::FmgrInfo {
+    // SAFETY: fresh palloc'd nodes, initialised before use.
     unsafe {
-        let nargs = args.len();
         let mut exprs: *mut pg_sys::List = std::ptr::null_mut();
-        for &(_, _, typid) in args {
-            let c = pg_sys::makeNullConst(typid, -1, pg_sys::InvalidOid);
-            exprs = pg_sys::lappend(exprs, c.cast());
+        for typid in types {
+            exprs = pg_sys::lappend(exprs, pg_sys::makeNullConst(typid, -1, pg_sys::InvalidOid).cast());
         }
         let expr = pg_sys::makeFuncExpr(
             func_oid.into(),
@@ -40,21 +36,51 @@ unsafe fn call_variadic(
             pg_sys::InvalidOid,
             pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
         );
-        let flinfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
-        pg_sys::fmgr_info(func_oid.into(), flinfo);
+        let flinfo = pg_sys::MemoryContextAllocZero(cxt, std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+        pg_sys::fmgr_info_cxt(func_oid.into(), flinfo, cxt);
         (*flinfo).fn_expr = expr.cast();
+        flinfo
+    }
+}
+
+/// Calls `func` through `flinfo` with the `nargs` arguments `args`, as fmgr.h's InitFunctionCallInfoData sets a call up.
+///
+/// # Safety
+/// The arguments must match the types `flinfo` was made for; allocates in CurrentMemoryContext.
+unsafe fn call_with(
+    flinfo: *mut pg_sys::FmgrInfo,
+    func: unsafe fn(pg_sys::FunctionCallInfo) -> Datum,
+    nargs: usize,
+    args: impl Iterator<Item = pg_sys::NullableDatum>,
+) -> Datum {
+    // SAFETY: a zeroed call info of the right size, every argument set below.
+    unsafe {
         let size = std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>()
             + nargs * std::mem::size_of::<pg_sys::NullableDatum>();
         let fcinfo = pg_sys::palloc0(size) as pg_sys::FunctionCallInfo;
         (*fcinfo).flinfo = flinfo;
         (*fcinfo).fncollation = pg_sys::InvalidOid;
         (*fcinfo).nargs = nargs as i16;
-        let slots = (*fcinfo).args.as_mut_slice(nargs);
-        for (slot, &(value, isnull, _)) in slots.iter_mut().zip(args) {
-            slot.value = value;
-            slot.isnull = isnull;
+        for (slot, arg) in (*fcinfo).args.as_mut_slice(nargs).iter_mut().zip(args) {
+            *slot = arg;
         }
         func(fcinfo)
+    }
+}
+
+/// Call a variadic-"any" jsonb builder (`jsonb_build_object` or `jsonb_build_array`) once.
+///
+/// # Safety
+/// Datums must be valid for their type oids; allocates in CurrentMemoryContext.
+unsafe fn call_variadic(
+    func_oid: u32,
+    func: unsafe fn(pg_sys::FunctionCallInfo) -> Datum,
+    args: &[(Datum, bool, Oid)],
+) -> Datum {
+    // SAFETY: forwarded; the function info lives in the current context like the result.
+    unsafe {
+        let flinfo = variadic_flinfo(func_oid, args.iter().map(|a| a.2), pg_sys::CurrentMemoryContext);
+        call_with(flinfo, func, args.len(), args.iter().map(|&(value, isnull, _)| pg_sys::NullableDatum { value, isnull }))
     }
 }
 
@@ -102,25 +128,9 @@ impl ObjectBuilder {
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             );
             let old = pg_sys::MemoryContextSwitchTo(cxt);
-            let mut exprs: *mut pg_sys::List = std::ptr::null_mut();
-            let mut key_datums = Vec::with_capacity(keys.len());
-            for (k, &t) in keys.iter().zip(types) {
-                key_datums.push(text_datum(k.to_bytes()));
-                exprs = pg_sys::lappend(exprs, pg_sys::makeNullConst(pg_sys::TEXTOID, -1, pg_sys::InvalidOid).cast());
-                exprs = pg_sys::lappend(exprs, pg_sys::makeNullConst(t, -1, pg_sys::InvalidOid).cast());
-            }
-            let func = pg_sys::F_JSONB_BUILD_OBJECT_ANY;
-            let expr = pg_sys::makeFuncExpr(
-                func.into(),
-                pg_sys::JSONBOID,
-                exprs,
-                pg_sys::InvalidOid,
-                pg_sys::InvalidOid,
-                pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
-            );
-            let flinfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
-            pg_sys::fmgr_info_cxt(func.into(), flinfo, cxt);
-            (*flinfo).fn_expr = expr.cast();
+            let key_datums: Vec<Datum> = keys.iter().map(|k| text_datum(k.to_bytes())).collect();
+            let arg_types = types.iter().flat_map(|&t| [pg_sys::TEXTOID, t]);
+            let flinfo = variadic_flinfo(pg_sys::F_JSONB_BUILD_OBJECT_ANY, arg_types, cxt);
             pg_sys::MemoryContextSwitchTo(old);
             ObjectBuilder { cxt, flinfo, keys: key_datums }
         }
@@ -136,21 +146,11 @@ impl ObjectBuilder {
             // SAFETY: a static, valid JSON literal.
             return unsafe { jsonb_from_str(c"{}") };
         }
-        let nargs = values.len() * 2;
-        // SAFETY: as InitFunctionCallInfoData does, with every argument set below.
-        unsafe {
-            let size = std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>()
-                + nargs * std::mem::size_of::<pg_sys::NullableDatum>();
-            let fcinfo = pg_sys::palloc0(size) as pg_sys::FunctionCallInfo;
-            (*fcinfo).flinfo = self.flinfo;
-            (*fcinfo).nargs = nargs as i16;
-            let args = (*fcinfo).args.as_mut_slice(nargs);
-            for (i, (&key, &(value, isnull))) in self.keys.iter().zip(values).enumerate() {
-                args[2 * i] = pg_sys::NullableDatum { value: key, isnull: false };
-                args[2 * i + 1] = pg_sys::NullableDatum { value, isnull };
-            }
-            pg_sys::jsonb_build_object(fcinfo)
-        }
+        let args = self.keys.iter().zip(values).flat_map(|(&key, &(value, isnull))| {
+            [pg_sys::NullableDatum { value: key, isnull: false }, pg_sys::NullableDatum { value, isnull }]
+        });
+        // SAFETY: keys are text and values follow the types new() was given.
+        unsafe { call_with(self.flinfo, pg_sys::jsonb_build_object, values.len() * 2, args) }
     }
 }
 

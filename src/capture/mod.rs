@@ -27,6 +27,25 @@ row_id, old_row_id, old_values, new_values, changed_fields, changed_by, db_user,
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
 const NPARAMS: usize = 15;
 
+/// The types of audit.log's columns, in column order (INSERT_SQL's order).
+pub const LOG_COLUMN_TYPES: [pg_sys::Oid; NPARAMS] = [
+    pg_sys::INT8OID,
+    pg_sys::TIMESTAMPTZOID,
+    pg_sys::INT8OID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::JSONBOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::BYTEAOID,
+];
+
 thread_local! {
     static PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
     static SECRET: std::cell::RefCell<Option<Rc<[u8]>>> = const { std::cell::RefCell::new(None) };
@@ -297,12 +316,10 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
             Some(info.datum()),
             Some(encode::text_datum(&digest)),
         ];
-        let nulls: [c_char; NPARAMS] = vals.map(|v| if v.is_some() { b' ' as c_char } else { b'n' as c_char });
-        (vals.map(|v| v.unwrap_or(Datum::from(0))), nulls)
+        (vals.map(|v| v.unwrap_or(Datum::from(0))), vals.map(|v| v.is_none()))
     };
-    let isnull = nulls.map(|n| n == b'n' as c_char);
     // SAFETY: values match audit.log's columns (the INSERT_SQL order is the table's).
-    if unsafe { sink::insert(ext.log, &values, &isnull) } {
+    if unsafe { sink::insert(ext.log, &values, &nulls) } {
         return Ok(());
     }
     // SAFETY: a standard SPI session around one execution of the kept plan.
@@ -320,7 +337,8 @@ unsafe fn hash_text(d: Datum) -> AResult<String> {
     Ok(String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
-unsafe fn insert_row(values: &[Datum; NPARAMS], nulls: &[c_char; NPARAMS]) -> AResult<()> {
+unsafe fn insert_row(values: &[Datum; NPARAMS], nulls: &[bool; NPARAMS]) -> AResult<()> {
+    let nulls: [c_char; NPARAMS] = nulls.map(|n| if n { b'n' as c_char } else { b' ' as c_char });
     // SAFETY: SPI calls are balanced; on ERROR, transaction abort cleans up SPI state.
     unsafe {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
@@ -328,23 +346,7 @@ unsafe fn insert_row(values: &[Datum; NPARAMS], nulls: &[c_char; NPARAMS]) -> AR
         }
         let mut plan = PLAN.with(|p| p.get());
         if plan.is_null() {
-            let mut types: [pg_sys::Oid; NPARAMS] = [
-                pg_sys::INT8OID,
-                pg_sys::TIMESTAMPTZOID,
-                pg_sys::INT8OID,
-                pg_sys::TEXTOID,
-                pg_sys::TEXTOID,
-                pg_sys::TEXTOID,
-                pg_sys::TEXTOID,
-                pg_sys::TEXTOID,
-                pg_sys::JSONBOID,
-                pg_sys::JSONBOID,
-                pg_sys::TEXTARRAYOID,
-                pg_sys::TEXTOID,
-                pg_sys::TEXTOID,
-                pg_sys::JSONBOID,
-                pg_sys::BYTEAOID,
-            ];
+            let mut types = LOG_COLUMN_TYPES;
             plan = pg_sys::SPI_prepare(INSERT_SQL.as_ptr(), NPARAMS as i32, types.as_mut_ptr());
             if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
                 return Err(AuditError::Internal("could not prepare the audit.log insert".into()));

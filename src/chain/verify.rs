@@ -227,7 +227,7 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
             // first failure in id order, so only the lowest id whose hash differs matters.
             let mut bad = BadRows::default();
             let mut texts = JsonbText::new_set();
-            rows.for_each(&ROWS_TYPES, |v, n| {
+            rows.for_each(&crate::capture::LOG_COLUMN_TYPES, |v, n| {
                 let f = row_fields(v, n, &mut texts)?;
                 let stored = or_empty(v, n, 14);
                 if hash::row_hash(&f).as_slice() != stored {
@@ -311,23 +311,6 @@ const FETCH: i64 = 1_000;
 const ROWS_SQL: &CStr = c"SELECT id, changed_at, txid, schema_name, table_name, operation, row_id, old_row_id,
         old_values, new_values, changed_fields, changed_by, db_user, session_info, row_hash
    FROM audit.log";
-const ROWS_TYPES: [pg_sys::Oid; 15] = [
-    pg_sys::INT8OID,
-    pg_sys::TIMESTAMPTZOID,
-    pg_sys::INT8OID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::JSONBOID,
-    pg_sys::JSONBOID,
-    pg_sys::TEXTARRAYOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::JSONBOID,
-    pg_sys::BYTEAOID,
-];
 /// Pass 2: the walk in id order needs only these, so the sort stays narrow.
 const IDS_SQL: &CStr = c"SELECT id, row_hash FROM audit.log ORDER BY id";
 const IDS_TYPES: [pg_sys::Oid; 2] = [pg_sys::INT8OID, pg_sys::BYTEAOID];
