@@ -165,8 +165,7 @@ fn dress_partition(name: &str) -> Result<()> {
     Spi::run(&format!(
         "CREATE INDEX {name}_row_idx ON audit.{name} (table_name, row_id, changed_at, id);
          CREATE INDEX {name}_old_row_idx ON audit.{name} (table_name, old_row_id, changed_at, id) WHERE old_row_id IS NOT NULL;
-         CREATE INDEX {name}_id_brin ON audit.{name} USING brin (id);
-         CREATE INDEX {name}_txid_brin ON audit.{name} USING brin (txid);
+         CREATE INDEX {name}_brin ON audit.{name} USING brin (id, txid);
          CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.{name}
            FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate()"
     ))?;

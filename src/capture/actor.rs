@@ -4,7 +4,7 @@
 //! one of its inputs changed.
 
 use std::cell::RefCell;
-use std::ffi::{CStr, CString};
+use std::ffi::{c_char, CStr, CString};
 
 use pgrx::pg_sys::{self, Datum};
 use serde_json::Value;
@@ -114,12 +114,25 @@ fn raw_setting(name: &CStr) -> Option<&'static CStr> {
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) })
 }
 
+/// A C string variable that the GUC machinery keeps (NULL or a string it owns).
+/// Read directly, it costs no lookup by name; valid until the setting changes.
+fn guc_variable(p: *const c_char) -> Option<&'static CStr> {
+    // SAFETY: checked for NULL; the GUC machinery owns the string until the next assignment.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) })
+}
+
+fn application_name() -> &'static [u8] {
+    // SAFETY: a plain read of the variable behind the application_name setting.
+    guc_variable(unsafe { pg_sys::application_name }).map(CStr::to_bytes).unwrap_or_default()
+}
+
 /// The names in audit.context_settings, re-split only when the setting changes.
 fn context_names() -> std::rc::Rc<Vec<CString>> {
     thread_local! {
         static NAMES: RefCell<(Vec<u8>, std::rc::Rc<Vec<CString>>)> = RefCell::new((vec![0xff], Default::default()));
     }
-    let raw = raw_setting(c"audit.context_settings").map(|c| c.to_bytes()).unwrap_or_default();
+    // SAFETY: a plain read of our own setting's variable.
+    let raw = guc_variable(unsafe { *settings::CONTEXT_SETTINGS.as_ptr() }).map(|c| c.to_bytes()).unwrap_or_default();
     NAMES.with(|n| {
         let mut n = n.borrow_mut();
         if n.0 != raw {
@@ -132,20 +145,21 @@ fn context_names() -> std::rc::Rc<Vec<CString>> {
 }
 
 fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
-    let current_user = raw_setting(CURRENT_USER).filter(|v| !v.to_bytes().is_empty());
-    if require_actor && settings::REQUIRE_ACTOR.get() && current_user.is_none() {
+    let current_user = raw_setting(CURRENT_USER);
+    let actor = current_user.filter(|v| !v.to_bytes().is_empty());
+    if require_actor && settings::REQUIRE_ACTOR.get() && actor.is_none() {
         return Err(AuditError::ActorRequired);
     }
     // The context's own key covers the session user (changed_by's fallback).
-    let context = context()?;
-    let key = current_user.map(|c| c.to_bytes()).unwrap_or_default();
+    let context = context(current_user)?;
+    let key = actor.map(|c| c.to_bytes()).unwrap_or_default();
     if let Some(hit) = CACHE.with(|c| {
         c.borrow().as_ref().filter(|s| s.key == key && std::rc::Rc::ptr_eq(&s.context, &context)).cloned()
     }) {
         return Ok(hit);
     }
     let key = key.to_vec();
-    let changed_by = match current_user {
+    let changed_by = match actor {
         Some(u) => actor_from(&u.to_string_lossy()).0,
         None => context.db_user.clone(),
     };
@@ -155,29 +169,31 @@ fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
 }
 
 /// The session_info jsonb, rebuilt only when one of its inputs changed.
-fn context() -> Result<std::rc::Rc<Context>> {
+/// `current_user` is app.current_user's value, already read by the caller.
+fn context(current_user: Option<&'static CStr>) -> Result<std::rc::Rc<Context>> {
     let names = context_names();
+    let setting = |n: &CStr| if n == CURRENT_USER { current_user } else { raw_setting(n) };
     // The cache key: every input of session_info, read without allocating per row.
     // SAFETY: plain accessor of backend state.
     let session_user = unsafe { pg_sys::GetSessionUserId() };
     let mut key = Vec::with_capacity(128);
     key.extend_from_slice(&session_user.to_u32().to_le_bytes());
-    key.extend_from_slice(raw_setting(c"application_name").map(|c| c.to_bytes()).unwrap_or_default());
+    key.extend_from_slice(application_name());
     for n in names.iter() {
         key.push(2);
         key.extend_from_slice(n.to_bytes());
         key.push(3);
-        key.extend_from_slice(raw_setting(n).map(|c| c.to_bytes()).unwrap_or_default());
+        key.extend_from_slice(setting(n).map(|c| c.to_bytes()).unwrap_or_default());
     }
     if let Some(hit) = CONTEXT.with(|c| c.borrow().as_ref().filter(|s| s.key == key).cloned()) {
         return Ok(hit);
     }
 
     // Built by jsonb_build_object from the values themselves: no JSON text to parse.
-    let app_name = raw_setting(c"application_name").map(CStr::to_bytes).unwrap_or_default().to_vec();
+    let app_name = application_name().to_vec();
     let values: Vec<Option<Vec<u8>>> = names
         .iter()
-        .map(|n| raw_setting(n).map(|v| v.to_bytes().to_vec()).filter(|v| !v.is_empty()))
+        .map(|n| setting(n).map(|v| v.to_bytes().to_vec()).filter(|v| !v.is_empty()))
         .collect();
     let (addr, port) = client_info();
     // SAFETY: every datum is built here, in the current memory context, with the type

@@ -29,6 +29,8 @@ pub struct RelConfig {
     pub columns: Vec<Column>,
     /// (attnum, type) of the primary key, else the replica identity index; empty if neither.
     pub key: Vec<(i32, Oid)>,
+    /// The output function of a one-column key: row_id is its text.
+    pub key_output: Oid,
     pub natts: usize,
     /// Encodes a whole row (redacted columns as their text markers).
     pub full_row: super::encode::ObjectBuilder,
@@ -204,6 +206,12 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
     }
     // SAFETY: rel is open.
     let key = unsafe { key_columns(rel, &tupdesc) };
+    let mut key_output = pg_sys::InvalidOid;
+    if let [(_, typid)] = key[..] {
+        let mut varlena = false;
+        // SAFETY: a syscache lookup of an existing type (ERRORs otherwise).
+        unsafe { pg_sys::getTypeOutputInfo(typid, &mut key_output, &mut varlena) };
+    }
     let names: Vec<&std::ffi::CStr> = columns.iter().map(|c| c.name.as_c_str()).collect();
     let types: Vec<Oid> = columns.iter().map(|c| if c.redacted { pg_sys::TEXTOID } else { c.typid }).collect();
     // SAFETY: inside the transaction that opened rel; names and types have equal length.
@@ -214,6 +222,7 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
         table_name: CString::new(table).unwrap_or_default(),
         columns,
         key,
+        key_output,
         natts: tupdesc.len(),
     })
 }

@@ -107,10 +107,16 @@ pub unsafe fn jsonb_object(items: &[Item<'_>]) -> Datum {
 /// `jsonb_build_object` prepared once for a fixed list of keys and types: the
 /// call's expression, function info and key datums live in their own memory
 /// context, so encoding a whole row allocates only the result.
+///
+/// The arguments go in jsonb's own key order (shorter keys first, then
+/// bytewise), so the sort that every jsonb object ends with finds them already
+/// sorted: one pass instead of a full qsort per row.
 pub struct ObjectBuilder {
     cxt: pg_sys::MemoryContext,
     flinfo: *mut pg_sys::FmgrInfo,
     keys: Vec<Datum>,
+    /// For each argument pair, in jsonb key order: the index of its value in `build`'s input.
+    order: Vec<usize>,
 }
 
 impl ObjectBuilder {
@@ -128,15 +134,17 @@ impl ObjectBuilder {
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             );
             let old = pg_sys::MemoryContextSwitchTo(cxt);
-            let key_datums: Vec<Datum> = keys.iter().map(|k| text_datum(k.to_bytes())).collect();
-            let arg_types = types.iter().flat_map(|&t| [pg_sys::TEXTOID, t]);
+            let mut order: Vec<usize> = (0..keys.len()).collect();
+            order.sort_by_key(|&i| jsonb_key_order(keys[i]));
+            let key_datums: Vec<Datum> = order.iter().map(|&i| text_datum(keys[i].to_bytes())).collect();
+            let arg_types = order.iter().flat_map(|&i| [pg_sys::TEXTOID, types[i]]);
             let flinfo = variadic_flinfo(pg_sys::F_JSONB_BUILD_OBJECT_ANY, arg_types, cxt);
             pg_sys::MemoryContextSwitchTo(old);
-            ObjectBuilder { cxt, flinfo, keys: key_datums }
+            ObjectBuilder { cxt, flinfo, keys: key_datums, order }
         }
     }
 
-    /// The object of `values` (datum, isnull), one per key, in key order.
+    /// The object of `values` (datum, isnull), one per key, in the order `new` was given the keys.
     ///
     /// # Safety
     /// Each non-null datum must be valid for its key's type; allocates in CurrentMemoryContext.
@@ -146,12 +154,18 @@ impl ObjectBuilder {
             // SAFETY: a static, valid JSON literal.
             return unsafe { jsonb_from_str(c"{}") };
         }
-        let args = self.keys.iter().zip(values).flat_map(|(&key, &(value, isnull))| {
+        let args = self.keys.iter().zip(&self.order).flat_map(|(&key, &i)| {
+            let (value, isnull) = values[i];
             [pg_sys::NullableDatum { value: key, isnull: false }, pg_sys::NullableDatum { value, isnull }]
         });
         // SAFETY: keys are text and values follow the types new() was given.
         unsafe { call_with(self.flinfo, pg_sys::jsonb_build_object, values.len() * 2, args) }
     }
+}
+
+/// jsonb's key order (lengthCompareJsonbStringValue): by length, then bytewise.
+fn jsonb_key_order(k: &CStr) -> (usize, &[u8]) {
+    (k.to_bytes().len(), k.to_bytes())
 }
 
 impl Drop for ObjectBuilder {

@@ -79,17 +79,36 @@ pub fn forget_secret() {
     SECRET.with(|s| *s.borrow_mut() = None);
 }
 
+/// A tuple's columns, deformed once: reading 15 columns one by one with
+/// heap_getattr walks the tuple again for each column after the first varlena.
+struct Deformed {
+    values: Vec<Datum>,
+    nulls: Vec<bool>,
+}
+
+impl Deformed {
+    /// # Safety
+    /// `tuple` must match `tupdesc`; the datums point into it and live as long as it does.
+    unsafe fn new(tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Deformed {
+        // SAFETY: tupdesc is the relation's; the arrays hold natts entries.
+        unsafe {
+            let natts = (*tupdesc).natts as usize;
+            let mut d = Deformed { values: vec![Datum::from(0); natts], nulls: vec![false; natts] };
+            pg_sys::heap_deform_tuple(tuple, tupdesc, d.values.as_mut_ptr(), d.nulls.as_mut_ptr());
+            d
+        }
+    }
+
+    fn get(&self, attnum: i32) -> (Datum, bool) {
+        let i = attnum as usize - 1;
+        (self.values[i], self.nulls[i])
+    }
+}
+
 /// The value stored for one column: redacted columns become their HMAC marker.
 /// Runs as the caller: output functions are user code.
-unsafe fn column_value(
-    col: &Column,
-    tuple: pg_sys::HeapTuple,
-    tupdesc: pg_sys::TupleDesc,
-    key: Option<&[u8]>,
-) -> AResult<(Datum, bool)> {
-    let mut isnull = false;
-    // SAFETY: attnum is within tupdesc (cache checked natts) and tuple matches tupdesc.
-    let d = unsafe { pg_sys::heap_getattr(tuple, col.attnum, tupdesc, &mut isnull) };
+unsafe fn column_value(col: &Column, row: &Deformed, key: Option<&[u8]>) -> AResult<(Datum, bool)> {
+    let (d, isnull) = row.get(col.attnum);
     if col.redacted && !isnull {
         let key = key.ok_or_else(|| AuditError::Internal("redacted column without a key".into()))?;
         // SAFETY: non-null datum of the column's type.
@@ -102,27 +121,22 @@ unsafe fn column_value(
 }
 
 /// The whole tracked row as jsonb, through the relation's prepared builder.
-unsafe fn encode_row(cfg: &RelConfig, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc, key: Option<&[u8]>) -> AResult<Datum> {
+unsafe fn encode_row(cfg: &RelConfig, row: &Deformed, key: Option<&[u8]>) -> AResult<Datum> {
     let mut values = Vec::with_capacity(cfg.columns.len());
     for col in &cfg.columns {
         // SAFETY: forwarded from the caller.
-        values.push(unsafe { column_value(col, tuple, tupdesc, key)? });
+        values.push(unsafe { column_value(col, row, key)? });
     }
     // SAFETY: values follow the builder's columns and types (markers are text).
     Ok(unsafe { cfg.full_row.build(&values) })
 }
 
 /// Some columns of a row (an UPDATE's changed ones) as jsonb.
-unsafe fn encode_columns<'c>(
-    cols: impl Iterator<Item = &'c Column>,
-    tuple: pg_sys::HeapTuple,
-    tupdesc: pg_sys::TupleDesc,
-    key: Option<&[u8]>,
-) -> AResult<Datum> {
+unsafe fn encode_columns<'c>(cols: impl Iterator<Item = &'c Column>, row: &Deformed, key: Option<&[u8]>) -> AResult<Datum> {
     let mut items: Vec<Item> = Vec::new();
     for col in cols {
         // SAFETY: forwarded from the caller.
-        let (value, isnull) = unsafe { column_value(col, tuple, tupdesc, key)? };
+        let (value, isnull) = unsafe { column_value(col, row, key)? };
         let typid = if col.redacted { pg_sys::TEXTOID } else { col.typid };
         items.push(Item { key: &col.name, value, isnull, typid });
     }
@@ -131,21 +145,17 @@ unsafe fn encode_columns<'c>(
 }
 
 /// The key of a tuple as text: the value itself for one column, a JSON array for several.
-unsafe fn row_key(cfg: &RelConfig, tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Option<String> {
+unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> Option<String> {
     if cfg.key.is_empty() {
         return None;
     }
-    let mut vals = Vec::with_capacity(cfg.key.len());
-    for &(attnum, typid) in &cfg.key {
-        let mut isnull = false;
-        // SAFETY: key attnums come from this relation's index.
-        let d = unsafe { pg_sys::heap_getattr(tuple, attnum, tupdesc, &mut isnull) };
-        vals.push((d, isnull, typid));
-    }
-    if vals.len() == 1 {
-        let (d, isnull, typid) = vals[0];
-        // SAFETY: non-null datum of its type.
-        return if isnull { None } else { Some(unsafe { encode::output_text(d, typid) }) };
+    let vals: Vec<(Datum, bool, pg_sys::Oid)> = cfg.key.iter().map(|&(attnum, typid)| {
+        let (d, isnull) = row.get(attnum);
+        (d, isnull, typid)
+    }).collect();
+    if let [(d, isnull, _)] = vals[..] {
+        // SAFETY: a non-null datum of the type whose output function this is; a palloc'd C string.
+        return (!isnull).then(|| unsafe { encode::cstr_to_string(pg_sys::OidOutputFunctionCall(cfg.key_output, d)) });
     }
     // SAFETY: valid datums of their types.
     Some(unsafe { encode::jsonb_text(encode::jsonb_array(&vals)) })
@@ -187,23 +197,23 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
     unsafe {
         match op {
             pg_sys::TRIGGER_EVENT_INSERT => {
-                row_id = row_key(&cfg, td.tg_trigtuple, tupdesc);
-                new_values = Some(encode_row(&cfg, td.tg_trigtuple, tupdesc, key)?);
+                let new = Deformed::new(td.tg_trigtuple, tupdesc);
+                row_id = row_key(&cfg, &new);
+                new_values = Some(encode_row(&cfg, &new, key)?);
             }
             pg_sys::TRIGGER_EVENT_DELETE => {
-                row_id = row_key(&cfg, td.tg_trigtuple, tupdesc);
-                old_values = Some(encode_row(&cfg, td.tg_trigtuple, tupdesc, key)?);
+                let old = Deformed::new(td.tg_trigtuple, tupdesc);
+                row_id = row_key(&cfg, &old);
+                old_values = Some(encode_row(&cfg, &old, key)?);
             }
             pg_sys::TRIGGER_EVENT_UPDATE => {
-                let (old, new) = (td.tg_trigtuple, td.tg_newtuple);
+                let old = Deformed::new(td.tg_trigtuple, tupdesc);
+                let new = Deformed::new(td.tg_newtuple, tupdesc);
                 let mut diff: Vec<&Column> = Vec::new();
                 for col in &cfg.columns {
-                    let (mut n1, mut n2) = (false, false);
-                    let a = pg_sys::heap_getattr(old, col.attnum, tupdesc, &mut n1);
-                    let b = pg_sys::heap_getattr(new, col.attnum, tupdesc, &mut n2);
-                    let same = match (n1, n2) {
-                        (true, true) => true,
-                        (false, false) => encode::image_eq(a, b, col.typlen, col.byval),
+                    let same = match (old.get(col.attnum), new.get(col.attnum)) {
+                        ((_, true), (_, true)) => true,
+                        ((a, false), (b, false)) => encode::image_eq(a, b, col.typlen, col.byval),
                         _ => false,
                     };
                     if !same {
@@ -213,14 +223,14 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
                 if diff.is_empty() {
                     return Ok(()); // nothing tracked changed: no row
                 }
-                row_id = row_key(&cfg, new, tupdesc);
-                let before = row_key(&cfg, old, tupdesc);
+                row_id = row_key(&cfg, &new);
+                let before = row_key(&cfg, &old);
                 if before != row_id {
                     old_row_id = before;
                 }
                 changed = Some(diff.iter().map(|c| c.name.as_c_str()).collect());
-                old_values = Some(encode_columns(diff.into_iter(), old, tupdesc, key)?);
-                new_values = Some(encode_row(&cfg, new, tupdesc, key)?);
+                old_values = Some(encode_columns(diff.into_iter(), &old, key)?);
+                new_values = Some(encode_row(&cfg, &new, key)?);
             }
             _ => {}
         }
