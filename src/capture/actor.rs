@@ -53,6 +53,9 @@ thread_local! {
 
 /// `changed_by` and the parsed JSON object, if `app.current_user` holds one.
 pub fn actor_from(value: &str) -> (String, Option<Value>) {
+    if !value.trim_start().starts_with('{') {
+        return (value.to_string(), None); // not an object: no need to parse
+    }
     match serde_json::from_str::<Value>(value) {
         Ok(Value::Object(map)) => {
             let by = JSON_ACTOR_KEYS
@@ -233,16 +236,47 @@ fn context(current_user: Option<&'static CStr>) -> Result<std::rc::Rc<Context>> 
             };
             items.push(encode::Item { key: n.as_c_str(), value, isnull: false, typid });
         }
-        let d = encode::jsonb_object(&items);
+        let d = build_object(&items);
         let p = d.cast_mut_ptr::<pg_sys::varlena>();
         let len = pgrx::varlena::varsize_any(p);
         let mut buf = vec![0u64; len.div_ceil(8)];
         std::ptr::copy_nonoverlapping(p as *const u8, buf.as_mut_ptr() as *mut u8, len);
-        (buf, encode::jsonb_text(d))
+        let mut text = Vec::with_capacity(256);
+        crate::chain::jsonb_text::datum_text(d, &mut text).map_err(AuditError::Internal)?;
+        (buf, String::from_utf8(text).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
     };
     let ctx = std::rc::Rc::new(Context { key, db_user: session_user_name(), bytes, text });
     CONTEXT.with(|c| *c.borrow_mut() = Some(ctx.clone()));
     Ok(ctx)
+}
+
+/// jsonb_build_object of the items through a builder prepared for their keys and
+/// types, kept while they stay the same: an application that sets a new actor
+/// per transaction rebuilds session_info every time, with the same shape.
+///
+/// # Safety
+/// As [`encode::ObjectBuilder::build`]; must run inside a transaction.
+unsafe fn build_object(items: &[encode::Item]) -> Datum {
+    type Shape = Vec<(CString, pg_sys::Oid)>;
+    thread_local! {
+        static BUILDER: RefCell<Option<(Shape, encode::ObjectBuilder)>> = const { RefCell::new(None) };
+    }
+    BUILDER.with(|b| {
+        let mut b = b.borrow_mut();
+        let same = b.as_ref().is_some_and(|(shape, _)| {
+            shape.len() == items.len() && shape.iter().zip(items).all(|((k, t), it)| k.as_c_str() == it.key && *t == it.typid)
+        });
+        if !same {
+            let keys: Vec<&CStr> = items.iter().map(|it| it.key).collect();
+            let types: Vec<pg_sys::Oid> = items.iter().map(|it| it.typid).collect();
+            // SAFETY: inside a transaction (the caller's); keys and types have equal length.
+            let builder = unsafe { encode::ObjectBuilder::new(&keys, &types) };
+            *b = Some((items.iter().map(|it| (it.key.to_owned(), it.typid)).collect(), builder));
+        }
+        let values: Vec<(Datum, bool)> = items.iter().map(|it| (it.value, it.isnull)).collect();
+        // SAFETY: the values follow the builder's keys and types (checked above).
+        unsafe { b.as_ref().expect("builder set above").1.build(&values) }
+    })
 }
 
 #[cfg(test)]

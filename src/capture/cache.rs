@@ -34,6 +34,9 @@ pub struct RelConfig {
     pub natts: usize,
     /// Encodes a whole row (redacted columns as their text markers).
     pub full_row: super::encode::ObjectBuilder,
+    /// Encodes an UPDATE's changed columns: the builder for the last set of
+    /// columns (as indexes into `columns`), which a bulk UPDATE repeats.
+    pub changed: RefCell<Option<(Vec<usize>, Rc<super::encode::ObjectBuilder>)>>,
 }
 
 /// The extension's objects, looked up once per backend.
@@ -224,6 +227,7 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
         key,
         key_output,
         natts: tupdesc.len(),
+        changed: RefCell::new(None),
     })
 }
 

@@ -17,7 +17,6 @@ use crate::errors::{AuditError, OrRaise};
 use crate::errors::Result as AResult;
 use crate::privilege::AsOwner;
 use cache::{Column, RelConfig};
-use encode::Item;
 
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -131,17 +130,29 @@ unsafe fn encode_row(cfg: &RelConfig, row: &Deformed, key: Option<&[u8]>) -> ARe
     Ok(unsafe { cfg.full_row.build(&values) })
 }
 
-/// Some columns of a row (an UPDATE's changed ones) as jsonb.
-unsafe fn encode_columns<'c>(cols: impl Iterator<Item = &'c Column>, row: &Deformed, key: Option<&[u8]>) -> AResult<Datum> {
-    let mut items: Vec<Item> = Vec::new();
-    for col in cols {
+/// An UPDATE's changed columns (indexes into `cfg.columns`) as jsonb.
+unsafe fn encode_changed(cfg: &RelConfig, diff: &[usize], row: &Deformed, key: Option<&[u8]>) -> AResult<Datum> {
+    let mut values = Vec::with_capacity(diff.len());
+    for &i in diff {
         // SAFETY: forwarded from the caller.
-        let (value, isnull) = unsafe { column_value(col, row, key)? };
-        let typid = if col.redacted { pg_sys::TEXTOID } else { col.typid };
-        items.push(Item { key: &col.name, value, isnull, typid });
+        values.push(unsafe { column_value(&cfg.columns[i], row, key)? });
     }
-    // SAFETY: items hold valid datums of their types.
-    Ok(unsafe { encode::jsonb_object(&items) })
+    let hit = cfg.changed.borrow().as_ref().filter(|(cols, _)| cols == diff).map(|(_, b)| b.clone());
+    let builder = match hit {
+        Some(b) => b,
+        None => {
+            let keys: Vec<&CStr> = diff.iter().map(|&i| cfg.columns[i].name.as_c_str()).collect();
+            let types: Vec<pg_sys::Oid> =
+                diff.iter().map(|&i| &cfg.columns[i]).map(|c| if c.redacted { pg_sys::TEXTOID } else { c.typid }).collect();
+            // SAFETY: inside the trigger's transaction; keys and types have equal length.
+            let b = Rc::new(unsafe { encode::ObjectBuilder::new(&keys, &types) });
+            *cfg.changed.borrow_mut() = Some((diff.to_vec(), b.clone()));
+            b
+        }
+    };
+    // Not borrowed while building: a user type's cast to json may write to this table again.
+    // SAFETY: values follow the builder's columns and types (markers are text).
+    Ok(unsafe { builder.build(&values) })
 }
 
 /// The key of a tuple as text: the value itself for one column, a JSON array for several.
@@ -209,15 +220,15 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
             pg_sys::TRIGGER_EVENT_UPDATE => {
                 let old = Deformed::new(td.tg_trigtuple, tupdesc);
                 let new = Deformed::new(td.tg_newtuple, tupdesc);
-                let mut diff: Vec<&Column> = Vec::new();
-                for col in &cfg.columns {
+                let mut diff: Vec<usize> = Vec::new();
+                for (i, col) in cfg.columns.iter().enumerate() {
                     let same = match (old.get(col.attnum), new.get(col.attnum)) {
                         ((_, true), (_, true)) => true,
                         ((a, false), (b, false)) => encode::image_eq(a, b, col.typlen, col.byval),
                         _ => false,
                     };
                     if !same {
-                        diff.push(col);
+                        diff.push(i);
                     }
                 }
                 if diff.is_empty() {
@@ -228,8 +239,8 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
                 if before != row_id {
                     old_row_id = before;
                 }
-                changed = Some(diff.iter().map(|c| c.name.as_c_str()).collect());
-                old_values = Some(encode_columns(diff.into_iter(), &old, key)?);
+                changed = Some(diff.iter().map(|&i| cfg.columns[i].name.as_c_str()).collect());
+                old_values = Some(encode_changed(&cfg, &diff, &old, key)?);
                 new_values = Some(encode_row(&cfg, &new, key)?);
             }
             _ => {}
