@@ -1,7 +1,7 @@
 //! jsonb_out's text, written from jsonb's on-disk format without the iterator,
 //! StringInfo and per-character escaping PostgreSQL uses. The format it follows
 //! is JsonbToCString's without indentation: `{"k": v, "k2": [1, 2]}`, a raw
-//! scalar as itself, strings as escape_json writes them, numbers by numeric_out.
+//! scalar as itself, strings as escape_json writes them, numbers as numeric_out does.
 //! Anything unexpected (an unknown entry type, bounds that do not add up, deep
 //! nesting, a NUL byte) returns None, and the caller uses JsonbToCString instead.
 
@@ -214,7 +214,7 @@ fn needs_escape(w: u64) -> bool {
     below_space | zero_in(w ^ (ONES * b'"' as u64)) | zero_in(w ^ (ONES * b'\\' as u64)) != 0
 }
 
-/// numeric_out of the numeric varlena at the start of `b` (4-byte aligned, as jsonb stores it).
+/// numeric_out's text of the numeric varlena at the start of `b` (as jsonb stores it).
 fn numeric(out: &mut Vec<u8>, b: &[u8]) -> Option<()> {
     let first = *b.first()?;
     let size = if first & 1 == 1 {
@@ -232,14 +232,71 @@ fn numeric(out: &mut Vec<u8>, b: &[u8]) -> Option<()> {
     if size < 1 || size > b.len() {
         return None;
     }
-    // SAFETY: b starts with one whole, inline, uncompressed numeric varlena (its size is
-    // checked against the slice above), aligned as jsonb stores numerics. numeric_out
-    // returns a palloc'd C string, in the batch context, or raises.
-    let text = unsafe {
-        let d = pgrx::direct_function_call_as_datum(pg_sys::numeric_out, &[Some(pg_sys::Datum::from(b.as_ptr()))])?;
-        CStr::from_ptr(d.cast_mut_ptr::<c_char>())
+    let header = if first & 1 == 1 { 1 } else { 4 };
+    numeric_text(out, b.get(header..size)?)
+}
+
+/// numeric_out's text (get_str_from_var) of a finite numeric, from its bytes
+/// after the varlena header: base-10000 digits after a short or long header.
+/// NaN and infinities (never in jsonb) and anything malformed return None.
+fn numeric_text(out: &mut Vec<u8>, n: &[u8]) -> Option<()> {
+    let h = u16::from_ne_bytes(n.get(0..2)?.try_into().ok()?);
+    let (neg, dscale, weight, at) = match h & 0xC000 {
+        0xC000 => return None,
+        0x8000 => {
+            let w = (h & 0x003F) as i32;
+            (h & 0x2000 != 0, ((h & 0x1F80) >> 7) as i32, if h & 0x0040 != 0 { w - 64 } else { w }, 2)
+        }
+        sign => (sign == 0x4000, (h & 0x3FFF) as i32, i16::from_ne_bytes(n.get(2..4)?.try_into().ok()?) as i32, 4),
     };
-    out.extend_from_slice(text.to_bytes());
+    let raw = n.get(at..)?;
+    if raw.len() % 2 != 0 {
+        return None;
+    }
+    let ndigits = raw.len() / 2;
+    let at = |i: usize| i16::from_ne_bytes([raw[2 * i], raw[2 * i + 1]]) as i32;
+    if (0..ndigits).any(|i| !(0..10000).contains(&at(i))) {
+        return None;
+    }
+    let digit = |d: i32| if d >= 0 && (d as usize) < ndigits { at(d as usize) } else { 0 };
+    let four = |out: &mut Vec<u8>, dig: i32| {
+        out.extend_from_slice(&[b'0' + (dig / 1000) as u8, b'0' + (dig / 100 % 10) as u8, b'0' + (dig / 10 % 10) as u8, b'0' + (dig % 10) as u8])
+    };
+    if neg {
+        out.push(b'-');
+    }
+    let mut d;
+    if weight < 0 {
+        out.push(b'0');
+        d = weight + 1;
+    } else {
+        // The first group without its leading zeros.
+        let first = digit(0);
+        let mut div = 1000;
+        while div > 1 && first < div {
+            div /= 10;
+        }
+        while div > 0 {
+            out.push(b'0' + (first / div % 10) as u8);
+            div /= 10;
+        }
+        d = 1;
+        while d <= weight {
+            four(out, digit(d));
+            d += 1;
+        }
+    }
+    if dscale > 0 {
+        out.push(b'.');
+        let end = out.len() + dscale as usize;
+        let mut i = 0;
+        while i < dscale {
+            four(out, digit(d));
+            d += 1;
+            i += 4;
+        }
+        out.truncate(end);
+    }
     Some(())
 }
 

@@ -656,6 +656,20 @@ mod tests {
         let many_elems = format!("[{}]", (0..100).map(|i| format!("\"e{i}\\n\"")).collect::<Vec<_>>().join(", "));
         let long_string = format!("\"{}\"", "ab\\\"c\\\\d\\u0001é😀 ".repeat(2000));
         let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        // Numbers of every header form (short and long, negative weights, scales
+        // past a digit group), which the writer formats itself.
+        let mut seed = 0x9e37_79b9_u64;
+        let mut numbers: Vec<String> = ["1e300", "-1e-100", "1.5e-70", "123.456e200", "0.0001", "-0.00010", "10000", "9999.9999",
+            "100000000.000000001", "0.10000000000000000000000000000000000000000000000000000000000000000001"]
+            .iter().map(|s| s.to_string()).collect();
+        for _ in 0..2000 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let mantissa = (seed >> 20) % 10_u64.pow(1 + (seed % 15) as u32);
+            let exp = ((seed >> 8) % 200) as i64 - 100;
+            let sign = if seed & 1 == 0 { "" } else { "-" };
+            numbers.push(format!("{sign}{mantissa}.{:0>3}e{exp}", (seed >> 40) % 1000));
+        }
+        let numbers = format!("[{}]", numbers.join(", "));
         let cases: Vec<&str> = vec![
             "null",
             "true",
@@ -678,6 +692,7 @@ mod tests {
             &many_elems,
             &long_string,
             &deep,
+            &numbers,
         ];
         let [mut t, ..] = JsonbText::new_set();
         for case in cases {
