@@ -18,8 +18,8 @@ pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &
     let new = JsonB(json!({"command_tag": tag, "object_identity": identity, "statement": statement}));
     let datum = new.into_datum().ok_or_else(|| AuditError::Internal("jsonb conversion".into()))?;
     let row = capture::Row {
-        schema,
-        table,
+        schema: schema.as_bytes(),
+        table: table.as_bytes(),
         operation: "DDL",
         row_id: None,
         old_row_id: None,

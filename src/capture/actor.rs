@@ -22,26 +22,28 @@ const JSON_ACTOR_KEYS: [&str; 4] = ["email", "user_id", "id", "name"];
 /// a pool that sets a new actor per transaction does not rebuild it.
 pub struct Context {
     key: Vec<u8>,
-    pub db_user: String,
+    /// Text values here are bytes in the database encoding, as stored and hashed.
+    pub db_user: Vec<u8>,
     bytes: Vec<u64>, // u64 storage keeps the varlena header aligned
-    pub text: String,
+    pub text: Vec<u8>,
 }
 
 /// Who and where: the actor plus the session's context.
 pub struct SessionInfo {
     key: Vec<u8>,
     context: std::rc::Rc<Context>,
-    pub changed_by: String,
+    pub changed_by: Vec<u8>,
 }
 
 impl SessionInfo {
     pub fn datum(&self) -> Datum {
         Datum::from(self.context.bytes.as_ptr())
     }
-    pub fn text(&self) -> &str {
+    /// session_info's jsonb text, which the row hash covers.
+    pub fn text(&self) -> &[u8] {
         &self.context.text
     }
-    pub fn db_user(&self) -> &str {
+    pub fn db_user(&self) -> &[u8] {
         &self.context.db_user
     }
 }
@@ -73,9 +75,9 @@ pub fn actor_from(value: &str) -> (String, Option<Value>) {
 }
 
 /// Called only when session_info is rebuilt, which its cache key (with the session user) decides.
-fn session_user_name() -> String {
-    // SAFETY: the session user always exists; noerr=false would ERROR otherwise.
-    unsafe { encode::cstr_to_string(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false)) }
+fn session_user_name() -> Vec<u8> {
+    // SAFETY: the session user always exists (noerr=false would ERROR); a palloc'd C string.
+    unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false)).to_bytes().to_vec() }
 }
 
 fn client_info() -> (Option<String>, Option<i64>) {
@@ -89,7 +91,7 @@ fn client_info() -> (Option<String>, Option<i64>) {
     // and background processes; the address is printed by inet's own output function.
     let c = unsafe {
         let addr = pgrx::direct_function_call_as_datum(pg_sys::inet_client_addr, &[])
-            .map(|d| encode::output_text(d, pg_sys::INETOID));
+            .map(|d| String::from_utf8_lossy(&encode::output_bytes(d, pg_sys::INETOID)).into_owned());
         let port = pgrx::direct_function_call::<i32>(pg_sys::inet_client_port, &[]).map(i64::from);
         (addr, port)
     };
@@ -162,8 +164,9 @@ fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
         return Ok(hit);
     }
     let key = key.to_vec();
-    let changed_by = match actor {
-        Some(u) => actor_from(&u.to_string_lossy()).0,
+    let changed_by = match actor.map(|u| (u, std::str::from_utf8(u.to_bytes()))) {
+        Some((_, Ok(u))) => actor_from(u).0.into_bytes(),
+        Some((u, Err(_))) => u.to_bytes().to_vec(), // not UTF-8 (another database encoding): kept as it is
         None => context.db_user.clone(),
     };
     let info = std::rc::Rc::new(SessionInfo { key, context, changed_by });
@@ -227,7 +230,7 @@ fn context(current_user: Option<&'static CStr>) -> Result<std::rc::Rc<Context>> 
             let Some(v) = v else { continue };
             // An actor given as a JSON object is kept as that object.
             let parsed = (n.as_c_str() == CURRENT_USER)
-                .then(|| actor_from(&String::from_utf8_lossy(v)).1)
+                .then(|| std::str::from_utf8(v).ok().and_then(|v| actor_from(v).1))
                 .flatten()
                 .and_then(|obj| CString::new(obj.to_string()).ok());
             let (value, typid) = match parsed {
@@ -243,7 +246,7 @@ fn context(current_user: Option<&'static CStr>) -> Result<std::rc::Rc<Context>> 
         std::ptr::copy_nonoverlapping(p as *const u8, buf.as_mut_ptr() as *mut u8, len);
         let mut text = Vec::with_capacity(256);
         crate::chain::jsonb_text::datum_text(d, &mut text).map_err(AuditError::Internal)?;
-        (buf, String::from_utf8(text).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        (buf, text)
     };
     let ctx = std::rc::Rc::new(Context { key, db_user: session_user_name(), bytes, text });
     CONTEXT.with(|c| *c.borrow_mut() = Some(ctx.clone()));

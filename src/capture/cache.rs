@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::rc::Rc;
 
 use pgrx::pg_sys::{self, Oid};
@@ -150,15 +150,13 @@ pub unsafe fn rel_config(rel: pg_sys::Relation, owner: Oid) -> Result<Rc<RelConf
 unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
     // SAFETY: rel is open.
     let relid = unsafe { (*rel).rd_id };
-    let found = Spi::connect(|client| -> Result<Option<(String, String, Vec<String>, Vec<String>)>> {
+    let found = Spi::connect(|client| -> Result<Option<(Oid, Vec<String>, Vec<String>)>> {
         let mut rows = client.select(
-            "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, t.exclude, t.redact
+            "SELECT a.relid::pg_catalog.oid, t.exclude, t.redact
                FROM (SELECT $1::pg_catalog.regclass, 0::pg_catalog.int8
                      UNION ALL
                      SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS a(relid, ord)
                JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid
-               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.relid
-               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
               ORDER BY a.ord LIMIT 1",
             None,
             &[relid.into()],
@@ -166,25 +164,21 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
         match rows.next() {
             None => Ok(None),
             Some(r) => Ok(Some((
-                r.get::<String>(1)?.unwrap_or_default(),
-                r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<Oid>(1)?.unwrap_or(relid),
+                r.get::<Vec<String>>(2)?.unwrap_or_default(),
                 r.get::<Vec<String>>(3)?.unwrap_or_default(),
-                r.get::<Vec<String>>(4)?.unwrap_or_default(),
             ))),
         }
     })?;
     // A trigger without a tracked row (e.g. restored before audit.tracked) still records
     // everything, under the relation's own name: never lose a change.
-    let (schema, table, exclude, redact) = match found {
-        Some(f) => f,
-        None => {
-            // SAFETY: rel is open; names are valid C strings.
-            unsafe {
-                let ns = crate::capture::encode::cstr_to_string(pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace));
-                let name = crate::capture::encode::cstr_to_string((*(*rel).rd_rel).relname.data.as_ptr());
-                (ns, name, vec![], vec![])
-            }
-        }
+    let (named, exclude, redact) = found.unwrap_or((relid, vec![], vec![]));
+    // Names as bytes in the database encoding, which need not be UTF-8.
+    // SAFETY: the relation (or its tracked ancestor) exists while rel is open; both
+    // lookups return palloc'd C strings, or NULL if it vanished concurrently.
+    let (schema, table) = unsafe {
+        let bytes = |p: *const std::ffi::c_char| if p.is_null() { Vec::new() } else { CStr::from_ptr(p).to_bytes().to_vec() };
+        (bytes(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(named))), bytes(pg_sys::get_rel_name(named)))
     };
 
     // SAFETY: rd_att belongs to the open relation.
@@ -194,17 +188,18 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
         if att.is_dropped() {
             continue;
         }
-        let name = att.name();
-        if exclude.iter().any(|e| e == name) {
+        // SAFETY: attname is a NUL-terminated NameData.
+        let name = unsafe { CStr::from_ptr(att.attname.data.as_ptr()) };
+        if exclude.iter().any(|e| e.as_bytes() == name.to_bytes()) {
             continue;
         }
         columns.push(Column {
             attnum: i as i32 + 1,
-            name: CString::new(name).unwrap_or_default(),
+            name: name.to_owned(),
             typid: att.atttypid,
             typlen: att.attlen,
             byval: att.attbyval,
-            redacted: redact.iter().any(|r| r == name),
+            redacted: redact.iter().any(|r| r.as_bytes() == name.to_bytes()),
         });
     }
     // SAFETY: rel is open.

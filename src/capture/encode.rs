@@ -207,18 +207,17 @@ pub unsafe fn jsonb_text(d: Datum) -> String {
     }
 }
 
-/// The type's text output of a datum, as `::text` gives it.
+/// The type's text output of a datum, as `::text` gives it: bytes in the database encoding.
 ///
 /// # Safety
 /// `d` must be a valid, non-null datum of type `typid`.
-pub unsafe fn output_text(d: Datum, typid: Oid) -> String {
-    // SAFETY: standard output-function call sequence.
+pub unsafe fn output_bytes(d: Datum, typid: Oid) -> Vec<u8> {
+    // SAFETY: standard output-function call sequence; the result is a palloc'd C string.
     unsafe {
         let mut func = pg_sys::InvalidOid;
         let mut varlena = false;
         pg_sys::getTypeOutputInfo(typid, &mut func, &mut varlena);
-        let s = pg_sys::OidOutputFunctionCall(func, d);
-        cstr_to_string(s)
+        CStr::from_ptr(pg_sys::OidOutputFunctionCall(func, d)).to_bytes().to_vec()
     }
 }
 

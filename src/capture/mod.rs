@@ -111,8 +111,8 @@ unsafe fn column_value(col: &Column, row: &Deformed, key: Option<&[u8]>) -> ARes
     if col.redacted && !isnull {
         let key = key.ok_or_else(|| AuditError::Internal("redacted column without a key".into()))?;
         // SAFETY: non-null datum of the column's type.
-        let text = unsafe { encode::output_text(d, col.typid) };
-        let marker = hash::redaction_marker(key, text.as_bytes());
+        let text = unsafe { encode::output_bytes(d, col.typid) };
+        let marker = hash::redaction_marker(key, &text);
         // SAFETY: a fresh text datum in the current memory context.
         return Ok((unsafe { encode::text_datum(marker.as_bytes()) }, false));
     }
@@ -156,9 +156,9 @@ unsafe fn encode_changed(cfg: &RelConfig, diff: &[usize], row: &Deformed, key: O
 }
 
 /// The key of a tuple as text: the value itself for one column, a JSON array for several.
-unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> Option<String> {
+unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> AResult<Option<Vec<u8>>> {
     if cfg.key.is_empty() {
-        return None;
+        return Ok(None);
     }
     let vals: Vec<(Datum, bool, pg_sys::Oid)> = cfg.key.iter().map(|&(attnum, typid)| {
         let (d, isnull) = row.get(attnum);
@@ -166,10 +166,10 @@ unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> Option<String> {
     }).collect();
     if let [(d, isnull, _)] = vals[..] {
         // SAFETY: a non-null datum of the type whose output function this is; a palloc'd C string.
-        return (!isnull).then(|| unsafe { encode::cstr_to_string(pg_sys::OidOutputFunctionCall(cfg.key_output, d)) });
+        return Ok((!isnull).then(|| unsafe { CStr::from_ptr(pg_sys::OidOutputFunctionCall(cfg.key_output, d)).to_bytes().to_vec() }));
     }
-    // SAFETY: valid datums of their types.
-    Some(unsafe { encode::jsonb_text(encode::jsonb_array(&vals)) })
+    // SAFETY: valid datums of their types; the array is a fresh jsonb.
+    unsafe { hash_text(encode::jsonb_array(&vals)) }.map(Some)
 }
 
 unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
@@ -209,12 +209,12 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
         match op {
             pg_sys::TRIGGER_EVENT_INSERT => {
                 let new = Deformed::new(td.tg_trigtuple, tupdesc);
-                row_id = row_key(&cfg, &new);
+                row_id = row_key(&cfg, &new)?;
                 new_values = Some(encode_row(&cfg, &new, key)?);
             }
             pg_sys::TRIGGER_EVENT_DELETE => {
                 let old = Deformed::new(td.tg_trigtuple, tupdesc);
-                row_id = row_key(&cfg, &old);
+                row_id = row_key(&cfg, &old)?;
                 old_values = Some(encode_row(&cfg, &old, key)?);
             }
             pg_sys::TRIGGER_EVENT_UPDATE => {
@@ -234,8 +234,8 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
                 if diff.is_empty() {
                     return Ok(()); // nothing tracked changed: no row
                 }
-                row_id = row_key(&cfg, &new);
-                let before = row_key(&cfg, &old);
+                row_id = row_key(&cfg, &new)?;
+                let before = row_key(&cfg, &old)?;
                 if before != row_id {
                     old_row_id = before;
                 }
@@ -248,8 +248,8 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
     }
 
     let row = Row {
-        schema: cfg.schema_name.to_str().unwrap_or_default(),
-        table: cfg.table_name.to_str().unwrap_or_default(),
+        schema: cfg.schema_name.to_bytes(),
+        table: cfg.table_name.to_bytes(),
         operation,
         row_id,
         old_row_id,
@@ -261,13 +261,14 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
     unsafe { write_row(&ext, &info, row) }
 }
 
-/// One audit row, before ids, time and hash are added.
+/// One audit row, before ids, time and hash are added. Text is bytes in the
+/// database encoding: what is stored is exactly what the row hash covers.
 pub struct Row<'a> {
-    pub schema: &'a str,
-    pub table: &'a str,
+    pub schema: &'a [u8],
+    pub table: &'a [u8],
     pub operation: &'a str,
-    pub row_id: Option<String>,
-    pub old_row_id: Option<String>,
+    pub row_id: Option<Vec<u8>>,
+    pub old_row_id: Option<Vec<u8>>,
     pub old_values: Option<Datum>,
     pub new_values: Option<Datum>,
     pub changed: Option<Vec<&'a CStr>>,
@@ -305,11 +306,11 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
         txid,
         schema_name: schema,
         table_name: table,
-        operation,
+        operation: operation.as_bytes(),
         row_id: row_id.as_deref(),
         old_values: old_text.as_deref(),
         new_values: new_text.as_deref(),
-        changed_fields: changed.as_ref().map(|v| v.iter().map(|c| c.to_str().ok()).collect()),
+        changed_fields: changed.as_ref().map(|v| v.iter().map(|c| Some(c.to_bytes())).collect()),
         changed_by: &info.changed_by,
         db_user,
         session_info: Some(info.text()),
@@ -319,14 +320,14 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
 
     // SAFETY: builds fresh datums in the current memory context.
     let (values, nulls) = unsafe {
-        let text = |s: Option<&str>| s.map(|s| encode::text_datum(s.as_bytes()));
+        let text = |s: Option<&[u8]>| s.map(|s| encode::text_datum(s));
         let vals: [Option<Datum>; NPARAMS] = [
             Some(Datum::from(id)),
             Some(Datum::from(changed_at)),
             Some(Datum::from(txid)),
             text(Some(schema)),
             text(Some(table)),
-            text(Some(operation)),
+            text(Some(operation.as_bytes())),
             text(row_id.as_deref()),
             text(old_row_id.as_deref()),
             old_values,
@@ -351,11 +352,11 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
 ///
 /// # Safety
 /// `d` must be a valid jsonb datum.
-unsafe fn hash_text(d: Datum) -> AResult<String> {
+unsafe fn hash_text(d: Datum) -> AResult<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
     // SAFETY: forwarded.
     unsafe { crate::chain::jsonb_text::datum_text(d, &mut buf) }.map_err(AuditError::Internal)?;
-    Ok(String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    Ok(buf)
 }
 
 unsafe fn insert_row(values: &[Datum; NPARAMS], nulls: &[bool; NPARAMS]) -> AResult<()> {

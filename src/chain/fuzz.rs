@@ -16,21 +16,22 @@ struct Row {
 
 impl Row {
     fn fields(&self) -> RowFields<'_> {
+        let opt = |i: usize| self.opts[i].as_deref().map(str::as_bytes);
         RowFields {
             id: self.ints[0],
             changed_at_us: self.ints[1],
             txid: self.ints[2],
-            schema_name: &self.texts[0],
-            table_name: &self.texts[1],
-            operation: &self.texts[2],
-            row_id: self.opts[0].as_deref(),
-            old_values: self.opts[1].as_deref(),
-            new_values: self.opts[2].as_deref(),
-            changed_fields: self.fields.as_ref().map(|v| v.iter().map(|f| f.as_deref()).collect()),
-            changed_by: &self.texts[3],
-            db_user: &self.texts[4],
-            session_info: self.opts[3].as_deref(),
-            old_row_id: self.opts[4].as_deref(),
+            schema_name: self.texts[0].as_bytes(),
+            table_name: self.texts[1].as_bytes(),
+            operation: self.texts[2].as_bytes(),
+            row_id: opt(0),
+            old_values: opt(1),
+            new_values: opt(2),
+            changed_fields: self.fields.as_ref().map(|v| v.iter().map(|f| f.as_deref().map(str::as_bytes)).collect()),
+            changed_by: self.texts[3].as_bytes(),
+            db_user: self.texts[4].as_bytes(),
+            session_info: opt(3),
+            old_row_id: opt(4),
         }
     }
 }

@@ -17,23 +17,24 @@ const TAG_TEXT_ARRAY: u8 = 4;
 const TAG_BYTES: u8 = 5;
 
 /// One `audit.log` row as the hash sees it. Timestamps are microseconds since the
-/// Unix epoch; jsonb values are their canonical text (`jsonb_out`).
+/// Unix epoch; text is its bytes in the database encoding; jsonb values are their
+/// canonical text (`jsonb_out`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RowFields<'a> {
     pub id: i64,
     pub changed_at_us: i64,
     pub txid: i64,
-    pub schema_name: &'a str,
-    pub table_name: &'a str,
-    pub operation: &'a str,
-    pub row_id: Option<&'a str>,
-    pub old_values: Option<&'a str>,
-    pub new_values: Option<&'a str>,
-    pub changed_fields: Option<Vec<Option<&'a str>>>,
-    pub changed_by: &'a str,
-    pub db_user: &'a str,
-    pub session_info: Option<&'a str>,
-    pub old_row_id: Option<&'a str>,
+    pub schema_name: &'a [u8],
+    pub table_name: &'a [u8],
+    pub operation: &'a [u8],
+    pub row_id: Option<&'a [u8]>,
+    pub old_values: Option<&'a [u8]>,
+    pub new_values: Option<&'a [u8]>,
+    pub changed_fields: Option<Vec<Option<&'a [u8]>>>,
+    pub changed_by: &'a [u8],
+    pub db_user: &'a [u8],
+    pub session_info: Option<&'a [u8]>,
+    pub old_row_id: Option<&'a [u8]>,
 }
 
 struct Enc(Sha256);
@@ -61,8 +62,8 @@ impl Enc {
             }
         }
     }
-    fn text(&mut self, v: Option<&str>) {
-        self.tagged(TAG_TEXT, v.map(str::as_bytes))
+    fn text(&mut self, v: Option<&[u8]>) {
+        self.tagged(TAG_TEXT, v)
     }
     fn bytes(&mut self, v: Option<&[u8]>) {
         self.tagged(TAG_BYTES, v)
@@ -81,8 +82,8 @@ pub fn row_hash(r: &RowFields<'_>) -> [u8; 32] {
     e.text(Some(r.table_name));
     e.text(Some(r.operation));
     e.text(r.row_id);
-    e.tagged(TAG_JSONB, r.old_values.map(str::as_bytes));
-    e.tagged(TAG_JSONB, r.new_values.map(str::as_bytes));
+    e.tagged(TAG_JSONB, r.old_values);
+    e.tagged(TAG_JSONB, r.new_values);
     match &r.changed_fields {
         None => e.0.update([TAG_NULL]),
         Some(items) => {
@@ -95,7 +96,7 @@ pub fn row_hash(r: &RowFields<'_>) -> [u8; 32] {
     }
     e.text(Some(r.changed_by));
     e.text(Some(r.db_user));
-    e.tagged(TAG_JSONB, r.session_info.map(str::as_bytes));
+    e.tagged(TAG_JSONB, r.session_info);
     e.text(r.old_row_id);
     e.finish()
 }
@@ -194,16 +195,16 @@ mod tests {
             id: 7,
             changed_at_us: 1_700_000_000_000_000,
             txid: 1234,
-            schema_name: "public",
-            table_name: "users",
-            operation: "UPDATE",
-            row_id: Some("42"),
-            old_values: Some(r#"{"email": "a@x"}"#),
-            new_values: Some(r#"{"email": "b@x", "id": 42}"#),
-            changed_fields: Some(vec![Some("email")]),
-            changed_by: "alice",
-            db_user: "app",
-            session_info: Some(r#"{"backend_pid": 1}"#),
+            schema_name: b"public",
+            table_name: b"users",
+            operation: b"UPDATE",
+            row_id: Some(&b"42"[..]),
+            old_values: Some(&br#"{"email": "a@x"}"#[..]),
+            new_values: Some(&br#"{"email": "b@x", "id": 42}"#[..]),
+            changed_fields: Some(vec![Some(&b"email"[..])]),
+            changed_by: b"alice",
+            db_user: b"app",
+            session_info: Some(&br#"{"backend_pid": 1}"#[..]),
             old_row_id: None,
         }
     }
@@ -235,20 +236,20 @@ mod tests {
         variants.push(RowFields { id: 8, ..s.clone() });
         variants.push(RowFields { changed_at_us: s.changed_at_us + 1, ..s.clone() });
         variants.push(RowFields { txid: 1235, ..s.clone() });
-        variants.push(RowFields { schema_name: "publi", ..s.clone() });
-        variants.push(RowFields { table_name: "user", ..s.clone() });
-        variants.push(RowFields { operation: "DELETE", ..s.clone() });
+        variants.push(RowFields { schema_name: b"publi", ..s.clone() });
+        variants.push(RowFields { table_name: b"user", ..s.clone() });
+        variants.push(RowFields { operation: b"DELETE", ..s.clone() });
         variants.push(RowFields { row_id: None, ..s.clone() });
-        variants.push(RowFields { row_id: Some("43"), ..s.clone() });
+        variants.push(RowFields { row_id: Some(&b"43"[..]), ..s.clone() });
         variants.push(RowFields { old_values: None, ..s.clone() });
-        variants.push(RowFields { new_values: Some("{}"), ..s.clone() });
+        variants.push(RowFields { new_values: Some(&b"{}"[..]), ..s.clone() });
         variants.push(RowFields { changed_fields: None, ..s.clone() });
         variants.push(RowFields { changed_fields: Some(vec![]), ..s.clone() });
         variants.push(RowFields { changed_fields: Some(vec![None]), ..s.clone() });
-        variants.push(RowFields { changed_by: "bob", ..s.clone() });
-        variants.push(RowFields { db_user: "root", ..s.clone() });
+        variants.push(RowFields { changed_by: b"bob", ..s.clone() });
+        variants.push(RowFields { db_user: b"root", ..s.clone() });
         variants.push(RowFields { session_info: None, ..s.clone() });
-        variants.push(RowFields { old_row_id: Some("41"), ..s.clone() });
+        variants.push(RowFields { old_row_id: Some(&b"41"[..]), ..s.clone() });
         for v in &variants {
             assert_ne!(row_hash(v), base, "{v:?}");
         }
@@ -256,11 +257,11 @@ mod tests {
 
     #[test]
     fn length_prefix_prevents_field_shifting() {
-        let a = RowFields { schema_name: "ab", table_name: "c", ..sample() };
-        let b = RowFields { schema_name: "a", table_name: "bc", ..sample() };
+        let a = RowFields { schema_name: b"ab", table_name: b"c", ..sample() };
+        let b = RowFields { schema_name: b"a", table_name: b"bc", ..sample() };
         assert_ne!(row_hash(&a), row_hash(&b));
         // A NULL text and an empty text differ.
-        let c = RowFields { row_id: Some(""), ..sample() };
+        let c = RowFields { row_id: Some(&b""[..]), ..sample() };
         let d = RowFields { row_id: None, ..sample() };
         assert_ne!(row_hash(&c), row_hash(&d));
     }

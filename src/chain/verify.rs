@@ -485,7 +485,7 @@ impl JsonbText {
     /// The text of jsonb column `i` (None when NULL): the very bytes `::text` gives
     /// (jsonb_out, that is JsonbToCString), written by jsonb_text::write, or by
     /// JsonbToCString itself for anything write does not handle.
-    fn of<'a>(&'a mut self, v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<&'a str>> {
+    fn of<'a>(&'a mut self, v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<&'a [u8]>> {
         if n[i] {
             return Ok(None);
         }
@@ -515,7 +515,7 @@ impl JsonbText {
                 )));
             }
         }
-        utf8(&self.buf).map(Some)
+        Ok(Some(&self.buf))
     }
 }
 
@@ -531,10 +531,6 @@ fn pg_text<'a>(out: pg_sys::StringInfo, jb: *mut pg_sys::Jsonb) -> &'a [u8] {
         pg_sys::JsonbToCString(out, &mut (*jb).root, varlena::varsize_4b(jb.cast()) as i32);
         std::slice::from_raw_parts((*out).data as *const u8, (*out).len as usize)
     }
-}
-
-fn utf8(b: &[u8]) -> Result<&str> {
-    std::str::from_utf8(b).map_err(|_| AuditError::Internal("audit.log holds text that is not valid UTF-8".into()))
 }
 
 /// The bytes of a text or bytea datum.
@@ -559,12 +555,9 @@ fn int8(v: &[pg_sys::Datum], n: &[bool], i: usize) -> i64 {
     }
 }
 
-fn text<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<&'a str>> {
-    if n[i] {
-        Ok(None)
-    } else {
-        utf8(varlena_bytes(v[i])).map(Some)
-    }
+/// Text as the hash covers it: its bytes in the database encoding.
+fn text<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Option<&'a [u8]> {
+    (!n[i]).then(|| varlena_bytes(v[i]))
 }
 
 fn or_empty<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> &'a [u8] {
@@ -575,9 +568,9 @@ fn or_empty<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> &'a [u8] {
     }
 }
 
-fn text_array<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<Vec<Option<&'a str>>>> {
+fn text_array<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Option<Vec<Option<&'a [u8]>>> {
     if n[i] {
-        return Ok(None);
+        return None;
     }
     let (mut elems, mut enulls, mut count) = (ptr::null_mut(), ptr::null_mut(), 0);
     // SAFETY: a non-null text[] datum (check_types), detoasted like DatumGetArrayTypeP does;
@@ -590,14 +583,10 @@ fn text_array<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option
         .map(|k| {
             // SAFETY: deconstruct_array filled `count` datums and null flags.
             let (d, null) = unsafe { (*elems.add(k), *enulls.add(k)) };
-            if null {
-                Ok(None)
-            } else {
-                utf8(varlena_bytes(d)).map(Some)
-            }
+            (!null).then(|| varlena_bytes(d))
         })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+        .collect::<Vec<_>>()
+        .into()
 }
 
 /// One ROWS_SQL row as the row hash sees it (its fields in hash order, old_row_id last).
@@ -607,17 +596,17 @@ fn row_fields<'a>(v: &'a [pg_sys::Datum], n: &'a [bool], t: &'a mut [JsonbText; 
         id: int8(v, n, 0),
         changed_at_us: if n[1] { i64::MIN } else { v[1].value() as i64 + PG_EPOCH_OFFSET_US },
         txid: int8(v, n, 2),
-        schema_name: text(v, n, 3)?.unwrap_or_default(),
-        table_name: text(v, n, 4)?.unwrap_or_default(),
-        operation: text(v, n, 5)?.unwrap_or_default(),
-        row_id: text(v, n, 6)?,
+        schema_name: text(v, n, 3).unwrap_or_default(),
+        table_name: text(v, n, 4).unwrap_or_default(),
+        operation: text(v, n, 5).unwrap_or_default(),
+        row_id: text(v, n, 6),
         old_values: old.of(v, n, 8)?,
         new_values: new.of(v, n, 9)?,
-        changed_fields: text_array(v, n, 10)?,
-        changed_by: text(v, n, 11)?.unwrap_or_default(),
-        db_user: text(v, n, 12)?.unwrap_or_default(),
+        changed_fields: text_array(v, n, 10),
+        changed_by: text(v, n, 11).unwrap_or_default(),
+        db_user: text(v, n, 12).unwrap_or_default(),
         session_info: si.of(v, n, 13)?,
-        old_row_id: text(v, n, 7)?,
+        old_row_id: text(v, n, 7),
     })
 }
 
@@ -710,7 +699,7 @@ mod tests {
                 assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&expected), "{case}");
             }
             // And through the column decoder, which falls back to PostgreSQL where needed.
-            let got = t.of(&[d], &[false], 0).unwrap().unwrap().as_bytes().to_vec();
+            let got = t.of(&[d], &[false], 0).unwrap().unwrap().to_vec();
             assert_eq!(got, expected, "{case}");
         }
         assert_eq!(t.of(&[pg_sys::Datum::from(0usize)], &[true], 0).unwrap(), None);

@@ -1,0 +1,115 @@
+//! Databases whose encoding is not UTF-8. audit_ext stores and hashes text as
+//! bytes in the database encoding, so LATIN1 values, keys and actors, and bytes
+//! that are not UTF-8 at all (SQL_ASCII), are captured exactly and verify()
+//! checks the same bytes: no false alarm, and tampering is still found.
+//! (Identifiers and function arguments must be ASCII there: README, "Database
+//! encodings".)
+mod common;
+
+use common::{Cluster, ClusterOpts};
+use postgres::Client;
+
+fn database(cluster: &Cluster, name: &str, encoding: &str) -> Client {
+    let mut admin = cluster.connect("postgres");
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ))
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name} ({encoding}): {e}"));
+    let mut c = cluster.connect(name);
+    c.batch_execute("SET client_min_messages = warning; CREATE EXTENSION audit_ext").unwrap();
+    c
+}
+
+fn holds(c: &mut Client, sql: &str) -> bool {
+    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+fn verify_ok(c: &mut Client) -> bool {
+    c.query_one("SELECT ok FROM audit.verify()", &[]).expect("verify").get(0)
+}
+
+/// Tampering with one stored value is found, and undoing it restores ok.
+fn tamper_is_found(c: &mut Client, column: &str, value: &str) {
+    let id: i64 = c.query_one("SELECT max(id) FROM audit.log WHERE operation = 'UPDATE'", &[]).unwrap().get(0);
+    let old: String = c.query_one(&format!("SELECT {column}::text FROM audit.log WHERE id = {id}"), &[]).unwrap().get(0);
+    c.batch_execute(&format!("UPDATE audit.log SET {column} = {value} WHERE id = {id}")).unwrap();
+    assert!(!verify_ok(c), "changing {column} to {value} must be found");
+    c.execute(&format!("UPDATE audit.log SET {column} = $1::text::{} WHERE id = {id}", if column == "new_values" { "jsonb" } else { "text" }), &[&old])
+        .unwrap();
+    assert!(verify_ok(c), "restoring {column} makes verify ok again");
+}
+
+#[test]
+fn latin1_values_keys_and_actors_are_captured_and_verified() {
+    let cluster = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
+    let mut c = database(&cluster, "latin", "LATIN1");
+    // The client speaks UTF-8; the server stores LATIN1 (ü is one byte, 0xfc).
+    c.batch_execute(
+        "CREATE TABLE grosse (name text PRIMARY KEY, notiz text, geheim text, n numeric);
+         SELECT audit.track('grosse', redact => '{geheim}');
+         SET \"app.current_user\" = 'José';
+         INSERT INTO grosse VALUES ('Müller', 'café', 'süß', 1.5), ('plain', 'x', 'y', 2);
+         UPDATE grosse SET notiz = 'naïve', n = 2.25 WHERE name = 'Müller';
+         DELETE FROM grosse WHERE name = 'plain';",
+    )
+    .unwrap();
+    assert!(holds(&mut c, "SELECT octet_length('ü') = 1"), "the database really is LATIN1");
+    assert!(holds(
+        &mut c,
+        "SELECT count(*) = 4 AND bool_and(table_name = 'grosse' AND schema_name = 'public' AND changed_by = 'José')
+           FROM audit.log"
+    ));
+    assert!(holds(
+        &mut c,
+        "SELECT row_id = 'Müller' AND changed_fields = '{notiz,n}' AND old_values = '{\"notiz\": \"café\", \"n\": 1.5}'
+            AND new_values->>'notiz' = 'naïve' AND new_values->>'geheim' LIKE 'redacted:%'
+           FROM audit.log WHERE operation = 'UPDATE'"
+    ));
+    // The marker of an equal value is equal (HMAC over the same bytes).
+    assert!(holds(
+        &mut c,
+        "SELECT count(DISTINCT new_values->>'geheim') = 1 FROM audit.log WHERE row_id = 'Müller'"
+    ));
+    assert!(holds(&mut c, "SELECT audit.state_at('grosse', 'plain', now()) IS NULL"));
+
+    assert!(verify_ok(&mut c), "unsealed rows verify");
+    c.batch_execute("SELECT audit.seal()").unwrap();
+    assert!(holds(&mut c, "SELECT rows = 4 AND ok FROM audit.verify()"), "sealed rows verify");
+    tamper_is_found(&mut c, "changed_by", "'Josè'");
+    tamper_is_found(&mut c, "new_values", "jsonb_set(new_values, '{notiz}', '\"naïvé\"')");
+    cluster.assert_no_crash();
+}
+
+#[test]
+fn sql_ascii_bytes_that_are_not_utf8_are_captured_and_verified() {
+    let cluster = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
+    let mut c = database(&cluster, "bytes", "SQL_ASCII");
+    // E'\xfc' is the single byte 0xfc: not UTF-8, and stored as it is.
+    c.batch_execute(
+        "CREATE TABLE t (k text PRIMARY KEY, v text, s text);
+         SELECT audit.track('t', redact => '{s}');
+         SELECT length(set_config('app.current_user', E'jos\\xe9', false));
+         INSERT INTO t VALUES (E'M\\xfcller', E'caf\\xe9 \\xff', E'\\xfe'), ('ascii', 'a', 'b');
+         UPDATE t SET v = E'na\\xefve' WHERE k = E'M\\xfcller';",
+    )
+    .unwrap();
+    assert!(holds(&mut c, "SELECT octet_length(E'\\xfc') = 1"), "the byte is stored as one byte");
+    assert!(holds(
+        &mut c,
+        "SELECT count(*) = 3 AND bool_and(changed_by = E'jos\\xe9') FROM audit.log"
+    ));
+    assert!(holds(
+        &mut c,
+        "SELECT row_id = E'M\\xfcller' AND changed_fields = '{v}' AND new_values->>'v' = E'na\\xefve'
+            AND old_values->>'v' = E'caf\\xe9 \\xff'
+           FROM audit.log WHERE operation = 'UPDATE'"
+    ));
+    assert!(verify_ok(&mut c), "unsealed rows verify");
+    c.batch_execute("SELECT audit.seal()").unwrap();
+    assert!(holds(&mut c, "SELECT rows = 3 AND ok FROM audit.verify()"), "sealed rows verify");
+    assert!(holds(&mut c, "SELECT audit.state_at('t', 'ascii', now()) ->> 'v' = 'a'"));
+    c.batch_execute("UPDATE audit.log SET changed_by = E'jos\\xe8' WHERE row_id = 'ascii'").unwrap();
+    assert!(!verify_ok(&mut c), "a changed byte is found");
+    cluster.assert_no_crash();
+}
