@@ -182,24 +182,33 @@ fn escape(out: &mut Vec<u8>, s: &[u8]) -> Option<()> {
         let i = i - 1;
         out.extend_from_slice(&s[from..i]);
         from = i + 1;
-        match b {
-            0 => return None, // PostgreSQL would stop the string there
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
-            }
+        if b == 0 {
+            return None; // PostgreSQL would stop the string there
         }
+        escape_byte(out, b);
     }
     out.extend_from_slice(&s[from..]);
     out.push(b'"');
     Some(())
+}
+
+/// One byte as escape_json writes it: \b \f \n \r \t \" \\ or \u00xx for the other
+/// control bytes, any other byte as itself.
+fn escape_byte(out: &mut Vec<u8>, b: u8) {
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        0x0c => out.extend_from_slice(b"\\f"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        0..0x20 => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+        }
+        _ => out.push(b),
+    }
 }
 
 /// Whether any of the eight bytes is a control byte, `"` or `\\` (bit tricks
@@ -342,7 +351,7 @@ pub unsafe fn datum_text(d: pg_sys::Datum, out: &mut Vec<u8>) -> Result<(), Stri
 
 #[cfg(test)]
 mod tests {
-    use super::{escape, needs_escape};
+    use super::{escape, escape_byte, needs_escape};
     use proptest::prelude::*;
 
     fn plain(b: u8) -> bool {
@@ -362,21 +371,11 @@ mod tests {
         }
     }
 
-    /// escape_json, one byte at a time.
+    /// escape_json, one byte at a time: checks the word-at-a-time scan around it.
     fn reference(s: &[u8]) -> Vec<u8> {
         let mut out = vec![b'"'];
         for &b in s {
-            match b {
-                b'"' => out.extend_from_slice(b"\\\""),
-                b'\\' => out.extend_from_slice(b"\\\\"),
-                0x08 => out.extend_from_slice(b"\\b"),
-                0x0c => out.extend_from_slice(b"\\f"),
-                b'\n' => out.extend_from_slice(b"\\n"),
-                b'\r' => out.extend_from_slice(b"\\r"),
-                b'\t' => out.extend_from_slice(b"\\t"),
-                b if b < 0x20 => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
-                b => out.push(b),
-            }
+            escape_byte(&mut out, b);
         }
         out.push(b'"');
         out
