@@ -9,6 +9,7 @@ pub mod ddl;
 pub mod errors;
 pub mod partitions;
 pub mod privilege;
+pub mod query;
 pub mod settings;
 pub mod time_travel;
 pub mod tracking;

@@ -192,6 +192,7 @@ fn record_pruned(part: &str) -> Result<()> {
 }
 
 pub fn maintain_impl(as_of: Option<TimestampWithTimeZone>) -> Result<Value> {
+    crate::query::refuse_during_recovery(c"audit.maintain()");
     let as_of = as_of.ok_or(AuditError::NullArgument("as_of"))?;
     let interval = settings::partition_interval();
     let premake = settings::PREMAKE.get();

@@ -4,7 +4,6 @@
 //! as the caller, so a table owner cannot borrow the extension owner's rights.
 
 use pgrx::pg_sys::{self, Oid};
-use pgrx::prelude::*;
 
 use crate::errors::{AuditError, Result};
 
@@ -41,7 +40,7 @@ impl Drop for AsOwner {
 
 /// The extension owner's oid (pg_extension is readable by everyone).
 pub fn extension_owner() -> Result<Oid> {
-    Spi::get_one::<Oid>(
+    crate::query::one::<Oid>(
         "SELECT (SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'audit_ext')",
     )?
     .ok_or(AuditError::NotInstalled)

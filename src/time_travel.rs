@@ -467,6 +467,7 @@ struct UndoStep {
 }
 
 fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
+    crate::query::refuse_during_recovery(c"audit.undo()");
     let txid = txid.ok_or(AuditError::NullArgument("txid"))?;
     let force = force.unwrap_or(false);
     let steps: Vec<UndoStep> = as_extension_owner(|| {

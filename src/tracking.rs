@@ -105,6 +105,7 @@ pub fn track_impl(
     exclude: Option<Vec<Option<String>>>,
     redact: Option<Vec<Option<String>>>,
 ) -> Result<()> {
+    crate::query::refuse_during_recovery(c"audit.track()");
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
     let exclude = clean_list(exclude)?;
     let redact = clean_list(redact)?;
@@ -180,6 +181,7 @@ pub fn track_impl(
 }
 
 pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
+    crate::query::refuse_during_recovery(c"audit.untrack()");
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
     check_trackable(&rel)?;
     let name = qualified_name(&rel);

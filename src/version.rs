@@ -11,7 +11,7 @@ use crate::errors::{OrRaise, Result};
 fn version_impl() -> Result<serde_json::Value> {
     // One catalog query, nothing from schema audit: any role granted EXECUTE
     // may call it.
-    let server = Spi::get_one::<JsonB>(
+    let server = crate::query::one::<JsonB>(
         "SELECT pg_catalog.jsonb_build_object(
            'extension_version', (SELECT e.extversion FROM pg_catalog.pg_extension e WHERE e.extname = 'audit_ext'),
            'postgresql_version', pg_catalog.current_setting('server_version'),

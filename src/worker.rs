@@ -122,7 +122,7 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
     let db = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
     let installed = BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'audit_ext')")
+        crate::query::one::<bool>("SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'audit_ext')")
             .ok()
             .flatten()
             .unwrap_or(false)

@@ -66,7 +66,7 @@ pub fn secret(owner: pg_sys::Oid) -> AResult<Rc<[u8]>> {
     }
     let key = {
         let _owner = AsOwner::enter(owner);
-        Spi::get_one::<Vec<u8>>("SELECT (SELECT key FROM audit.secret LIMIT 1)")?
+        crate::query::one::<Vec<u8>>("SELECT (SELECT key FROM audit.secret LIMIT 1)")?
     }
     .ok_or_else(|| AuditError::Internal("audit.secret is empty; run audit.track() again".into()))?;
     let key: Rc<[u8]> = key.into();

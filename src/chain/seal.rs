@@ -88,6 +88,7 @@ fn ready_horizon() -> Result<Option<i64>> {
 }
 
 pub fn seal_impl() -> Result<i64> {
+    crate::query::refuse_during_recovery(c"audit.seal()");
     as_extension_owner(|| {
         let got = Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_try_advisory_xact_lock($1)", &[SEAL_LOCK_KEY.into()])?
             .unwrap_or(false);
@@ -171,7 +172,7 @@ fn seal() -> i64 {
 #[pg_extern(stable, parallel_safe)]
 fn digest() -> pgrx::JsonB {
     let r = as_extension_owner(|| {
-        Ok(Spi::get_one::<pgrx::JsonB>(
+        Ok(crate::query::one::<pgrx::JsonB>(
             "SELECT (SELECT pg_catalog.jsonb_build_object('block_id', block_id, 'last_id', last_id,
                         'through_id', through_id, 'block_hash', pg_catalog.encode(block_hash, 'hex'),
                         'sealed_at', sealed_at)

@@ -122,6 +122,40 @@ fn pg_config_value(pg_config: &str, arg: &str) -> String {
 impl Cluster {
     /// initdb + start a fresh cluster. Panics (with the server log) on failure.
     pub fn start(opts: ClusterOpts) -> Cluster {
+        let cluster = Cluster::fresh();
+        let out = cluster
+            .pg_command(cluster.bindir.join("initdb"))
+            .arg("-D")
+            .arg(&cluster.data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", describe(&out));
+
+        cluster.append_conf(&opts);
+        cluster.start_again();
+        cluster
+    }
+
+    /// A streaming-replication standby of `primary` (pg_basebackup -R), started.
+    pub fn standby_of(primary: &Cluster, opts: ClusterOpts) -> Cluster {
+        let cluster = Cluster::fresh();
+        let out = cluster
+            .pg_command(cluster.bindir.join("pg_basebackup"))
+            .arg("-h")
+            .arg(&primary.sock)
+            .args(["-p", &primary.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "--checkpoint=fast", "--no-sync", "-D"])
+            .arg(&cluster.data)
+            .output()
+            .expect("run pg_basebackup");
+        assert!(out.status.success(), "pg_basebackup failed: {}", describe(&out));
+        cluster.append_conf(&opts);
+        cluster.start_again();
+        cluster
+    }
+
+    /// A new directory for a cluster, owned by the cluster owner; nothing in it yet.
+    fn fresh() -> Cluster {
         let pg_config =
             std::env::var("AUDIT_EXT_PG_CONFIG").unwrap_or_else(|_| DEFAULT_PG_CONFIG.to_string());
         let bindir = PathBuf::from(pg_config_value(&pg_config, "--bindir"));
@@ -172,20 +206,15 @@ impl Cluster {
                 cluster.bindir.display()
             );
         }
+        cluster
+    }
 
-        let out = cluster
-            .pg_command(cluster.bindir.join("initdb"))
-            .arg("-D")
-            .arg(&cluster.data)
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
-            .output()
-            .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", describe(&out));
-
+    /// The harness's settings and `opts`, after whatever postgresql.conf holds.
+    fn append_conf(&self, opts: &ClusterOpts) {
         let mut conf = format!(
             "\n# added by tests/common\nport = {}\nlisten_addresses = ''\nunix_socket_directories = '{}'\nfsync = off\n",
-            cluster.port,
-            cluster.sock.display()
+            self.port,
+            self.sock.display()
         );
         if opts.preload {
             conf.push_str("shared_preload_libraries = 'audit_ext'\n");
@@ -196,12 +225,9 @@ impl Cluster {
         }
         fs::OpenOptions::new()
             .append(true)
-            .open(cluster.data.join("postgresql.conf"))
+            .open(self.data.join("postgresql.conf"))
             .and_then(|mut f| f.write_all(conf.as_bytes()))
             .expect("append to postgresql.conf");
-
-        cluster.start_again();
-        cluster
     }
 
     /// A command run as the cluster owner (`sudo -u postgres` when root).
