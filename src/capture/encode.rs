@@ -84,26 +84,6 @@ unsafe fn call_variadic(
     }
 }
 
-/// A jsonb object of the items, keyed by their names.
-///
-/// # Safety
-/// See [`call_variadic`].
-pub unsafe fn jsonb_object(items: &[Item<'_>]) -> Datum {
-    if items.is_empty() {
-        // SAFETY: a static, valid JSON literal.
-        return unsafe { jsonb_from_str(c"{}") };
-    }
-    let mut args = Vec::with_capacity(items.len() * 2);
-    for it in items {
-        // SAFETY: key is a valid NUL-terminated string.
-        let key = unsafe { text_datum(it.key.to_bytes()) };
-        args.push((key, false, pg_sys::TEXTOID));
-        args.push((it.value, it.isnull, it.typid));
-    }
-    // SAFETY: args match the types given.
-    unsafe { call_variadic(pg_sys::F_JSONB_BUILD_OBJECT_ANY, pg_sys::jsonb_build_object, &args) }
-}
-
 /// `jsonb_build_object` prepared once for a fixed list of keys and types: the
 /// call's expression, function info and key datums live in their own memory
 /// context, so encoding a whole row allocates only the result.
@@ -194,19 +174,6 @@ pub unsafe fn jsonb_from_str(s: &CStr) -> Datum {
     }
 }
 
-/// The canonical text of a jsonb datum (`jsonb_out`), which is what the row hash covers.
-///
-/// # Safety
-/// `d` must be a valid jsonb datum.
-pub unsafe fn jsonb_text(d: Datum) -> String {
-    // SAFETY: jsonb_out returns a palloc'd NUL-terminated string.
-    unsafe {
-        let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
-            .expect("jsonb_out never returns NULL");
-        cstr_to_string(out.cast_mut_ptr())
-    }
-}
-
 /// The type's text output of a datum, as `::text` gives it: bytes in the database encoding.
 ///
 /// # Safety
@@ -219,13 +186,6 @@ pub unsafe fn output_bytes(d: Datum, typid: Oid) -> Vec<u8> {
         pg_sys::getTypeOutputInfo(typid, &mut func, &mut varlena);
         CStr::from_ptr(pg_sys::OidOutputFunctionCall(func, d)).to_bytes().to_vec()
     }
-}
-
-/// # Safety
-/// `p` must be a valid NUL-terminated string.
-pub unsafe fn cstr_to_string(p: *const c_char) -> String {
-    // SAFETY: guaranteed by caller.
-    unsafe { CStr::from_ptr(p).to_string_lossy().into_owned() }
 }
 
 /// A palloc'd varlena (text or bytea) holding `bytes`.

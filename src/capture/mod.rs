@@ -160,14 +160,15 @@ unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> AResult<Option<Vec<u8>>> {
     if cfg.key.is_empty() {
         return Ok(None);
     }
+    if let [(attnum, _)] = cfg.key[..] {
+        let (d, isnull) = row.get(attnum);
+        // SAFETY: a non-null datum of the type whose output function this is; a palloc'd C string.
+        return Ok((!isnull).then(|| unsafe { CStr::from_ptr(pg_sys::OidOutputFunctionCall(cfg.key_output, d)).to_bytes().to_vec() }));
+    }
     let vals: Vec<(Datum, bool, pg_sys::Oid)> = cfg.key.iter().map(|&(attnum, typid)| {
         let (d, isnull) = row.get(attnum);
         (d, isnull, typid)
     }).collect();
-    if let [(d, isnull, _)] = vals[..] {
-        // SAFETY: a non-null datum of the type whose output function this is; a palloc'd C string.
-        return Ok((!isnull).then(|| unsafe { CStr::from_ptr(pg_sys::OidOutputFunctionCall(cfg.key_output, d)).to_bytes().to_vec() }));
-    }
     // SAFETY: valid datums of their types; the array is a fresh jsonb.
     unsafe { hash_text(encode::jsonb_array(&vals)) }.map(Some)
 }
