@@ -33,3 +33,41 @@ BEGIN
   END LOOP;
 END
 $$;
+
+-- The sealer waits for the transactions that hold audit ids, not for every
+-- transaction with an xid (src/chain/writers.rs): its candidate names those
+-- transactions. A pending candidate of 0.1.0 is dropped; the next seal makes a new one.
+DROP TABLE audit.seal_state;
+CREATE TABLE audit.seal_state (
+    id              int      PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    pending_id      bigint,
+    pending_writers bigint[]
+);
+REVOKE ALL ON TABLE audit.seal_state FROM PUBLIC;
+
+-- Retention records (src/chain/prune.rs): what retention removes is committed into the
+-- chain. What 0.1.0's retention kept (audit.pruned, audit.pruned_blocks) is committed
+-- now, as one retention record made at upgrade time.
+ALTER TABLE audit.blocks ADD COLUMN kind text NOT NULL DEFAULT 'rows' CHECK (kind IN ('rows', 'prune'));
+CREATE TABLE audit.prune_parts (
+    prune_block bigint  NOT NULL,
+    block_id    bigint  NOT NULL,
+    removed     bigint  NOT NULL,
+    rows_hash   bytea   NOT NULL,
+    completes   boolean NOT NULL,
+    PRIMARY KEY (prune_block, block_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('audit.prune_parts', '');
+REVOKE ALL ON TABLE audit.prune_parts FROM PUBLIC;
+ALTER TABLE audit.pruned ADD COLUMN prune_block bigint;
+/* <begin connected objects> */
+-- audit_ext::chain::prune::adopt_pruned
+CREATE  FUNCTION "_adopt_pruned"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'adopt_pruned_wrapper';
+/* </end connected objects> */
+REVOKE ALL ON FUNCTION audit._adopt_pruned() FROM PUBLIC;
+SELECT audit._adopt_pruned();
+ALTER TABLE audit.pruned ALTER COLUMN prune_block SET NOT NULL;
+DROP TABLE audit.pruned_blocks;

@@ -2,20 +2,54 @@
 
 -- DDL on tracked tables is recorded, and audit data is guarded (see src/ddl.rs).
 -- SECURITY DEFINER: the DDL's author needs no privilege in schema audit.
+--
+-- Capture triggers (those that run audit.capture(), whatever they are called, and
+-- those named like ours) are audit.track()'s alone: renaming one, or creating or
+-- replacing one in any other shape, is refused, so capture cannot be moved out
+-- of sight and then dropped. Every other DDL on a tracked table or on any of its
+-- partitions (ENABLE/DISABLE TRIGGER among it) is recorded under the tracked table.
 CREATE FUNCTION audit._on_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE r record;
 BEGIN
-  FOR r IN SELECT DISTINCT c.command_tag, n.nspname::text AS nsp, cl.relname::text AS rel,
-                  pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(cl.relname) AS ident
+  FOR r IN SELECT c.command_tag, tg.tgname::text AS tgname, tg.tgrelid::regclass::text AS tbl,
+                  tg.tgfoid OPERATOR(pg_catalog.=) 'audit.capture()'::pg_catalog.regprocedure
+                    AND tg.tgqual IS NULL AND COALESCE(pg_catalog.array_length(tg.tgattr, 1), 0) OPERATOR(pg_catalog.=) 0
+                    AND ((tg.tgname OPERATOR(pg_catalog.=) 'audit_capture_row' AND tg.tgtype OPERATOR(pg_catalog.=) 29)
+                      OR (tg.tgname OPERATOR(pg_catalog.=) 'audit_capture_truncate' AND tg.tgtype OPERATOR(pg_catalog.=) 32))
+                    AS as_tracked
              FROM pg_catalog.pg_event_trigger_ddl_commands() c
-             JOIN audit.tracked t ON t.relid::oid = c.objid
-             JOIN pg_catalog.pg_class cl ON cl.oid = c.objid
-             -- Only while capture is attached: a restore's post-data DDL (keys,
-             -- indexes) comes before the dumped triggers and is not history.
-             JOIN pg_catalog.pg_trigger tg ON tg.tgrelid = c.objid AND tg.tgname = 'audit_capture_row'
-             JOIN pg_catalog.pg_namespace n ON n.oid = cl.relnamespace
-            WHERE c.classid = 'pg_catalog.pg_class'::pg_catalog.regclass LOOP
+             JOIN pg_catalog.pg_trigger tg ON tg.oid OPERATOR(pg_catalog.=) c.objid
+            WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_trigger'::pg_catalog.regclass
+              AND (tg.tgfoid OPERATOR(pg_catalog.=) 'audit.capture()'::pg_catalog.regprocedure
+                   OR tg.tgname::text OPERATOR(pg_catalog.~~) 'audit\_capture\_%') LOOP
+    IF r.command_tag OPERATOR(pg_catalog.<>) 'CREATE TRIGGER' OR NOT r.as_tracked THEN
+      RAISE EXCEPTION 'audit_ext: % refused for capture trigger "%" on %', r.command_tag, r.tgname, r.tbl
+        USING ERRCODE = '42501',
+              HINT = 'Capture triggers are made by audit.track() and removed by audit.untrack(); they cannot be renamed or replaced.';
+    END IF;
+  END LOOP;
+  FOR r IN SELECT DISTINCT c.command_tag, n.nspname::text AS nsp, cl.relname::text AS rel,
+                  pg_catalog.quote_ident(otn.nspname) OPERATOR(pg_catalog.||) '.'
+                    OPERATOR(pg_catalog.||) pg_catalog.quote_ident(ot.relname) AS ident
+             FROM pg_catalog.pg_event_trigger_ddl_commands() c
+             JOIN pg_catalog.pg_class ot ON ot.oid OPERATOR(pg_catalog.=) c.objid
+             JOIN pg_catalog.pg_namespace otn ON otn.oid OPERATOR(pg_catalog.=) ot.relnamespace
+             -- The tracked table itself, or the tracked table that a partition belongs to.
+             CROSS JOIN LATERAL (SELECT t.relid
+                                   FROM (SELECT c.objid::pg_catalog.regclass AS relid, 0 AS depth
+                                         UNION ALL
+                                         SELECT a.relid, 1 FROM pg_catalog.pg_partition_ancestors(c.objid) a) a
+                                   JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid
+                                  ORDER BY a.depth LIMIT 1) tr
+             JOIN pg_catalog.pg_class cl ON cl.oid OPERATOR(pg_catalog.=) tr.relid
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) cl.relnamespace
+            WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+              -- Only while capture is attached: a restore's post-data DDL (keys,
+              -- indexes) comes before the dumped triggers and is not history.
+              AND EXISTS (SELECT FROM pg_catalog.pg_trigger tg
+                           WHERE tg.tgrelid OPERATOR(pg_catalog.=) c.objid
+                             AND tg.tgfoid OPERATOR(pg_catalog.=) 'audit.capture()'::pg_catalog.regprocedure) LOOP
     PERFORM audit._record_ddl(r.nsp, r.rel, r.command_tag, r.ident, pg_catalog.current_query());
   END LOOP;
 END $$;

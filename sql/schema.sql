@@ -72,25 +72,38 @@ CREATE TABLE audit.blocks (
     root       bytea       NOT NULL,
     prev_hash  bytea       NOT NULL,
     block_hash bytea       NOT NULL,
-    sealed_at  timestamptz NOT NULL
+    sealed_at  timestamptz NOT NULL,
+    -- 'rows': seals the ids in (from_id, through_id]. 'prune': a retention record
+    -- (src/chain/prune.rs), covering no ids (from_id = through_id); its root
+    -- commits its audit.prune_parts.
+    kind       text        NOT NULL DEFAULT 'rows' CHECK (kind IN ('rows', 'prune'))
 );
 
--- Sealer bookkeeping: a candidate horizon waiting for older transactions to finish.
+-- The worker's sealing candidate (src/chain/seal.rs): every id up to pending_id is final
+-- once the transactions in pending_writers (packed virtual transaction ids) have ended.
 CREATE TABLE audit.seal_state (
-    id          int    PRIMARY KEY DEFAULT 1 CHECK (id = 1),
-    pending_id  bigint,
-    pending_xid bigint
+    id              int      PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    pending_id      bigint,
+    pending_writers bigint[]
 );
 
--- Hashes of rows removed by retention, so verify can still recompute partly pruned blocks.
-CREATE TABLE audit.pruned (
-    id         bigint PRIMARY KEY,
-    row_hash   bytea  NOT NULL
+-- What each retention record removed from each data block: how many rows, the hash of
+-- their (id, row_hash) pairs, and whether the block is now empty. The record's root
+-- commits these, so they cannot be edited unnoticed.
+CREATE TABLE audit.prune_parts (
+    prune_block bigint  NOT NULL,
+    block_id    bigint  NOT NULL,
+    removed     bigint  NOT NULL,
+    rows_hash   bytea   NOT NULL,
+    completes   boolean NOT NULL,
+    PRIMARY KEY (prune_block, block_id)
 );
--- Blocks whose rows were all removed by retention.
-CREATE TABLE audit.pruned_blocks (
-    block_id    bigint      PRIMARY KEY,
-    pruned_at   timestamptz NOT NULL DEFAULT now()
+-- (id, row_hash) of rows removed by retention from blocks that still hold rows, so verify
+-- can recompute those blocks' roots; checked against their retention record's part.
+CREATE TABLE audit.pruned (
+    id          bigint PRIMARY KEY,
+    row_hash    bytea  NOT NULL,
+    prune_block bigint NOT NULL
 );
 
 -- pg_dump carries these (with the rows) even though they belong to the extension.
@@ -100,7 +113,7 @@ SELECT pg_catalog.pg_extension_config_dump('audit.tracked', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.secret', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.blocks', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.pruned', '');
-SELECT pg_catalog.pg_extension_config_dump('audit.pruned_blocks', '');
+SELECT pg_catalog.pg_extension_config_dump('audit.prune_parts', '');
 
 -- The earliest time history is complete for: written by retention when it removes partitions
 -- (no row: no limit, so a restore never collides with the install script).

@@ -41,6 +41,8 @@ pub enum AuditError {
     InvalidSetting { setting: &'static str, why: String },
     #[error("nothing is sealed yet: run audit.seal() first")]
     NothingSealed,
+    #[error("audit.seal() gave up waiting for a transaction that holds unsealed audit ids (lock_timeout or statement_timeout)")]
+    SealWaitTimedOut,
     #[error("invalid digest: {0}")]
     BadDigest(String),
     #[error("audit_ext is not installed in this database")]
@@ -74,6 +76,7 @@ impl AuditError {
             AuditError::InvalidSetting { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             AuditError::NotInstalled => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::NothingSealed => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::SealWaitTimedOut => ERRCODE_LOCK_NOT_AVAILABLE,
             AuditError::BadDigest(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             AuditError::Internal(_) | AuditError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
@@ -86,6 +89,9 @@ impl AuditError {
             ),
             AuditError::UndoConflict(_) => Some("Pass force => true to undo anyway."),
             AuditError::DropRefused(_) => Some("A superuser can SET audit.allow_drop = on in this session first."),
+            AuditError::SealWaitTimedOut => Some(
+                "Nothing was sealed. Find the transaction in pg_locks (a lock on the audit_ext extension object) and end it, or raise lock_timeout.",
+            ),
             _ => None,
         }
     }

@@ -144,12 +144,14 @@ fn create_partition(from: TimestampWithTimeZone, to: TimestampWithTimeZone) -> R
     }
     Spi::run(&format!("CREATE TABLE audit.{name} (LIKE audit.log INCLUDING DEFAULTS)"))?;
     Spi::run(&format!(
-        "ALTER TABLE audit.{name} ADD CONSTRAINT {name}_range CHECK (changed_at >= {f} AND changed_at < {t})"
+        "ALTER TABLE audit.{name} ADD CONSTRAINT {name}_range
+           CHECK (changed_at OPERATOR(pg_catalog.>=) {f} AND changed_at OPERATOR(pg_catalog.<) {t})"
     ))?;
     Spi::run("SET LOCAL audit.allow_drop = on")?;
     Spi::run_with_args(
         &format!(
-            "WITH moved AS (DELETE FROM audit.log_default WHERE changed_at >= $1 AND changed_at < $2 RETURNING *)
+            "WITH moved AS (DELETE FROM audit.log_default
+                             WHERE changed_at OPERATOR(pg_catalog.>=) $1 AND changed_at OPERATOR(pg_catalog.<) $2 RETURNING *)
              INSERT INTO audit.{name} SELECT * FROM moved"
         ),
         &[from.into(), to.into()],
@@ -169,25 +171,6 @@ fn dress_partition(name: &str) -> Result<()> {
          CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.{name}
            FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate()"
     ))?;
-    Ok(())
-}
-
-/// Records what retention removes so verify still recomputes the blocks that remain.
-fn record_pruned(part: &str) -> Result<()> {
-    Spi::run(&format!(
-        "INSERT INTO audit.pruned (id, row_hash) SELECT id, row_hash FROM audit.{part} ON CONFLICT (id) DO NOTHING"
-    ))?;
-    // Blocks whose every row is now pruned need no per-row hashes any more.
-    Spi::run(
-        "WITH full_blocks AS (
-            SELECT b.block_id, b.from_id, b.through_id FROM audit.blocks b
-             WHERE b.row_count OPERATOR(pg_catalog.=) (SELECT pg_catalog.count(*) FROM audit.pruned p
-                                   WHERE p.id OPERATOR(pg_catalog.>) b.from_id AND p.id OPERATOR(pg_catalog.<=) b.through_id)
-               AND NOT EXISTS (SELECT 1 FROM audit.pruned_blocks pb WHERE pb.block_id OPERATOR(pg_catalog.=) b.block_id)),
-          ins AS (INSERT INTO audit.pruned_blocks (block_id) SELECT block_id FROM full_blocks)
-         DELETE FROM audit.pruned p USING full_blocks f
-          WHERE p.id OPERATOR(pg_catalog.>) f.from_id AND p.id OPERATOR(pg_catalog.<=) f.through_id",
-    )?;
     Ok(())
 }
 
@@ -272,7 +255,7 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
                     kept.push(json!({"partition": p.name, "why": "has rows not sealed yet: run audit.seal() first"}));
                     continue;
                 }
-                record_pruned(&p.name)?;
+                crate::chain::prune::record(&p.name)?;
                 Spi::run_with_args(
                     "INSERT INTO audit.horizon (id, horizon) VALUES (1, $1)
                      ON CONFLICT (id) DO UPDATE SET horizon = GREATEST(audit.horizon.horizon, EXCLUDED.horizon)",

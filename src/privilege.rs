@@ -7,33 +7,84 @@ use pgrx::pg_sys::{self, Oid};
 
 use crate::errors::{AuditError, Result};
 
+/// The only search_path under which SQL runs as the extension owner (or in the
+/// worker): pg_catalog first, pg_temp last, so that no schema a user can create
+/// objects in can shadow an operator, function, type or table our SQL names.
+pub const FIXED_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
+
 /// While alive, the current user is the extension owner. Restored on drop; on
 /// ERROR, transaction abort restores it as it does for SECURITY DEFINER.
+///
+/// Every switch that may run SQL also pins `search_path` to
+/// [`FIXED_SEARCH_PATH`] for its lifetime, exactly as a function's
+/// `SET search_path` clause does (a GUC nest level, closed on drop and by abort),
+/// so no code path can forget to.
 pub struct AsOwner {
     uid: Oid,
     ctx: i32,
+    /// The GUC nest level opened for the fixed search_path; 0 when none was.
+    guc_level: i32,
 }
 
 impl AsOwner {
     /// Also marks a security-restricted operation, as the trigger path wants.
     pub fn enter(owner: Oid) -> Self {
-        Self::switch(owner, (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32)
+        Self::switch(owner, (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32, true)
     }
 
-    fn switch(owner: Oid, flags: i32) -> Self {
+    /// The trigger's per-row switch, which runs no SQL that is parsed or planned
+    /// under it: a direct call of nextval and a heap insert, or (with row-level
+    /// security on audit.log) a kept plan of an INSERT with qualified names and no
+    /// operators. Pinning search_path per row would cost a GUC save and restore
+    /// (on PostgreSQL 15 a walk over every GUC) for nothing, so this one does not.
+    pub fn enter_for_row_write(owner: Oid) -> Self {
+        Self::switch(owner, (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32, false)
+    }
+
+    fn switch(owner: Oid, flags: i32, pin_search_path: bool) -> Self {
         let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
         // SAFETY: a plain save and set of the backend's user id, as fmgr_security_definer does.
         unsafe {
             pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
             pg_sys::SetUserIdAndSecContext(owner, ctx | flags);
         }
-        AsOwner { uid, ctx }
+        let guc_level = if pin_search_path { pin_fixed_search_path() } else { 0 };
+        AsOwner { uid, ctx, guc_level }
+    }
+}
+
+/// Opens a GUC nest level and sets search_path in it, as fmgr does for a
+/// function's SET clause. Returns the level, for AtEOXact_GUC to close.
+pub fn pin_fixed_search_path() -> i32 {
+    // SAFETY: NewGUCNestLevel has no preconditions. set_config_option with
+    // GUC_ACTION_SAVE records the old value in that level; search_path is a
+    // USERSET setting, so PGC_USERSET/PGC_S_SESSION is always allowed, and
+    // elevel ERROR makes a (never expected) failure an ordinary ERROR.
+    unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            FIXED_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
+        level
     }
 }
 
 impl Drop for AsOwner {
     fn drop(&mut self) {
-        // SAFETY: restores exactly what enter() saved.
+        // While an ERROR unwinds, transaction (or subtransaction) abort closes the
+        // level; closing it here too would run GUC code on a failing transaction.
+        if self.guc_level > 0 && !std::thread::panicking() {
+            // SAFETY: closes the level switch() opened, restoring the caller's search_path.
+            unsafe { pg_sys::AtEOXact_GUC(true, self.guc_level) };
+        }
+        // SAFETY: restores exactly what switch() saved.
         unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) };
     }
 }
@@ -50,7 +101,7 @@ pub fn extension_owner() -> Result<Oid> {
 pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     // Not security-restricted: maintenance creates and detaches partitions.
     let owner = crate::capture::cache::ext_state()?.owner;
-    let _owner = AsOwner::switch(owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    let _owner = AsOwner::switch(owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32, true);
     f()
 }
 

@@ -96,6 +96,13 @@ fn database_list() -> Vec<String> {
     })
 }
 
+/// The transaction's start time, as `now()` would give it.
+fn now() -> pgrx::datum::TimestampWithTimeZone {
+    // SAFETY: a plain read of transaction state inside a transaction.
+    let t = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    pgrx::datum::TimestampWithTimeZone::try_from(t).unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::positive_infinity())
+}
+
 /// Runs one database's worker and waits for it to finish.
 fn run_in(db: &str) {
     let started = BackgroundWorkerBuilder::new(&format!("audit_ext worker {db}"))
@@ -121,8 +128,9 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    BackgroundWorker::transaction(ignore_database_and_role_settings);
     let installed = BackgroundWorker::transaction(|| {
-        crate::query::one::<bool>("SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'audit_ext')")
+        crate::query::one::<bool>("SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'audit_ext')")
             .ok()
             .flatten()
             .unwrap_or(false)
@@ -131,10 +139,11 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
         return;
     }
     // Two transactions: partitions made by maintain are committed even if sealing fails.
-    let report = BackgroundWorker::transaction(|| {
-        Spi::get_one::<pgrx::JsonB>("SELECT audit.maintain()").ok().flatten().map(|j| j.0)
-    });
-    let sealed = BackgroundWorker::transaction(|| Spi::get_one::<i64>("SELECT audit.seal()").ok().flatten().unwrap_or(0));
+    // The library's own functions, called directly: the worker seals without waiting
+    // (audit.seal() waits for writers; the worker must never hold anyone up).
+    let report = BackgroundWorker::transaction(|| crate::partitions::maintain_impl(Some(now())).ok());
+    let sealed =
+        BackgroundWorker::transaction(|| crate::chain::seal::seal_impl(crate::chain::seal::Wait::No).unwrap_or(0));
     let busy = |k: &str| report.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_array()).is_some_and(|a| !a.is_empty());
     let moved = report.as_ref().and_then(|r| r.get("moved_from_default")).and_then(|v| v.as_i64()).unwrap_or(0);
     let did = sealed > 0 || moved > 0 || busy("created") || busy("retention");
@@ -146,5 +155,66 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
         log!("{summary}");
     } else {
         debug1!("{summary}");
+    }
+}
+
+/// The worker connects as a superuser, and the connection applies the settings
+/// of `ALTER DATABASE … SET` and `ALTER ROLE … SET`, which a database owner
+/// controls: a `search_path` naming a schema of theirs would make our SQL call
+/// their operators as a superuser. So every such setting goes back to its
+/// built-in value, except audit_ext's own (`audit.*`, which is how retention is
+/// set per database), and search_path is pinned for the worker's life.
+fn ignore_database_and_role_settings() {
+    // SAFETY: a session-level SET as the superuser the worker is; search_path
+    // always accepts this value.
+    unsafe {
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            crate::privilege::FIXED_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SET,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
+    }
+    let overridden: Vec<(String, Option<String>)> = Spi::connect(|c| {
+        let mut v = Vec::new();
+        if let Ok(rows) = c.select(
+            "SELECT name::pg_catalog.text, boot_val FROM pg_catalog.pg_settings
+              WHERE source OPERATOR(pg_catalog.=) ANY (ARRAY['database', 'user', 'database user'])
+                AND name OPERATOR(pg_catalog.!~~) 'audit.%'
+                AND name OPERATOR(pg_catalog.<>) 'search_path'",
+            None,
+            &[],
+        ) {
+            for r in rows {
+                if let Ok(Some(name)) = r.get::<String>(1) {
+                    v.push((name, r.get::<String>(2).ok().flatten()));
+                }
+            }
+        }
+        v
+    });
+    for (name, boot) in overridden {
+        let (Ok(name_c), Ok(boot_c)) = (std::ffi::CString::new(name.as_str()), std::ffi::CString::new(boot.unwrap_or_default()))
+        else {
+            continue;
+        };
+        // SAFETY: a session-level SET as the superuser the worker is; elevel WARNING
+        // makes a setting that refuses its boot value a log line, not an exit.
+        unsafe {
+            pg_sys::set_config_option(
+                name_c.as_ptr(),
+                boot_c.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SET,
+                true,
+                pgrx::PgLogLevel::WARNING as i32,
+                false,
+            );
+        }
     }
 }

@@ -33,10 +33,13 @@ fn two_writers_on_different_rows_never_wait() {
     let t = Instant::now();
     w2.batch_execute("UPDATE acct SET bal = 2 WHERE id = 2").unwrap();
     assert!(t.elapsed() < Duration::from_secs(2), "second writer waited {:?}", t.elapsed());
-    // A sealer meanwhile neither blocks nor seals past the open transaction.
+    // A sealer meanwhile never seals past the open transaction: audit.seal() waits
+    // for it, up to lock_timeout, then gives up having sealed nothing.
     let mut s = c.connect("postgres");
-    s.batch_execute("SET lock_timeout = '2s'").unwrap();
-    let sealed: i64 = s.query_one("SELECT audit.seal()", &[]).unwrap().get(0);
+    s.batch_execute("SET lock_timeout = '500ms'").unwrap();
+    let err = s.query_one("SELECT audit.seal()", &[]).unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("55P03"), "{err}");
+    let sealed: i64 = s.query_one("SELECT count(*) FROM audit.blocks", &[]).unwrap().get(0);
     assert_eq!(sealed, 0, "nothing is final while an older transaction may still hold a lower id");
     w1.batch_execute("COMMIT").unwrap();
     let sealed: i64 = s.query_one("SELECT audit.seal() + audit.seal()", &[]).unwrap().get(0);

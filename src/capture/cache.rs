@@ -42,6 +42,8 @@ pub struct RelConfig {
 /// The extension's objects, looked up once per backend.
 #[derive(Clone, Copy)]
 pub struct ExtState {
+    /// The pg_extension row's oid: transactions holding audit ids lock it (chain::writers).
+    pub ext: Oid,
     pub owner: Oid,
     pub log: Oid,
     pub seq: Oid,
@@ -105,21 +107,23 @@ pub fn ext_state() -> Result<ExtState> {
     }
     let owner = crate::privilege::extension_owner()?;
     // SAFETY: plain syscache lookups by name; missing_ok returns InvalidOid.
-    let (log, seq, tracked) = unsafe {
+    let (ext, log, seq, tracked) = unsafe {
+        let ext = pg_sys::get_extension_oid(c"audit_ext".as_ptr(), true);
         let ns = pg_sys::get_namespace_oid(c"audit".as_ptr(), true);
         if ns == pg_sys::InvalidOid {
             return Err(AuditError::NotInstalled);
         }
         (
+            ext,
             pg_sys::get_relname_relid(c"log".as_ptr(), ns),
             pg_sys::get_relname_relid(c"log_id_seq".as_ptr(), ns),
             pg_sys::get_relname_relid(c"tracked".as_ptr(), ns),
         )
     };
-    if [log, seq, tracked].contains(&pg_sys::InvalidOid) {
+    if [ext, log, seq, tracked].contains(&pg_sys::InvalidOid) {
         return Err(AuditError::NotInstalled);
     }
-    let st = ExtState { owner, log, seq, tracked };
+    let st = ExtState { ext, owner, log, seq, tracked };
     EXT.with(|e| e.set(Some(st)));
     Ok(st)
 }

@@ -282,16 +282,17 @@ pub struct Row<'a> {
 pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: Row) -> AResult<()> {
     let db_user = info.db_user();
     let Row { schema, table, operation, row_id, old_row_id, old_values, new_values, changed } = row;
-    // SAFETY: plain accessors of transaction state. The xid is taken before the id:
-    // sealing relies on every id being handed out after its transaction's xid.
+    // SAFETY: plain accessors of transaction state.
     let (txid, changed_at) = unsafe {
         (
             pg_sys::GetTopFullTransactionId().value as i64,
             pg_sys::GetCurrentTransactionStartTimestamp(),
         )
     };
-    // From here on only the extension's own objects are touched.
-    let _owner = AsOwner::enter(ext.owner);
+    // From here on only the extension's own objects are touched, and no SQL is planned.
+    let _owner = AsOwner::enter_for_row_write(ext.owner);
+    // Before the id: the sealer must see that this transaction holds one.
+    crate::chain::writers::mark_current_transaction(ext.ext);
     // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
     let id = unsafe {
         pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))])

@@ -7,6 +7,10 @@ use sha2::{Digest, Sha256};
 pub const ROW_DOMAIN: &[u8] = b"audit_ext:row:v1";
 pub const ROOT_DOMAIN: &[u8] = b"audit_ext:root:v1";
 pub const BLOCK_DOMAIN: &[u8] = b"audit_ext:block:v1";
+/// A retention record: a block that covers no new ids but commits what retention removed.
+pub const PRUNE_DOMAIN: &[u8] = b"audit_ext:prune:v1";
+pub const PRUNE_ROOT_DOMAIN: &[u8] = b"audit_ext:prune-root:v1";
+pub const PRUNED_ROWS_DOMAIN: &[u8] = b"audit_ext:pruned-rows:v1";
 pub const HMAC_MARKER_PREFIX: &str = "redacted:";
 
 const TAG_NULL: u8 = 0;
@@ -111,6 +115,10 @@ impl RootBuilder {
     pub fn new() -> Self {
         RootBuilder { enc: Enc::new(ROOT_DOMAIN), count: 0 }
     }
+    /// The same construction over the (id, row_hash) pairs one retention run removed from one block.
+    pub fn pruned_rows() -> Self {
+        RootBuilder { enc: Enc::new(PRUNED_ROWS_DOMAIN), count: 0 }
+    }
     pub fn push(&mut self, id: i64, row_hash: &[u8]) {
         self.enc.int(id);
         self.enc.bytes(Some(row_hash));
@@ -145,7 +153,39 @@ pub struct BlockFields<'a> {
 }
 
 pub fn block_hash(b: &BlockFields<'_>) -> [u8; 32] {
-    let mut e = Enc::new(BLOCK_DOMAIN);
+    block_hash_in(BLOCK_DOMAIN, b)
+}
+
+/// A retention record's hash: the block fields under their own domain, so no
+/// block of rows can pass for one or the other way round.
+pub fn prune_block_hash(b: &BlockFields<'_>) -> [u8; 32] {
+    block_hash_in(PRUNE_DOMAIN, b)
+}
+
+/// One data block's share of a retention run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrunePart {
+    pub block_id: i64,
+    pub removed: i64,
+    pub rows_hash: Vec<u8>,
+    pub completes: bool,
+}
+
+/// A retention record's root: its parts in block_id order, then their count.
+pub fn prune_root(parts: &[PrunePart]) -> [u8; 32] {
+    let mut e = Enc::new(PRUNE_ROOT_DOMAIN);
+    for p in parts {
+        e.int(p.block_id);
+        e.int(p.removed);
+        e.bytes(Some(&p.rows_hash));
+        e.int(p.completes as i64);
+    }
+    e.0.update((parts.len() as u64).to_be_bytes());
+    e.finish()
+}
+
+fn block_hash_in(domain: &[u8], b: &BlockFields<'_>) -> [u8; 32] {
+    let mut e = Enc::new(domain);
     e.int(b.block_id);
     e.int(b.from_id);
     e.int(b.through_id);

@@ -1,16 +1,25 @@
 //! Sealing: committed rows go into a chain of blocks, by one sealer at a time,
 //! without ever making writers wait.
 //!
-//! The rule that makes late commits safe: every row's id is handed out after its
-//! transaction got its xid. So once we read the sequence's last value S and then
-//! the next xid X, every transaction that could still hold an id <= S has an
-//! xid < X. When the oldest running xid is >= X, ids <= S are final: each one is
-//! committed and visible, or will never exist. Blocks cover contiguous id ranges
-//! (from_id, through_id], so no row can ever land in a sealed range.
+//! The rule that makes late commits safe: a transaction marks itself as a
+//! holder of audit ids before it draws its first one (chain::writers). So once
+//! we have read the sequence's last value S and then listed the holders, every
+//! id <= S is final (committed and visible, or never to exist) as soon as each
+//! listed holder has ended. Our own transaction is never listed: our own rows
+//! are visible to us and commit or abort together with the block that seals
+//! them. Blocks cover contiguous id ranges (from_id, through_id], so no row can
+//! ever land in a sealed range.
+//!
+//! `audit.seal()` waits: for a concurrent sealer, then for the listed holders
+//! (bounded by lock_timeout and statement_timeout), so that when it returns,
+//! every row committed before it was called is sealed. The worker never waits:
+//! it seals what is final now and keeps a candidate (S and its holders) in
+//! audit.seal_state for its next round.
 
 use pgrx::prelude::*;
 
 use crate::chain::hash::{self, BlockFields, RootBuilder};
+use crate::chain::writers;
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::privilege::as_extension_owner;
 
@@ -19,10 +28,6 @@ pub const BLOCK_MAX_ROWS: i64 = 100_000;
 /// Advisory lock key ("audit_se") that makes one sealer at a time.
 pub const SEAL_LOCK_KEY: i64 = 0x6175_6469_745f_7365;
 pub const ZERO_HASH: [u8; 32] = [0u8; 32];
-
-pub fn us_sql(col: &str) -> String {
-    format!("(pg_catalog.extract(epoch FROM {col}) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8")
-}
 
 /// Last sealed block: (block_id, through_id, block_hash).
 pub fn chain_head() -> Result<(i64, i64, Vec<u8>)> {
@@ -37,65 +42,90 @@ pub fn chain_head() -> Result<(i64, i64, Vec<u8>)> {
     })
 }
 
-/// The id up to which rows are final now, updating the pending candidate.
-fn ready_horizon() -> Result<Option<i64>> {
+/// The sequence's last value: every id handed out so far is <= it.
+fn last_id_handed_out() -> Result<i64> {
     let (last, called) = Spi::get_two::<i64, bool>("SELECT last_value, is_called FROM audit.log_id_seq")?;
-    let s = if called.unwrap_or(false) { last.unwrap_or(0) } else { 0 };
-    // SAFETY: reads the shared next-xid counter; must come after reading the sequence.
-    let x = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
-    // A fresh snapshot tells which xids may still run: those in xip, and every xid at
-    // or above xmax. Our own xid does not count: our own rows are visible to us and
-    // commit or abort together with the block that seals them.
-    let (xmax, own, xip) = Spi::connect(|c| -> Result<(i64, Option<i64>, Vec<i64>)> {
-        let mut rows = c.select(
-            "SELECT pg_catalog.pg_snapshot_xmax(s)::pg_catalog.text::pg_catalog.int8,
-                    pg_catalog.pg_current_xact_id_if_assigned()::pg_catalog.text::pg_catalog.int8,
-                    ARRAY(SELECT x::pg_catalog.text::pg_catalog.int8 FROM pg_catalog.pg_snapshot_xip(s) AS x)
-               FROM pg_catalog.pg_current_snapshot() AS s",
-            None,
-            &[],
-        )?;
-        let r = rows.next().ok_or_else(|| AuditError::Internal("no snapshot".into()))?;
-        Ok((r.get(1)?.unwrap_or(0), r.get(2)?, r.get::<Vec<i64>>(3)?.unwrap_or_default()))
-    })?;
-    // Has every transaction with an xid below `bound` (other than ours) finished?
-    let finished_below = |bound: i64| {
-        let none_in_xip = xip.iter().all(|&x| Some(x) == own || x >= bound);
-        none_in_xip && (bound <= xmax || (own == Some(xmax) && bound <= xmax + 1))
-    };
-    let (p_id, p_xid) = Spi::get_two::<i64, i64>(
-        "SELECT (SELECT pending_id FROM audit.seal_state), (SELECT pending_xid FROM audit.seal_state)",
+    Ok(if called.unwrap_or(false) { last.unwrap_or(0) } else { 0 })
+}
+
+/// Waits until every id handed out so far is final, and returns the highest.
+fn wait_horizon(ext: pg_sys::Oid) -> Result<i64> {
+    let s = last_id_handed_out()?;
+    for w in writers::holders(ext) {
+        let waited = PgTryBuilder::new(|| {
+            writers::wait_for(w);
+            true
+        })
+        .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| false)
+        .catch_when(PgSqlErrorCode::ERRCODE_QUERY_CANCELED, |_| false)
+        .execute();
+        if !waited {
+            return Err(AuditError::SealWaitTimedOut);
+        }
+    }
+    Ok(s)
+}
+
+/// The id up to which rows are final now, without waiting; updates the candidate
+/// that the next call can seal once its holders have ended.
+fn ready_horizon(ext: pg_sys::Oid) -> Result<Option<i64>> {
+    let s = last_id_handed_out()?;
+    let now_holding = writers::holders(ext);
+    let (p_id, p_writers) = Spi::get_two::<i64, Vec<i64>>(
+        "SELECT (SELECT pending_id FROM audit.seal_state), (SELECT pending_writers FROM audit.seal_state)",
     )?;
-    let (horizon, pending) = if finished_below(x) {
+    let (horizon, pending) = if now_holding.is_empty() {
         (Some(s), None)
     } else {
-        match (p_id, p_xid) {
-            (Some(pid), Some(pxid)) if finished_below(pxid) => (Some(pid), Some((s, x))),
-            (Some(pid), Some(pxid)) => (None, Some((pid, pxid))),
-            _ => (None, Some((s, x))),
+        match (p_id, p_writers) {
+            // A candidate can never be above what the sequence has handed out.
+            (Some(pid), Some(pw)) if pid <= s && pw.iter().all(|&w| writers::finished(writers::Writer(w))) => {
+                (Some(pid), Some(s))
+            }
+            (Some(pid), Some(_)) if pid <= s => (None, None),
+            _ => (None, Some(s)),
         }
     };
-    let (pid, pxid) = match pending {
-        Some((a, b)) => (Some(a), Some(b)),
-        None => (None, None),
-    };
-    Spi::run_with_args(
-        "INSERT INTO audit.seal_state (id, pending_id, pending_xid) VALUES (1, $1, $2)
-         ON CONFLICT (id) DO UPDATE SET pending_id = EXCLUDED.pending_id, pending_xid = EXCLUDED.pending_xid",
-        &[pid.into(), pxid.into()],
-    )?;
+    if let Some(candidate) = pending {
+        let ws: Vec<i64> = now_holding.iter().map(|w| w.0).collect();
+        Spi::run_with_args(
+            "INSERT INTO audit.seal_state (id, pending_id, pending_writers) VALUES (1, $1, $2)
+             ON CONFLICT (id) DO UPDATE SET pending_id = EXCLUDED.pending_id, pending_writers = EXCLUDED.pending_writers",
+            &[candidate.into(), ws.into()],
+        )?;
+    } else if horizon.is_some() {
+        Spi::run("DELETE FROM audit.seal_state")?;
+    }
     Ok(horizon)
 }
 
-pub fn seal_impl() -> Result<i64> {
+/// Whether `seal_impl` may wait (audit.seal()) or must not (the worker).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    Yes,
+    No,
+}
+
+pub fn seal_impl(wait: Wait) -> Result<i64> {
     crate::query::refuse_during_recovery(c"audit.seal()");
+    let ext = crate::capture::cache::ext_state()?.ext;
     as_extension_owner(|| {
-        let got = Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_try_advisory_xact_lock($1)", &[SEAL_LOCK_KEY.into()])?
-            .unwrap_or(false);
-        if !got {
-            return Ok(0); // another sealer is at work
+        if wait == Wait::Yes {
+            lock_chain()?;
+        } else {
+            let got = Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_try_advisory_xact_lock($1)", &[SEAL_LOCK_KEY.into()])?
+                .unwrap_or(false);
+            if !got {
+                return Ok(0); // another sealer is at work; it will seal what we would have
+            }
         }
-        let Some(horizon) = ready_horizon()? else { return Ok(0) };
+        let horizon = match wait {
+            Wait::Yes => wait_horizon(ext)?,
+            Wait::No => match ready_horizon(ext)? {
+                Some(h) => h,
+                None => return Ok(0),
+            },
+        };
         let (mut block_id, mut from, mut prev) = chain_head()?;
         let mut total = 0i64;
         while from < horizon {
@@ -164,9 +194,16 @@ pub fn seal_impl() -> Result<i64> {
     })
 }
 
+/// Takes the chain for appending (sealing, or retention recording what it
+/// removes), waiting for another sealer; held until the transaction ends.
+pub fn lock_chain() -> Result<()> {
+    Spi::run_with_args("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[SEAL_LOCK_KEY.into()])?;
+    Ok(())
+}
+
 #[pg_extern(volatile, parallel_unsafe)]
 fn seal() -> i64 {
-    seal_impl().or_raise()
+    seal_impl(Wait::Yes).or_raise()
 }
 
 #[pg_extern(stable, parallel_safe)]

@@ -1,7 +1,7 @@
 //! audit.verify: recompute every retained row's hash, every block's root and
 //! link, and optionally prove that an externally held digest is still in the chain.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr};
 use std::ops::ControlFlow;
 use std::ptr::{self, NonNull};
@@ -13,6 +13,7 @@ use pgrx::{varlena, JsonB, PgMemoryContexts};
 use crate::capture::PG_EPOCH_OFFSET_US;
 use crate::chain::hash::{self, BlockFields, RootBuilder, RowFields};
 use crate::chain::jsonb_text;
+use crate::chain::prune::{self, ChainBlock, Removed};
 use crate::chain::seal::ZERO_HASH;
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::privilege::as_extension_owner;
@@ -28,6 +29,8 @@ struct Block {
     prev_hash: Vec<u8>,
     block_hash: Vec<u8>,
     sealed_us: i64,
+    /// A retention record (kind 'prune'), not a block of rows.
+    is_prune: bool,
 }
 
 #[derive(Debug, Default)]
@@ -68,7 +71,8 @@ pub fn parse_digest(d: &serde_json::Value) -> Result<DigestClaim> {
 fn load_blocks() -> Result<Vec<Block>> {
     Spi::connect(|c| -> Result<Vec<Block>> {
         let rows = c.select(
-            "SELECT block_id, from_id, through_id, first_id, last_id, row_count, root, prev_hash, block_hash, sealed_at
+            "SELECT block_id, from_id, through_id, first_id, last_id, row_count, root, prev_hash, block_hash, sealed_at,
+                    kind OPERATOR(pg_catalog.=) 'prune'
                FROM audit.blocks ORDER BY block_id",
             None,
             &[],
@@ -87,6 +91,7 @@ fn load_blocks() -> Result<Vec<Block>> {
                 prev_hash: r.get(8)?.unwrap_or_default(),
                 block_hash: r.get(9)?.unwrap_or_default(),
                 sealed_us: sealed.map(|s| pg_sys::TimestampTz::from(s) + PG_EPOCH_OFFSET_US).unwrap_or(i64::MIN),
+                is_prune: r.get::<bool>(11)?.unwrap_or(false),
             });
         }
         Ok(v)
@@ -104,7 +109,9 @@ fn check_chain(blocks: &[Block]) -> std::result::Result<(), Failure> {
         if b.prev_hash != prev {
             return Err(Failure(b.first_id, format!("block {} is not linked to block {}: prev_hash differs", b.block_id, b.block_id - 1)));
         }
-        if b.from_id != from || b.through_id <= b.from_id {
+        // A block of rows covers the ids after the previous block; a retention record covers none.
+        let range_ok = b.from_id == from && if b.is_prune { b.through_id == b.from_id } else { b.through_id > b.from_id };
+        if !range_ok {
             return Err(Failure(b.first_id, format!("block {} does not cover the id range after block {}", b.block_id, b.block_id - 1)));
         }
         let fields = BlockFields {
@@ -118,7 +125,8 @@ fn check_chain(blocks: &[Block]) -> std::result::Result<(), Failure> {
             prev_hash: &b.prev_hash,
             sealed_at_us: b.sealed_us,
         };
-        if hash::block_hash(&fields).as_slice() != b.block_hash.as_slice() {
+        let recomputed = if b.is_prune { hash::prune_block_hash(&fields) } else { hash::block_hash(&fields) };
+        if recomputed.as_slice() != b.block_hash.as_slice() {
             return Err(Failure(b.first_id, format!("block {} was altered: its block_hash does not match its contents", b.block_id)));
         }
         prev = b.block_hash.clone();
@@ -143,12 +151,27 @@ impl BlockCheck {
     }
 }
 
-fn finish_block(b: &Block, mut bc: BlockCheck, pruned: &BTreeMap<i64, Vec<u8>>, after: i64, pruned_blocks: &HashSet<i64>) -> std::result::Result<(), Failure> {
-    for (id, h) in pruned.range(after + 1..=b.through_id) {
-        bc.push(*id, h);
-    }
-    if pruned_blocks.contains(&b.block_id) {
+/// Pruned rows with ids in (after, through]. Empty when the range is: BTreeMap::range
+/// panics on a reversed range, and rows on both sides of a pruned stretch make one.
+fn pruned_between(pruned: &BTreeMap<i64, Vec<u8>>, after: i64, through: i64) -> impl Iterator<Item = (&i64, &Vec<u8>)> {
+    let r = if after < through { Some(pruned.range((std::ops::Bound::Excluded(after), std::ops::Bound::Included(through)))) } else { None };
+    r.into_iter().flatten()
+}
+
+fn finish_block(b: &Block, mut bc: BlockCheck, removed: &Removed, after: i64) -> std::result::Result<(), Failure> {
+    if removed.emptied.contains_key(&b.block_id) {
+        // Retention emptied it (its record checked out): its hash and links are verified,
+        // and no row may have come back into its range.
+        if bc.root.count() > 0 {
+            return Err(Failure(
+                bc.ids_seen_first,
+                format!("block {}: row(s) were inserted into a sealed block that retention emptied", b.block_id),
+            ));
+        }
         return Ok(());
+    }
+    for (id, h) in pruned_between(&removed.pairs, after, b.through_id) {
+        bc.push(*id, h);
     }
     let count = bc.root.count() as i64;
     let first_seen = bc.ids_seen_first;
@@ -202,21 +225,24 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                 _ => {}
             }
         }
-        let pruned: BTreeMap<i64, Vec<u8>> = Spi::connect(|c| -> Result<BTreeMap<i64, Vec<u8>>> {
-            let mut m = BTreeMap::new();
-            for r in c.select("SELECT id, row_hash FROM audit.pruned", None, &[])? {
-                m.insert(r.get::<i64>(1)?.unwrap_or_default(), r.get::<Vec<u8>>(2)?.unwrap_or_default());
-            }
-            Ok(m)
-        })?;
-        let pruned_blocks: HashSet<i64> = Spi::connect(|c| -> Result<HashSet<i64>> {
-            let mut s = HashSet::new();
-            for r in c.select("SELECT block_id FROM audit.pruned_blocks", None, &[])? {
-                s.insert(r.get::<i64>(1)?.unwrap_or_default());
-            }
-            Ok(s)
-        })?;
-
+        let chain: Vec<ChainBlock> = blocks
+            .iter()
+            .map(|b| ChainBlock {
+                block_id: b.block_id,
+                is_prune: b.is_prune,
+                from_id: b.from_id,
+                through_id: b.through_id,
+                row_count: b.row_count,
+                root: b.root.clone(),
+                first_id: b.first_id,
+            })
+            .collect();
+        let removed = match prune::check(&chain, claim.as_ref().map(|c| c.block_id))? {
+            Ok(r) => r,
+            Err((id, why)) => return fail(report, Failure(id, why)),
+        };
+        // The walk below is over blocks of rows; retention records hold none.
+        let blocks: Vec<&Block> = blocks.iter().filter(|b| !b.is_prune).collect();
         let mut bi = 0usize;
         let mut bc = BlockCheck::new();
         let mut last_pushed = blocks.first().map(|b| b.from_id).unwrap_or(0);
@@ -253,7 +279,7 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                 }
                 report.rows += 1;
                 while bi < blocks.len() && id > blocks[bi].through_id {
-                    if let Err(e) = finish_block(&blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &pruned, last_pushed, &pruned_blocks) {
+                    if let Err(e) = finish_block(blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &removed, last_pushed) {
                         failure = Some(e);
                         return Ok(ControlFlow::Break(()));
                     }
@@ -261,7 +287,7 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                     bi += 1;
                 }
                 if bi < blocks.len() && id > blocks[bi].from_id {
-                    for (pid, h) in pruned.range(last_pushed + 1..id) {
+                    for (pid, h) in pruned_between(&removed.pairs, last_pushed, id - 1) {
                         bc.push(*pid, h);
                     }
                     bc.push(id, stored);
@@ -278,7 +304,7 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                 return Ok(Err(f));
             }
             while bi < blocks.len() {
-                if let Err(e) = finish_block(&blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &pruned, last_pushed, &pruned_blocks) {
+                if let Err(e) = finish_block(blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &removed, last_pushed) {
                     return Ok(Err(e));
                 }
                 last_pushed = blocks[bi].through_id;
