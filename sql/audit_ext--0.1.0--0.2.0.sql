@@ -71,3 +71,138 @@ REVOKE ALL ON FUNCTION audit._adopt_pruned() FROM PUBLIC;
 SELECT audit._adopt_pruned();
 ALTER TABLE audit.pruned ALTER COLUMN prune_block SET NOT NULL;
 DROP TABLE audit.pruned_blocks;
+
+-- audit.status(): the last maintenance and sealing run, their outcome, and what waits to be sealed.
+CREATE TABLE audit.status_state (
+    id              int         PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    maintain_at     timestamptz,
+    maintain_ok     boolean,
+    maintain_detail text,
+    seal_at         timestamptz,
+    seal_ok         boolean,
+    seal_detail     text
+);
+REVOKE ALL ON TABLE audit.status_state FROM PUBLIC;
+/* <begin connected objects> */
+-- audit_ext::status::status
+CREATE  FUNCTION "status"() RETURNS TABLE (
+	"last_maintain_at" timestamp with time zone,  /* core::option::Option<pgrx::datum::time_stamp_with_timezone::TimestampWithTimeZone> */
+	"maintain_ok" bool,  /* core::option::Option<bool> */
+	"maintain_detail" TEXT,  /* core::option::Option<alloc::string::String> */
+	"last_seal_at" timestamp with time zone,  /* core::option::Option<pgrx::datum::time_stamp_with_timezone::TimestampWithTimeZone> */
+	"seal_ok" bool,  /* core::option::Option<bool> */
+	"seal_detail" TEXT,  /* core::option::Option<alloc::string::String> */
+	"unsealed_rows" bigint,  /* core::option::Option<i64> */
+	"oldest_unsealed_age" interval  /* core::option::Option<pgrx::datum::interval::Interval> */
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'status_wrapper';
+/* </end connected objects> */
+REVOKE ALL ON FUNCTION audit.status() FROM PUBLIC;
+
+-- The names each tracked table has had (time travel follows renames of the table and
+-- of its schema). What 0.1.0 tracked is known under its current name, since always.
+CREATE TABLE audit.table_names (
+    relid       regclass    NOT NULL,
+    schema_name text        NOT NULL,
+    table_name  text        NOT NULL,
+    valid_from  timestamptz NOT NULL,
+    PRIMARY KEY (relid, valid_from)
+);
+SELECT pg_catalog.pg_extension_config_dump('audit.table_names', '');
+REVOKE ALL ON TABLE audit.table_names FROM PUBLIC;
+INSERT INTO audit.table_names (relid, schema_name, table_name, valid_from)
+SELECT t.relid, n.nspname::pg_catalog.text, c.relname::pg_catalog.text, '-infinity'
+  FROM audit.tracked t
+  JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
+  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace;
+
+-- The event triggers' functions as sql/finalize.sql now has them: capture triggers are
+-- found by their function and cannot be renamed or replaced; DDL on a partition of a
+-- tracked table is recorded; renames are followed; a dropped table's names are forgotten.
+CREATE OR REPLACE FUNCTION audit._on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT c.command_tag, tg.tgname::text AS tgname, tg.tgrelid::regclass::text AS tbl,
+                  tg.tgfoid OPERATOR(pg_catalog.=) 'audit.capture()'::pg_catalog.regprocedure
+                    AND tg.tgqual IS NULL AND COALESCE(pg_catalog.array_length(tg.tgattr, 1), 0) OPERATOR(pg_catalog.=) 0
+                    AND ((tg.tgname OPERATOR(pg_catalog.=) 'audit_capture_row' AND tg.tgtype OPERATOR(pg_catalog.=) 29)
+                      OR (tg.tgname OPERATOR(pg_catalog.=) 'audit_capture_truncate' AND tg.tgtype OPERATOR(pg_catalog.=) 32))
+                    AS as_tracked
+             FROM pg_catalog.pg_event_trigger_ddl_commands() c
+             JOIN pg_catalog.pg_trigger tg ON tg.oid OPERATOR(pg_catalog.=) c.objid
+            WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_trigger'::pg_catalog.regclass
+              AND (tg.tgfoid OPERATOR(pg_catalog.=) 'audit.capture()'::pg_catalog.regprocedure
+                   OR tg.tgname::text OPERATOR(pg_catalog.~~) 'audit\_capture\_%') LOOP
+    IF r.command_tag OPERATOR(pg_catalog.<>) 'CREATE TRIGGER' OR NOT r.as_tracked THEN
+      RAISE EXCEPTION 'audit_ext: % refused for capture trigger "%" on %', r.command_tag, r.tgname, r.tbl
+        USING ERRCODE = '42501',
+              HINT = 'Capture triggers are made by audit.track() and removed by audit.untrack(); they cannot be renamed or replaced.';
+    END IF;
+  END LOOP;
+  FOR r IN SELECT DISTINCT c.command_tag, n.nspname::text AS nsp, cl.relname::text AS rel,
+                  pg_catalog.quote_ident(otn.nspname) OPERATOR(pg_catalog.||) '.'
+                    OPERATOR(pg_catalog.||) pg_catalog.quote_ident(ot.relname) AS ident
+             FROM pg_catalog.pg_event_trigger_ddl_commands() c
+             JOIN pg_catalog.pg_class ot ON ot.oid OPERATOR(pg_catalog.=) c.objid
+             JOIN pg_catalog.pg_namespace otn ON otn.oid OPERATOR(pg_catalog.=) ot.relnamespace
+             -- The tracked table itself, or the tracked table that a partition belongs to.
+             CROSS JOIN LATERAL (SELECT t.relid
+                                   FROM (SELECT c.objid::pg_catalog.regclass AS relid, 0 AS depth
+                                         UNION ALL
+                                         SELECT a.relid, 1 FROM pg_catalog.pg_partition_ancestors(c.objid) a) a
+                                   JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid
+                                  ORDER BY a.depth LIMIT 1) tr
+             JOIN pg_catalog.pg_class cl ON cl.oid OPERATOR(pg_catalog.=) tr.relid
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) cl.relnamespace
+            WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+              -- Only while capture is attached: a restore's post-data DDL (keys,
+              -- indexes) comes before the dumped triggers and is not history.
+              AND EXISTS (SELECT FROM pg_catalog.pg_trigger tg
+                           WHERE tg.tgrelid OPERATOR(pg_catalog.=) c.objid
+                             AND tg.tgfoid OPERATOR(pg_catalog.=) 'audit.capture()'::pg_catalog.regprocedure) LOOP
+    PERFORM audit._record_ddl(r.nsp, r.rel, r.command_tag, r.ident, pg_catalog.current_query());
+  END LOOP;
+  -- A tracked table renamed, moved to another schema, or in a schema renamed: its new
+  -- name, from now on (audit.table_names; two renames in one transaction keep the last).
+  IF EXISTS (SELECT FROM pg_catalog.pg_event_trigger_ddl_commands() c
+              WHERE c.command_tag OPERATOR(pg_catalog.=) ANY (ARRAY['ALTER TABLE', 'ALTER SCHEMA'])) THEN
+    INSERT INTO audit.table_names AS x (relid, schema_name, table_name, valid_from)
+    SELECT t.relid, n.nspname::text, c.relname::text, pg_catalog.now()
+      FROM audit.tracked t
+      JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
+      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+     WHERE NOT EXISTS (SELECT FROM (SELECT l.schema_name, l.table_name FROM audit.table_names l
+                                     WHERE l.relid OPERATOR(pg_catalog.=) t.relid
+                                     ORDER BY l.valid_from DESC LIMIT 1) AS last
+                        WHERE last.schema_name OPERATOR(pg_catalog.=) n.nspname::text
+                          AND last.table_name OPERATOR(pg_catalog.=) c.relname::text)
+    ON CONFLICT (relid, valid_from) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name;
+  END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION audit._on_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() LOOP
+    IF r.object_type OPERATOR(pg_catalog.=) 'table' THEN
+      DELETE FROM audit.table_names n WHERE n.relid::pg_catalog.oid OPERATOR(pg_catalog.=) r.objid;
+    END IF;
+    IF r.object_type = 'table' AND r.schema_name = 'audit'
+          AND (r.object_name IN ('log', 'blocks') OR r.object_name LIKE 'log\_%') THEN
+      PERFORM audit._check_drop('table ' || r.object_identity);
+    ELSIF r.object_type = 'table' AND EXISTS (SELECT FROM audit.tracked t WHERE t.relid::oid = r.objid) THEN
+      PERFORM audit._record_ddl(r.schema_name, r.object_name, 'DROP TABLE', r.object_identity, pg_catalog.current_query());
+      DELETE FROM audit.tracked t WHERE t.relid::oid = r.objid;
+    ELSIF r.object_type = 'trigger' AND r.original AND r.address_names[3] LIKE 'audit\_capture\_%'
+          AND EXISTS (SELECT FROM audit.tracked t
+                       WHERE t.relid::oid = pg_catalog.to_regclass(pg_catalog.quote_ident(r.address_names[1]) || '.'
+                                                                    || pg_catalog.quote_ident(r.address_names[2]))::oid) THEN
+      PERFORM audit._record_ddl(r.address_names[1], r.address_names[2], 'DROP TRIGGER', r.object_identity,
+                                pg_catalog.current_query());
+    END IF;
+  END LOOP;
+END $$;

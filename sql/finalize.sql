@@ -52,6 +52,22 @@ BEGIN
                              AND tg.tgfoid OPERATOR(pg_catalog.=) 'audit.capture()'::pg_catalog.regprocedure) LOOP
     PERFORM audit._record_ddl(r.nsp, r.rel, r.command_tag, r.ident, pg_catalog.current_query());
   END LOOP;
+  -- A tracked table renamed, moved to another schema, or in a schema renamed: its new
+  -- name, from now on (audit.table_names; two renames in one transaction keep the last).
+  IF EXISTS (SELECT FROM pg_catalog.pg_event_trigger_ddl_commands() c
+              WHERE c.command_tag OPERATOR(pg_catalog.=) ANY (ARRAY['ALTER TABLE', 'ALTER SCHEMA'])) THEN
+    INSERT INTO audit.table_names AS x (relid, schema_name, table_name, valid_from)
+    SELECT t.relid, n.nspname::text, c.relname::text, pg_catalog.now()
+      FROM audit.tracked t
+      JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
+      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+     WHERE NOT EXISTS (SELECT FROM (SELECT l.schema_name, l.table_name FROM audit.table_names l
+                                     WHERE l.relid OPERATOR(pg_catalog.=) t.relid
+                                     ORDER BY l.valid_from DESC LIMIT 1) AS last
+                        WHERE last.schema_name OPERATOR(pg_catalog.=) n.nspname::text
+                          AND last.table_name OPERATOR(pg_catalog.=) c.relname::text)
+    ON CONFLICT (relid, valid_from) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name;
+  END IF;
 END $$;
 
 CREATE FUNCTION audit._on_drop() RETURNS event_trigger
@@ -59,6 +75,9 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE r record;
 BEGIN
   FOR r IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() LOOP
+    IF r.object_type OPERATOR(pg_catalog.=) 'table' THEN
+      DELETE FROM audit.table_names n WHERE n.relid::pg_catalog.oid OPERATOR(pg_catalog.=) r.objid;
+    END IF;
     IF r.object_type = 'table' AND r.schema_name = 'audit'
           AND (r.object_name IN ('log', 'blocks') OR r.object_name LIKE 'log\_%') THEN
       PERFORM audit._check_drop('table ' || r.object_identity);

@@ -56,6 +56,18 @@ SELECT t.relid         AS tbl,
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;
 
+-- The names each tracked table has had, and from when: time travel reads a table's
+-- log rows under every name it had at the time (src/time_travel.rs), so its history
+-- follows renames of the table and of its schema, and survives dump and restore
+-- (where oids change but regclass is dumped by name).
+CREATE TABLE audit.table_names (
+    relid       regclass    NOT NULL,
+    schema_name text        NOT NULL,
+    table_name  text        NOT NULL,
+    valid_from  timestamptz NOT NULL,
+    PRIMARY KEY (relid, valid_from)
+);
+
 -- The per-database HMAC key for redaction markers; created by the first audit.track().
 CREATE TABLE audit.secret (
     id  int   PRIMARY KEY DEFAULT 1 CHECK (id = 1),
@@ -87,6 +99,17 @@ CREATE TABLE audit.seal_state (
     pending_writers bigint[]
 );
 
+-- The last maintenance and sealing run and how each ended, for audit.status().
+CREATE TABLE audit.status_state (
+    id              int         PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    maintain_at     timestamptz,
+    maintain_ok     boolean,
+    maintain_detail text,
+    seal_at         timestamptz,
+    seal_ok         boolean,
+    seal_detail     text
+);
+
 -- What each retention record removed from each data block: how many rows, the hash of
 -- their (id, row_hash) pairs, and whether the block is now empty. The record's root
 -- commits these, so they cannot be edited unnoticed.
@@ -110,6 +133,7 @@ CREATE TABLE audit.pruned (
 SELECT pg_catalog.pg_extension_config_dump('audit.log_default', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.tracked', '');
+SELECT pg_catalog.pg_extension_config_dump('audit.table_names', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.secret', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.blocks', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.pruned', '');

@@ -14,6 +14,8 @@ use crate::privilege::as_extension_owner;
 
 const LOCK_TIMEOUT: &str = "200ms";
 const LOCK_RETRIES: usize = 12;
+/// Wait before retry n (from 0): (n + 1) times this, so 12 attempts span about 4 s.
+const RETRY_BACKOFF_US: std::ffi::c_long = 50_000;
 
 struct Part {
     name: String,
@@ -82,37 +84,12 @@ fn lock_in_order() -> Result<()> {
 /// later. `None` when every attempt met one.
 fn with_lock_retries<R>(f: impl Fn() -> Result<R> + std::panic::RefUnwindSafe) -> Result<Option<R>> {
     for attempt in 0..LOCK_RETRIES {
-        // SAFETY: the standard internal-subtransaction pattern (as PL/pgSQL's
-        // exception blocks): memory context and resource owner are restored
-        // on both paths, and the error state is flushed before the rollback.
-        let outcome = unsafe {
-            let context = pg_sys::CurrentMemoryContext;
-            let owner = pg_sys::CurrentResourceOwner;
-            pg_sys::BeginInternalSubTransaction(std::ptr::null());
-            pg_sys::MemoryContextSwitchTo(context);
-            let r = PgTryBuilder::new(|| {
-                let r = f();
-                pg_sys::ReleaseCurrentSubTransaction();
-                pg_sys::MemoryContextSwitchTo(context);
-                pg_sys::CurrentResourceOwner = owner;
-                Some(r)
-            })
-            .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
-                pg_sys::MemoryContextSwitchTo(context);
-                pg_sys::RollbackAndReleaseCurrentSubTransaction();
-                pg_sys::MemoryContextSwitchTo(context);
-                pg_sys::CurrentResourceOwner = owner;
-                None
-            })
-            .execute();
-            r
-        };
-        match outcome {
-            Some(r) => return r.map(Some),
-            None => {
+        match crate::subxact::run(&f, |e| e.code == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE) {
+            Ok(r) => return r.map(Some),
+            Err(_) => {
                 // SAFETY: a plain sleep; interrupts are honoured between attempts.
                 unsafe {
-                    pg_sys::pg_usleep(50_000 * (attempt as std::ffi::c_long + 1));
+                    pg_sys::pg_usleep(RETRY_BACKOFF_US * (attempt as std::ffi::c_long + 1));
                     pgrx::check_for_interrupts!();
                 }
             }
@@ -189,7 +166,10 @@ pub fn maintain_impl(as_of: Option<TimestampWithTimeZone>) -> Result<Value> {
     // SAFETY: closes the level opened above, keeping nothing set inside it.
     unsafe { pg_sys::AtEOXact_GUC(false, level) };
     match r? {
-        Some(report) => Ok(report),
+        Some(report) => {
+            crate::status::record(crate::status::Run::Maintain, Ok(report.to_string()))?;
+            Ok(report)
+        }
         None => {
             // Writers were never kept waiting; the next run will do the work.
             notice!("audit.maintain: audit.log stayed busy, nothing was done; the next run tries again");
@@ -246,8 +226,13 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
             )?
             .ok_or(AuditError::Internal("retention arithmetic".into()))?;
             let (_, sealed_through, _) = crate::chain::seal::chain_head()?;
+            let current = crate::version::schema_is_current()?;
             for p in partitions()? {
                 if p.to > cutoff {
+                    continue;
+                }
+                if !current {
+                    kept.push(json!({"partition": p.name, "why": "run ALTER EXTENSION audit_ext UPDATE first"}));
                     continue;
                 }
                 let max_id = Spi::get_one::<i64>(&format!("SELECT pg_catalog.max(id) FROM audit.{}", p.name))?;

@@ -201,6 +201,14 @@ fn check_fail(msg: String) -> bool {
     false
 }
 
+/// The widest settings maintain() can compute with: now plus `audit.premake`
+/// (at most 1000) partitions of 100 years stays far inside timestamptz's range
+/// (year 294276), and so does now minus 1000 years (4713 BC is its start).
+/// Wider values are refused when set, instead of failing maintenance later.
+const YEAR_SECS: i64 = 365 * 86_400 + 86_400 / 4;
+const MAX_PARTITION_INTERVAL_SECS: i64 = 100 * YEAR_SECS;
+const MAX_RETENTION_SECS: i64 = 1000 * YEAR_SECS;
+
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_partition_interval(
     newval: *mut *mut c_char,
@@ -208,8 +216,9 @@ unsafe extern "C-unwind" fn check_partition_interval(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     match parse_interval_secs(new_value(newval)) {
-        Ok(secs) if secs >= 3600 => true,
-        Ok(_) => check_fail("audit.partition_interval must be at least 1 hour.".into()),
+        Ok(secs) if (3600..=MAX_PARTITION_INTERVAL_SECS).contains(&secs) => true,
+        Ok(secs) if secs < 3600 => check_fail("audit.partition_interval must be at least 1 hour.".into()),
+        Ok(_) => check_fail("audit.partition_interval must be at most 100 years.".into()),
         Err(e) => check_fail(format!("audit.partition_interval: {e}.")),
     }
 }
@@ -225,7 +234,8 @@ unsafe extern "C-unwind" fn check_retention(
         return true;
     }
     match parse_interval_secs(v) {
-        Ok(_) => true,
+        Ok(secs) if secs <= MAX_RETENTION_SECS => true,
+        Ok(_) => check_fail("audit.retention must be at most 1000 years; leave it empty to keep forever.".into()),
         Err(e) => check_fail(format!("audit.retention: {e}; leave it empty to keep forever.")),
     }
 }

@@ -21,7 +21,7 @@ use pgrx::PgOid;
 
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::privilege::{as_extension_owner, require_select};
-use crate::tracking::quote_ident;
+use crate::quote::{ident as quote_ident, literal as quote_literal};
 
 thread_local! {
     /// Kept plans by query text: a state_at call runs a handful of small queries,
@@ -57,10 +57,11 @@ fn select_kept<'c>(c: &SpiClient<'c>, sql: &str, args: &[DatumWithOid]) -> Resul
 /// What we need to know about a tracked table to address its rows.
 struct Table {
     qname: String,
-    schema: String,
-    name: String,
     /// (column, SQL type) of the row key, in key order.
     key: Vec<(String, String)>,
+    /// (schema, table, since) of every name it has had, oldest first; `since` is an
+    /// ISO 8601 UTC timestamp, or None for "as far back as the log goes".
+    names: Vec<(String, String, Option<String>)>,
     exclude: Vec<String>,
     redact: Vec<String>,
     earliest: TimestampWithTimeZone,
@@ -91,6 +92,27 @@ impl Table {
             })
         })?;
         let (exclude, redact, earliest) = found.ok_or_else(|| AuditError::NotTracked { table: qname.clone() })?;
+        let mut names = as_extension_owner(|| {
+            Spi::connect(|c| -> Result<Vec<(String, String, Option<String>)>> {
+                let mut v = Vec::new();
+                for r in select_kept(
+                    c,
+                    "SELECT schema_name, table_name,
+                            CASE WHEN valid_from OPERATOR(pg_catalog.=) '-infinity' THEN NULL
+                                 ELSE pg_catalog.to_char(valid_from AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END
+                       FROM audit.table_names WHERE relid OPERATOR(pg_catalog.=) $1 ORDER BY valid_from",
+                    &[relid.into()],
+                )? {
+                    v.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default(), r.get::<String>(3)?));
+                }
+                Ok(v)
+            })
+        })?;
+        let current = (rel.namespace().to_string(), rel.name().to_string());
+        if names.last().is_none_or(|(s, n, _)| (s, n) != (&current.0, &current.1)) {
+            // Renamed while audit_ext could not see it (event triggers off): the current name too.
+            names.push((current.0, current.1, None));
+        }
         let key = Spi::connect(|c| -> Result<Vec<(String, String)>> {
             // The primary key, else the replica identity index: the same key the trigger uses.
             let rows = select_kept(
@@ -112,7 +134,34 @@ impl Table {
             }
             Ok(v)
         })?;
-        Ok(Table { qname, schema: rel.namespace().to_string(), name: rel.name().to_string(), key, exclude, redact, earliest })
+        Ok(Table { qname, key, names, exclude, redact, earliest })
+    }
+
+    /// SQL predicate on audit.log selecting this table's rows: under each name it
+    /// had, for the time it had it (bounds inclusive: a row has one name, and a
+    /// rename's own transaction has one timestamp).
+    fn log_filter(&self) -> String {
+        let parts: Vec<String> = self
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, (schema, table, since))| {
+                let mut p = format!(
+                    "(table_name OPERATOR(pg_catalog.=) {} AND schema_name OPERATOR(pg_catalog.=) {}",
+                    quote_literal(table),
+                    quote_literal(schema)
+                );
+                if let Some(f) = since {
+                    p.push_str(&format!(" AND changed_at OPERATOR(pg_catalog.>=) {}::pg_catalog.timestamptz", quote_literal(f)));
+                }
+                if let Some((_, _, Some(next))) = self.names.get(i + 1) {
+                    p.push_str(&format!(" AND changed_at OPERATOR(pg_catalog.<=) {}::pg_catalog.timestamptz", quote_literal(next)));
+                }
+                p.push(')');
+                p
+            })
+            .collect();
+        format!("({})", parts.join(" OR "))
     }
 
     fn need_key(&self) -> Result<()> {
@@ -216,9 +265,6 @@ impl Table {
     }
 }
 
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
 
 /// The state implied by the first change after a moment (see the module docs).
 fn state_from_first_change(op: &str, as_old_key: bool, key_moved_in: bool, old: Option<Value>, new: Option<Value>) -> Option<Value> {
@@ -263,12 +309,12 @@ fn first_change_after(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Res
                 let q = format!(
                     "SELECT operation, old_values, new_values, old_row_id IS NOT NULL, changed_at, id
                        FROM audit.log
-                      WHERE table_name OPERATOR(pg_catalog.=) $1 AND {col} OPERATOR(pg_catalog.=) $2
-                        AND changed_at OPERATOR(pg_catalog.>) $3 AND schema_name OPERATOR(pg_catalog.=) $4
-                      ORDER BY changed_at, id LIMIT 1"
+                      WHERE {names} AND {col} OPERATOR(pg_catalog.=) $1
+                        AND changed_at OPERATOR(pg_catalog.>) $2
+                      ORDER BY changed_at, id LIMIT 1",
+                    names = t.log_filter()
                 );
-                let mut rows =
-                    select_kept(c, &q, &[t.name.clone().into(), row_id.to_string().into(), at.into(), t.schema.clone().into()])?;
+                let mut rows = select_kept(c, &q, &[row_id.to_string().into(), at.into()])?;
                 if let Some(r) = rows.next() {
                     let when = r.get::<TimestampWithTimeZone>(5)?.unwrap_or(at);
                     let id = r.get::<i64>(6)?.unwrap_or(0);
@@ -287,12 +333,14 @@ fn first_change_after(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Res
             }
             let trunc = select_kept(
                     c,
-                    "SELECT changed_at FROM audit.log
-                      WHERE table_name OPERATOR(pg_catalog.=) $1 AND row_id IS NULL
-                        AND changed_at OPERATOR(pg_catalog.>) $2 AND schema_name OPERATOR(pg_catalog.=) $3
-                        AND operation OPERATOR(pg_catalog.=) 'TRUNCATE'
-                      ORDER BY changed_at, id LIMIT 1",
-                    &[t.name.clone().into(), at.into(), t.schema.clone().into()],
+                    &format!(
+                        "SELECT changed_at FROM audit.log
+                          WHERE {} AND row_id IS NULL AND changed_at OPERATOR(pg_catalog.>) $1
+                            AND operation OPERATOR(pg_catalog.=) 'TRUNCATE'
+                          ORDER BY changed_at, id LIMIT 1",
+                        t.log_filter()
+                    ),
+                    &[at.into()],
                 )?
                 .next()
                 .and_then(|r| r.get::<TimestampWithTimeZone>(1).ok().flatten());
@@ -341,13 +389,11 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
         "WITH ch AS (
             SELECT row_id AS k, false AS as_old, old_row_id IS NOT NULL AS moved_in, operation, old_values, new_values, changed_at, id
               FROM audit.log
-             WHERE table_name OPERATOR(pg_catalog.=) $1 AND schema_name OPERATOR(pg_catalog.=) $2
-               AND changed_at OPERATOR(pg_catalog.>) $3 AND row_id IS NOT NULL
+             WHERE {names} AND changed_at OPERATOR(pg_catalog.>) $1 AND row_id IS NOT NULL
             UNION ALL
             SELECT old_row_id, true, false, operation, old_values, new_values, changed_at, id
               FROM audit.log
-             WHERE table_name OPERATOR(pg_catalog.=) $1 AND schema_name OPERATOR(pg_catalog.=) $2
-               AND changed_at OPERATOR(pg_catalog.>) $3 AND old_row_id IS NOT NULL
+             WHERE {names} AND changed_at OPERATOR(pg_catalog.>) $1 AND old_row_id IS NOT NULL
          ), firsts AS (
             SELECT DISTINCT ON (k) * FROM ch ORDER BY k, changed_at, id
          )
@@ -357,14 +403,15 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
                   WHEN operation OPERATOR(pg_catalog.=) 'UPDATE' AND moved_in THEN NULL
                   WHEN operation OPERATOR(pg_catalog.=) 'UPDATE' THEN new_values OPERATOR(pg_catalog.||) old_values
                   ELSE old_values END
-           FROM firsts"
+           FROM firsts",
+        names = t.log_filter()
     );
     // Rows changed after `at` come from the log (as the owner), the rest from the table (as the caller).
     let mut changed = std::collections::HashSet::new();
     let mut out = Vec::new();
     as_extension_owner(|| {
         Spi::connect(|c| -> Result<()> {
-            for r in c.select(&q, None, &[t.name.clone().into(), t.schema.clone().into(), at.into()])? {
+            for r in c.select(&q, None, &[at.into()])? {
                 changed.insert(r.get::<String>(1)?.unwrap_or_default());
                 if let Some(j) = r.get::<JsonB>(2)? {
                     out.push(j.0);
@@ -406,16 +453,18 @@ fn history_impl(rel: Option<PgRelation>, row_id: Option<String>) -> Result<Vec<H
     as_extension_owner(|| {
         Spi::connect(|c| -> Result<Vec<HistoryRow>> {
             let rows = c.select(
-                "SELECT id, changed_at, txid, operation, changed_by, changed_fields, old_values, new_values,
-                        CASE WHEN operation OPERATOR(pg_catalog.=) 'DELETE' THEN NULL
-                             WHEN row_id OPERATOR(pg_catalog.<>) $2 THEN NULL
-                             ELSE new_values END
-                   FROM audit.log
-                  WHERE table_name OPERATOR(pg_catalog.=) $1 AND schema_name OPERATOR(pg_catalog.=) $3
-                    AND (row_id OPERATOR(pg_catalog.=) $2 OR old_row_id OPERATOR(pg_catalog.=) $2)
-                  ORDER BY changed_at, id",
+                &format!(
+                    "SELECT id, changed_at, txid, operation, changed_by, changed_fields, old_values, new_values,
+                            CASE WHEN operation OPERATOR(pg_catalog.=) 'DELETE' THEN NULL
+                                 WHEN row_id OPERATOR(pg_catalog.<>) $1 THEN NULL
+                                 ELSE new_values END
+                       FROM audit.log
+                      WHERE {} AND (row_id OPERATOR(pg_catalog.=) $1 OR old_row_id OPERATOR(pg_catalog.=) $1)
+                      ORDER BY changed_at, id",
+                    t.log_filter()
+                ),
                 None,
-                &[t.name.clone().into(), row_id.clone().into(), t.schema.clone().into()],
+                &[row_id.clone().into()],
             )?;
             let mut out = Vec::new();
             for r in rows {
@@ -507,10 +556,20 @@ fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
             )));
         }
         if !tables.contains_key(&(s.schema.clone(), s.table.clone())) {
-            let oid = Spi::get_one_with_args::<pg_sys::Oid>(
-                "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
-                &[q.clone().into()],
-            )?
+            // The table that had this name when the row was logged (it may have been
+            // renamed since), else whatever has the name now.
+            let known = as_extension_owner(|| {
+                Ok(Spi::get_one_with_args::<pg_sys::Oid>(
+                    "SELECT (SELECT relid::pg_catalog.oid FROM audit.table_names
+                              WHERE schema_name OPERATOR(pg_catalog.=) $1 AND table_name OPERATOR(pg_catalog.=) $2
+                              ORDER BY valid_from DESC LIMIT 1)",
+                    &[s.schema.clone().into(), s.table.clone().into()],
+                )?)
+            })?;
+            let oid = match known {
+                Some(o) => Some(o),
+                None => Spi::get_one_with_args::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid", &[q.clone().into()])?,
+            }
             .ok_or_else(|| AuditError::UndoRefused(format!("table {q} no longer exists")))?;
             // SAFETY: the oid was just resolved from a name; with_lock opens and locks it.
             let rel = unsafe { PgRelation::with_lock(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
@@ -521,16 +580,27 @@ fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
         }
         let (t, cols) = &tables[&(s.schema.clone(), s.table.clone())];
         let rid = s.row_id.clone().ok_or_else(|| AuditError::UndoRefused(format!("audit row {} has no row_id", s.id)))?;
+        // Lock the row first, then look for a later change: a transaction that changed
+        // it after the one undone, and has not committed yet, is waited for here, so
+        // its change is in the log when we look (a lost update otherwise).
+        if !force && matches!(s.op.as_str(), "UPDATE" | "INSERT") {
+            Spi::run_with_args(
+                &format!("SELECT FROM {} t WHERE {} FOR UPDATE", t.qname, t.key_predicate(1)),
+                &[rid.clone().into()],
+            )?;
+        }
         // A later change by another transaction to the same row?
         if !force {
             let later = as_extension_owner(|| {
                 Ok(Spi::get_one_with_args::<i64>(
-                    "SELECT (SELECT id FROM audit.log
-                      WHERE table_name OPERATOR(pg_catalog.=) $1 AND schema_name OPERATOR(pg_catalog.=) $2
-                        AND (row_id OPERATOR(pg_catalog.=) $3 OR old_row_id OPERATOR(pg_catalog.=) $3)
-                        AND id OPERATOR(pg_catalog.>) $4 AND txid OPERATOR(pg_catalog.<>) $5
-                      ORDER BY id LIMIT 1)",
-                    &[t.name.clone().into(), t.schema.clone().into(), rid.clone().into(), s.id.into(), txid.into()],
+                    &format!(
+                        "SELECT (SELECT id FROM audit.log
+                          WHERE {} AND (row_id OPERATOR(pg_catalog.=) $1 OR old_row_id OPERATOR(pg_catalog.=) $1)
+                            AND id OPERATOR(pg_catalog.>) $2 AND txid OPERATOR(pg_catalog.<>) $3
+                          ORDER BY id LIMIT 1)",
+                        t.log_filter()
+                    ),
+                    &[rid.clone().into(), s.id.into(), txid.into()],
                 )?)
             })?;
             if let Some(later) = later {
@@ -610,14 +680,27 @@ fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
                 let list = present.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
                 let src = present.iter().map(|c| format!("r.{}", quote_ident(&c.name))).collect::<Vec<_>>().join(", ");
                 let overriding = if cols.iter().any(|c| c.identity_always) { "OVERRIDING SYSTEM VALUE" } else { "" };
-                Spi::run_with_args(
-                    &format!(
-                        "INSERT INTO {tbl} ({list}) {overriding}
-                         SELECT {src} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, $1) r",
-                        tbl = t.qname
-                    ),
-                    &[JsonB(old).into()],
-                )?;
+                // A row with the key, inserted since (perhaps not yet committed when we
+                // checked): ON CONFLICT waits for it, and finding it means a later change.
+                let on_conflict = if force { "" } else { "ON CONFLICT DO NOTHING" };
+                let inserted = Spi::connect_mut(|c| -> Result<u64> {
+                    Ok(c.update(
+                        &format!(
+                            "INSERT INTO {tbl} ({list}) {overriding}
+                             SELECT {src} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, $1) r {on_conflict} RETURNING 1",
+                            tbl = t.qname
+                        ),
+                        None,
+                        &[JsonB(old).into()],
+                    )?
+                    .len() as u64)
+                })?;
+                if inserted == 0 {
+                    return Err(AuditError::UndoConflict(format!(
+                        "row {rid} of {} was created again after transaction {txid}; undo refused",
+                        t.qname
+                    )));
+                }
             }
             _ => continue,
         }

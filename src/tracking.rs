@@ -14,19 +14,9 @@ pub const ROW_TRIGGER: &str = "audit_capture_row";
 pub const TRUNCATE_TRIGGER: &str = "audit_capture_truncate";
 
 fn qualified_name(rel: &PgRelation) -> String {
-    format!("{}.{}", quote_ident(rel.namespace()), quote_ident(rel.name()))
+    format!("{}.{}", crate::quote::ident(rel.namespace()), crate::quote::ident(rel.name()))
 }
 
-pub fn quote_ident(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain {
-        s.to_string()
-    } else {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    }
-}
 
 /// Refuse what cannot be tracked, and callers who do not own the table.
 fn check_trackable(rel: &PgRelation) -> Result<()> {
@@ -151,6 +141,18 @@ pub fn track_impl(
             "INSERT INTO audit.tracked (relid, exclude, redact) VALUES ($1, $2, $3)
              ON CONFLICT (relid) DO UPDATE SET exclude = EXCLUDED.exclude, redact = EXCLUDED.redact",
             &[relid.into(), exclude.clone().into(), redact.clone().into()],
+        )?;
+        // Its name from now on (unless it is the name audit_ext already knows it by).
+        // Not "since always": a table dropped earlier may have had this name.
+        Spi::run_with_args(
+            "INSERT INTO audit.table_names (relid, schema_name, table_name, valid_from)
+             SELECT $1, $2, $3, pg_catalog.now()
+              WHERE NOT EXISTS (SELECT FROM (SELECT l.schema_name, l.table_name FROM audit.table_names l
+                                              WHERE l.relid OPERATOR(pg_catalog.=) $1
+                                              ORDER BY l.valid_from DESC LIMIT 1) AS last
+                                 WHERE last.schema_name OPERATOR(pg_catalog.=) $2 AND last.table_name OPERATOR(pg_catalog.=) $3)
+             ON CONFLICT (relid, valid_from) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name",
+            &[relid.into(), rel.namespace().into(), rel.name().into()],
         )?;
         Spi::run(&format!(
             "CREATE OR REPLACE TRIGGER {ROW_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {name} \

@@ -33,6 +33,15 @@ fn version_impl() -> Result<serde_json::Value> {
     Ok(v)
 }
 
+/// Whether this database's SQL objects are this library's. Between a package
+/// upgrade and `ALTER EXTENSION audit_ext UPDATE`, the new library runs against
+/// 0.1.0's tables: capture, seal and verify keep working as 0.1.0 did, and what
+/// needs the new tables (retention records, the worker's candidate,
+/// audit.status()) waits for the update.
+pub fn schema_is_current() -> Result<bool> {
+    Ok(crate::query::one::<bool>("SELECT pg_catalog.to_regclass('audit.prune_parts') IS NOT NULL")?.unwrap_or(false))
+}
+
 /// `{extension_version, library_version, library_built_for, postgresql_version,
 /// postgresql_version_num, background_worker, launcher_running}`.
 /// `extension_version` is this database's (`ALTER EXTENSION audit_ext UPDATE`

@@ -141,9 +141,30 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
     // Two transactions: partitions made by maintain are committed even if sealing fails.
     // The library's own functions, called directly: the worker seals without waiting
     // (audit.seal() waits for writers; the worker must never hold anyone up).
-    let report = BackgroundWorker::transaction(|| crate::partitions::maintain_impl(Some(now())).ok());
-    let sealed =
-        BackgroundWorker::transaction(|| crate::chain::seal::seal_impl(crate::chain::seal::Wait::No).unwrap_or(0));
+    // Each in a subtransaction: a failed maintenance is rolled back, recorded for
+    // audit.status() and logged, and sealing goes on regardless.
+    use crate::errors::OrRaise;
+    use crate::status::{record, Run};
+    let report = BackgroundWorker::transaction(|| {
+        match crate::subxact::run(|| crate::partitions::maintain_impl(Some(now())).or_raise(), |_| true) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warning!("audit_ext worker in database \"{db}\": maintenance failed: {}", e.message);
+                let _ = record(Run::Maintain, Err(format!("{} (SQLSTATE {:?})", e.message, e.code)));
+                None
+            }
+        }
+    });
+    let sealed = BackgroundWorker::transaction(|| {
+        match crate::subxact::run(|| crate::chain::seal::seal_impl(crate::chain::seal::Wait::No).or_raise(), |_| true) {
+            Ok(n) => n,
+            Err(e) => {
+                warning!("audit_ext worker in database \"{db}\": sealing failed: {}", e.message);
+                let _ = record(Run::Seal, Err(format!("{} (SQLSTATE {:?})", e.message, e.code)));
+                0
+            }
+        }
+    });
     let busy = |k: &str| report.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_array()).is_some_and(|a| !a.is_empty());
     let moved = report.as_ref().and_then(|r| r.get("moved_from_default")).and_then(|v| v.as_i64()).unwrap_or(0);
     let did = sealed > 0 || moved > 0 || busy("created") || busy("retention");

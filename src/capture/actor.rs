@@ -59,7 +59,10 @@ pub fn actor_from(value: &str) -> (String, Option<Value>) {
         return (value.to_string(), None); // not an object: no need to parse
     }
     match serde_json::from_str::<Value>(value) {
-        Ok(Value::Object(map)) => {
+        // Kept as an object only if jsonb can hold it exactly: anything jsonb_in would
+        // refuse (a NUL character, a number beyond numeric's range) must not make the
+        // user's write fail, so such an actor is recorded as its text instead.
+        Ok(Value::Object(map)) if jsonb_can_hold(&Value::Object(map.clone())) => {
             let by = JSON_ACTOR_KEYS
                 .iter()
                 .find_map(|k| match map.get(*k) {
@@ -72,6 +75,36 @@ pub fn actor_from(value: &str) -> (String, Option<Value>) {
         }
         _ => (value.to_string(), None),
     }
+}
+
+/// Whether jsonb_in accepts this value's JSON text as it is. It refuses `\u0000`
+/// in strings and keys, numbers numeric cannot represent, and (in a database
+/// that is not UTF-8) characters the database encoding may not have.
+fn jsonb_can_hold(v: &Value) -> bool {
+    // SAFETY: a plain read of the database encoding.
+    let utf8 = unsafe { pg_sys::GetDatabaseEncoding() } == pg_sys::pg_enc::PG_UTF8 as i32;
+    let text_ok = |s: &str| !s.contains('\0') && (utf8 || s.is_ascii());
+    fn walk(v: &Value, text_ok: &dyn Fn(&str) -> bool) -> bool {
+        match v {
+            Value::String(s) => text_ok(s),
+            Value::Number(n) => number_fits_numeric(&n.to_string()),
+            Value::Array(a) => a.iter().all(|x| walk(x, text_ok)),
+            Value::Object(m) => m.iter().all(|(k, x)| text_ok(k) && walk(x, text_ok)),
+            Value::Bool(_) | Value::Null => true,
+        }
+    }
+    walk(v, &text_ok)
+}
+
+/// A JSON number's text that numeric_in takes without overflow: well inside
+/// numeric's limits (131072 digits before the point, 16383 after).
+fn number_fits_numeric(n: &str) -> bool {
+    let (mantissa, exp) = match n.find(['e', 'E']) {
+        Some(i) => (&n[..i], n[i + 1..].parse::<i64>().unwrap_or(i64::MAX)),
+        None => (n, 0),
+    };
+    let digits = mantissa.bytes().filter(u8::is_ascii_digit).count() as i64;
+    exp.unsigned_abs() <= 10_000 && digits <= 10_000
 }
 
 /// Called only when session_info is rebuilt, which its cache key (with the session user) decides.

@@ -23,6 +23,9 @@ pub struct Column {
 }
 
 pub struct RelConfig {
+    /// The tracked relation whose name the rows carry: this one, or the partitioned
+    /// table it is a partition of. Its invalidation (a rename) drops this entry too.
+    pub named: Oid,
     pub schema_name: CString,
     pub table_name: CString,
     /// Tracked columns in column order: not dropped, not excluded.
@@ -72,16 +75,31 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: Oid) {
     }
     RELS.with(|r| match r.try_borrow_mut() {
         Ok(mut m) => {
-            m.remove(&relid);
+            // A partition's entry carries its tracked parent's name: renaming the parent
+            // invalidates only the parent, so drop every entry named after it.
+            m.retain(|k, c| *k != relid && c.named != relid);
         }
         Err(_) => FLUSH_ALL.with(|f| f.set(true)),
     });
 }
 
+/// A schema was renamed (or changed): the names the entries carry may be stale.
+#[pg_guard]
+unsafe extern "C-unwind" fn namespace_callback(_arg: pg_sys::Datum, _cacheid: i32, _hashvalue: u32) {
+    FLUSH_ALL.with(|f| f.set(true));
+}
+
 fn ensure_registered() {
     if !REGISTERED.with(|r| r.replace(true)) {
         // SAFETY: registers a static callback once per backend.
-        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0)) };
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0));
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+                Some(namespace_callback),
+                pg_sys::Datum::from(0),
+            );
+        }
     }
 }
 
@@ -219,6 +237,7 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
     // SAFETY: inside the transaction that opened rel; names and types have equal length.
     let full_row = unsafe { super::encode::ObjectBuilder::new(&names, &types) };
     Ok(RelConfig {
+        named,
         full_row,
         schema_name: CString::new(schema).unwrap_or_default(),
         table_name: CString::new(table).unwrap_or_default(),

@@ -353,3 +353,20 @@ pub fn check(chain: &[ChainBlock], digest_block: Option<i64>) -> Result<std::res
     }
     Ok(Ok(removed))
 }
+
+/// 0.1.0's retention bookkeeping, read as 0.1.0's verify read it (no retention
+/// records yet): used only between a package upgrade and ALTER EXTENSION UPDATE,
+/// whose upgrade script commits this bookkeeping into a retention record.
+pub fn legacy() -> Result<std::result::Result<Removed, Bad>> {
+    let mut removed = Removed::default();
+    Spi::connect(|c| -> Result<()> {
+        for r in c.select("SELECT id, row_hash FROM audit.pruned", None, &[])? {
+            removed.pairs.insert(r.get::<i64>(1)?.unwrap_or_default(), r.get::<Vec<u8>>(2)?.unwrap_or_default());
+        }
+        for r in c.select("SELECT block_id FROM audit.pruned_blocks", None, &[])? {
+            removed.emptied.insert(r.get::<i64>(1)?.unwrap_or_default(), 0);
+        }
+        Ok(())
+    })?;
+    Ok(Ok(removed))
+}

@@ -71,6 +71,11 @@ fn wait_horizon(ext: pg_sys::Oid) -> Result<i64> {
 fn ready_horizon(ext: pg_sys::Oid) -> Result<Option<i64>> {
     let s = last_id_handed_out()?;
     let now_holding = writers::holders(ext);
+    if !crate::version::schema_is_current()? {
+        // 0.1.0's audit.seal_state has no room for the candidate: until ALTER
+        // EXTENSION UPDATE, seal only when no writer holds an id.
+        return Ok(now_holding.is_empty().then_some(s));
+    }
     let (p_id, p_writers) = Spi::get_two::<i64, Vec<i64>>(
         "SELECT (SELECT pending_id FROM audit.seal_state), (SELECT pending_writers FROM audit.seal_state)",
     )?;
@@ -190,6 +195,7 @@ pub fn seal_impl(wait: Wait) -> Result<i64> {
             from = through;
             prev = bh.to_vec();
         }
+        crate::status::record(crate::status::Run::Seal, Ok(format!("sealed {total} row(s) through id {from}")))?;
         Ok(total)
     })
 }

@@ -68,12 +68,16 @@ pub fn parse_digest(d: &serde_json::Value) -> Result<DigestClaim> {
     Ok(DigestClaim { block_id, block_hash })
 }
 
-fn load_blocks() -> Result<Vec<Block>> {
+fn load_blocks(current: bool) -> Result<Vec<Block>> {
     Spi::connect(|c| -> Result<Vec<Block>> {
+        // Before ALTER EXTENSION UPDATE (0.1.0's tables) every block is a block of rows.
+        let kind = if current { "kind OPERATOR(pg_catalog.=) 'prune'" } else { "false" };
         let rows = c.select(
-            "SELECT block_id, from_id, through_id, first_id, last_id, row_count, root, prev_hash, block_hash, sealed_at,
-                    kind OPERATOR(pg_catalog.=) 'prune'
-               FROM audit.blocks ORDER BY block_id",
+            &format!(
+                "SELECT block_id, from_id, through_id, first_id, last_id, row_count, root, prev_hash, block_hash, sealed_at,
+                        {kind}
+                   FROM audit.blocks ORDER BY block_id"
+            ),
             None,
             &[],
         )?;
@@ -200,7 +204,8 @@ fn finish_block(b: &Block, mut bc: BlockCheck, removed: &Removed, after: i64) ->
 pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
     let claim = digest.as_ref().filter(|d| !d.is_null()).map(parse_digest).transpose()?;
     as_extension_owner(|| {
-        let blocks = load_blocks()?;
+        let current = crate::version::schema_is_current()?;
+        let blocks = load_blocks(current)?;
         let mut report = Report { blocks: blocks.len() as i64, ..Default::default() };
         let fail = |mut r: Report, f: Failure| {
             r.ok = false;
@@ -237,7 +242,8 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                 first_id: b.first_id,
             })
             .collect();
-        let removed = match prune::check(&chain, claim.as_ref().map(|c| c.block_id))? {
+        let checked = if current { prune::check(&chain, claim.as_ref().map(|c| c.block_id))? } else { prune::legacy()? };
+        let removed = match checked {
             Ok(r) => r,
             Err((id, why)) => return fail(report, Failure(id, why)),
         };

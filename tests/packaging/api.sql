@@ -26,9 +26,11 @@ SELECT pg_temp.check(false, 'functions not exercised by tests/packaging/api.sql:
    AND p.proname NOT IN (
          -- the API, called below
          'track', 'untrack', 'state_at', 'table_at', 'history', 'undo', 'seal', 'verify', 'digest',
-         'maintain', 'version',
+         'maintain', 'version', 'status',
          -- internal, exercised below through DML, DDL, DROP and TRUNCATE
-         'capture', '_on_ddl', '_on_drop', '_on_drop_start', '_guard_truncate', '_record_ddl', '_check_drop')
+         'capture', '_on_ddl', '_on_drop', '_on_drop_start', '_guard_truncate', '_record_ddl', '_check_drop',
+         -- run by the upgrade script; a second call finds nothing left to adopt
+         '_adopt_pruned')
 HAVING count(*) > 0;
 
 -- versions
@@ -87,3 +89,9 @@ SELECT audit.seal();
 SELECT pg_temp.check((audit.digest()->>'through_id')::bigint >= (SELECT max(id) FROM audit.log), 'everything sealed');
 SELECT pg_temp.check(ok, 'verify(new digest): ' || COALESCE(detail, '')) FROM audit.verify(audit.digest());
 SELECT pg_temp.check(ok, 'verify(old digest): ' || COALESCE(detail, '')) FROM audit.verify(:'digest');
+SELECT pg_temp.check(audit._adopt_pruned() = 0, 'nothing left to adopt after the upgrade');
+SELECT pg_temp.check(seal_ok AND maintain_ok AND unsealed_rows = 0, 'status: ' || s::text) FROM audit.status() s;
+-- renames are followed from the upgrade on
+ALTER TABLE users RENAME TO users_renamed;
+SELECT pg_temp.check(count(*) >= 3, 'history follows a rename: ' || count(*)) FROM audit.history('users_renamed', '1');
+ALTER TABLE users_renamed RENAME TO users;

@@ -84,6 +84,11 @@ SET audit.partition_interval = '-1 month';
 SET audit.premake = 1001;
 SET audit.premake = 'x';
 SET audit.retention = '1 fortnight';
+-- Values maintain() could not compute with are refused too.
+SET audit.partition_interval = '100000 years';
+SET audit.partition_interval = '101 years';
+SET audit.retention = '10000 years';
+SET audit.retention = '1001 years';
 SET audit.retention_mode = '';
 SET audit.naptime = 10;
 SET audit.databases = 'a';

@@ -1,0 +1,165 @@
+//! Exact history and writes that never fail: undo against concurrent later
+//! changes (two real sessions), for UPDATE and for DELETE.
+mod common;
+
+use std::thread;
+use std::time::Duration;
+
+use common::{Client, Cluster, ClusterOpts};
+
+fn setup(c: &Cluster) -> Client {
+    let mut db = c.connect("postgres");
+    db.batch_execute(
+        "CREATE EXTENSION audit_ext;
+         CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t VALUES (1, 'orig'), (2, 'orig');
+         SELECT audit.track('t');",
+    )
+    .unwrap();
+    db
+}
+
+fn txid_of(db: &mut Client, sql: &str) -> i64 {
+    db.batch_execute("BEGIN").unwrap();
+    db.batch_execute(sql).unwrap();
+    let x: i64 = db.query_one("SELECT txid_current()", &[]).unwrap().get(0);
+    db.batch_execute("COMMIT").unwrap();
+    x
+}
+
+/// undo(A) that has to wait for B, which changed the same row after A and commits
+/// while undo waits: refused with 40001, B's change kept.
+fn undo_waits_then_refuses(c: &Cluster, a_sql: &str, b_sql: &str, id: i32) {
+    let mut db = c.connect("postgres");
+    let a = txid_of(&mut db, a_sql);
+    let mut b = c.connect("postgres");
+    b.batch_execute("BEGIN").unwrap();
+    b.batch_execute(b_sql).unwrap();
+    let mut u = c.connect("postgres");
+    let undo = thread::spawn(move || u.query_one("SELECT audit.undo($1)", &[&a]).map(|r| r.get::<_, i64>(0)));
+    thread::sleep(Duration::from_millis(500));
+    assert!(!undo.is_finished(), "undo did not wait for the later transaction's row");
+    b.batch_execute("COMMIT").unwrap();
+    let err = undo.join().unwrap().expect_err("undo overwrote a later change");
+    assert_eq!(err.code().map(|c| c.code()), Some("40001"), "{err}");
+    let v: String = db.query_one("SELECT v FROM t WHERE id = $1", &[&id]).unwrap().get(0);
+    assert_eq!(v, "later-fix");
+}
+
+#[test]
+fn undo_of_an_update_refuses_a_later_concurrent_update() {
+    let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
+    setup(&c);
+    undo_waits_then_refuses(&c, "UPDATE t SET v = 'a-change' WHERE id = 1", "UPDATE t SET v = 'later-fix' WHERE id = 1", 1);
+    c.assert_no_crash();
+}
+
+#[test]
+fn undo_of_a_delete_refuses_a_later_concurrent_insert() {
+    let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
+    setup(&c);
+    undo_waits_then_refuses(&c, "DELETE FROM t WHERE id = 2", "INSERT INTO t VALUES (2, 'later-fix')", 2);
+    c.assert_no_crash();
+}
+
+#[test]
+fn undo_of_an_insert_refuses_a_later_concurrent_update() {
+    let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
+    setup(&c);
+    undo_waits_then_refuses(&c, "INSERT INTO t VALUES (3, 'new')", "UPDATE t SET v = 'later-fix' WHERE id = 3", 3);
+    c.assert_no_crash();
+}
+
+#[test]
+fn undo_without_later_changes_still_restores() {
+    let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
+    let mut db = setup(&c);
+    let a = txid_of(&mut db, "UPDATE t SET v = 'bad' WHERE id = 1; DELETE FROM t WHERE id = 2;");
+    let n: i64 = db.query_one("SELECT audit.undo($1)", &[&a]).unwrap().get(0);
+    assert_eq!(n, 2);
+    let rows: Vec<(i32, String)> =
+        db.query("SELECT id, v FROM t ORDER BY id", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows, vec![(1, "orig".to_string()), (2, "orig".to_string())]);
+    c.assert_no_crash();
+}
+
+/// A database whose maintenance fails keeps being sealed by the worker, and the
+/// failure is visible in SQL through audit.status().
+#[test]
+fn worker_keeps_sealing_when_maintenance_fails_and_status_says_why() {
+    let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
+    let mut db = setup(&c);
+    // A table squatting on the name of the next partition maintain() wants to make.
+    db.batch_execute(
+        "SET audit.allow_drop = on;
+         DO $$ DECLARE p text; BEGIN
+           SELECT c.relname INTO p FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'audit.log'::regclass AND c.relname <> 'log_default' ORDER BY c.relname DESC LIMIT 1;
+           EXECUTE format('DROP TABLE audit.%I', p);
+           EXECUTE format('CREATE TABLE audit.%I (x int)', p);
+         END $$;
+         RESET audit.allow_drop;",
+    )
+    .unwrap();
+    let err = db.query_one("SELECT audit.maintain()", &[]).unwrap_err();
+    let msg = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("already exists"), "{err:?}");
+    db.batch_execute("UPDATE t SET v = 'x' WHERE id = 1").unwrap();
+    db.batch_execute("ALTER SYSTEM SET audit.naptime = 1").unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let r = db
+            .query_one("SELECT maintain_ok, coalesce(maintain_detail, ''), seal_ok, unsealed_rows FROM audit.status()", &[])
+            .unwrap();
+        let (m_ok, detail, s_ok, unsealed): (Option<bool>, String, Option<bool>, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        if m_ok == Some(false) && s_ok == Some(true) && unsealed == 0 {
+            assert!(detail.contains("already exists"), "{detail}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "status: {m_ok:?} {detail} {s_ok:?} {unsealed}\n{}", c.log_contents());
+        thread::sleep(Duration::from_millis(200));
+    }
+    // The worker keeps going: a later write is sealed too.
+    db.batch_execute("UPDATE t SET v = 'y' WHERE id = 1").unwrap();
+    let t = std::time::Instant::now();
+    while db.query_one("SELECT unsealed_rows FROM audit.status()", &[]).unwrap().get::<_, i64>(0) > 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "not sealed\n{}", c.log_contents());
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(c.log_contents().contains("maintenance failed"));
+    c.assert_no_crash();
+}
+
+/// A session that was already connected (a pooled connection) and has written to a
+/// tracked partitioned table logs the new name once another session renames the
+/// table, or its schema; history under the new name finds every row.
+#[test]
+fn renames_reach_pooled_sessions_of_partitioned_tables() {
+    let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
+    let mut db = c.connect("postgres");
+    db.batch_execute(
+        "CREATE EXTENSION audit_ext;
+         CREATE SCHEMA ps;
+         CREATE TABLE ps.ev (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY LIST (k);
+         CREATE TABLE ps.ev_1 PARTITION OF ps.ev FOR VALUES IN (1);
+         SELECT audit.track('ps.ev');",
+    )
+    .unwrap();
+    let mut pooled = c.connect("postgres");
+    pooled.batch_execute("INSERT INTO ps.ev VALUES (1, 1, 'a')").unwrap();
+    db.batch_execute("ALTER TABLE ps.ev RENAME TO ev2").unwrap();
+    pooled.batch_execute("UPDATE ps.ev2 SET v = 'b' WHERE id = 1").unwrap();
+    db.batch_execute("ALTER SCHEMA ps RENAME TO ps2").unwrap();
+    pooled.batch_execute("UPDATE ps2.ev2 SET v = 'c' WHERE id = 1").unwrap();
+    let names: Vec<String> = db
+        .query("SELECT schema_name || '.' || table_name FROM audit.log WHERE operation <> 'DDL' ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, vec!["ps.ev", "ps.ev2", "ps2.ev2"]);
+    let n: i64 = db.query_one("SELECT count(*) FROM audit.history('ps2.ev2', '[1, 1]')", &[]).unwrap().get(0);
+    assert_eq!(n, 3);
+    c.assert_no_crash();
+}
