@@ -70,6 +70,9 @@ AS 'MODULE_PATHNAME', 'adopt_pruned_wrapper';
 REVOKE ALL ON FUNCTION audit._adopt_pruned() FROM PUBLIC;
 SELECT audit._adopt_pruned();
 ALTER TABLE audit.pruned ALTER COLUMN prune_block SET NOT NULL;
+-- Out of the extension first: that also takes it off the list of tables pg_dump
+-- dumps (extconfig), which a plain DROP would leave holding a dangling oid.
+ALTER EXTENSION audit_ext DROP TABLE audit.pruned_blocks;
 DROP TABLE audit.pruned_blocks;
 
 -- audit.status(): the last maintenance and sealing run, their outcome, and what waits to be sealed.

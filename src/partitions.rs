@@ -69,13 +69,18 @@ fn add_interval(t: TimestampWithTimeZone, interval: &str) -> Result<TimestampWit
     .ok_or(AuditError::Internal("interval arithmetic".into()))
 }
 
-/// Takes the parent, then the default partition. Any statement of maintain()
+/// Takes the parent, then the default partition: the order writers take them
+/// in too (capture::sink), so the two can never wait for each other in a cycle.
+/// `parent` is SHARE UPDATE EXCLUSIVE to attach partitions (writers go on), or
+/// ACCESS EXCLUSIVE to drop or detach them (writers wait a moment). Any statement
 /// that meets a lock held longer than `LOCK_TIMEOUT` fails with 55P03; the
 /// caller then rolls back and retries (see `with_lock_retries`).
-fn lock_in_order() -> Result<()> {
+fn lock_in_order(parent: &str, default: bool) -> Result<()> {
     Spi::run(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))?;
-    Spi::run("LOCK TABLE audit.log IN SHARE UPDATE EXCLUSIVE MODE")?;
-    Spi::run("LOCK TABLE audit.log_default IN EXCLUSIVE MODE")?;
+    Spi::run(&format!("LOCK TABLE audit.log IN {parent} MODE"))?;
+    if default {
+        Spi::run("LOCK TABLE audit.log_default IN EXCLUSIVE MODE")?;
+    }
     Ok(())
 }
 
@@ -110,29 +115,30 @@ fn create_partition(from: TimestampWithTimeZone, to: TimestampWithTimeZone) -> R
     };
     let (f, t) = (bounds(from)?, bounds(to)?);
     let waiting = Spi::get_one_with_args::<i64>(
-        "SELECT pg_catalog.count(*) FROM audit.log_default WHERE changed_at OPERATOR(pg_catalog.>=) $1 AND changed_at OPERATOR(pg_catalog.<) $2",
+        "SELECT pg_catalog.count(*) FROM audit.log_default
+          WHERE changed_at OPERATOR(pg_catalog.>=) $1 AND changed_at OPERATOR(pg_catalog.<) $2",
         &[from.into(), to.into()],
     )?
     .unwrap_or(0);
-    if waiting == 0 {
-        Spi::run(&format!("CREATE TABLE audit.{name} PARTITION OF audit.log FOR VALUES FROM ({f}) TO ({t})"))?;
-        dress_partition(&name)?;
-        return Ok((name, 0));
-    }
+    // Made apart and then attached, never CREATE TABLE … PARTITION OF: that takes
+    // ACCESS EXCLUSIVE on audit.log, which writers would wait for. ATTACH needs only
+    // SHARE UPDATE EXCLUSIVE there (and the CHECK constraint spares it a scan).
     Spi::run(&format!("CREATE TABLE audit.{name} (LIKE audit.log INCLUDING DEFAULTS)"))?;
     Spi::run(&format!(
         "ALTER TABLE audit.{name} ADD CONSTRAINT {name}_range
            CHECK (changed_at OPERATOR(pg_catalog.>=) {f} AND changed_at OPERATOR(pg_catalog.<) {t})"
     ))?;
-    Spi::run("SET LOCAL audit.allow_drop = on")?;
-    Spi::run_with_args(
-        &format!(
-            "WITH moved AS (DELETE FROM audit.log_default
-                             WHERE changed_at OPERATOR(pg_catalog.>=) $1 AND changed_at OPERATOR(pg_catalog.<) $2 RETURNING *)
-             INSERT INTO audit.{name} SELECT * FROM moved"
-        ),
-        &[from.into(), to.into()],
-    )?;
+    if waiting > 0 {
+        Spi::run("SET LOCAL audit.allow_drop = on")?;
+        Spi::run_with_args(
+            &format!(
+                "WITH moved AS (DELETE FROM audit.log_default
+                                 WHERE changed_at OPERATOR(pg_catalog.>=) $1 AND changed_at OPERATOR(pg_catalog.<) $2 RETURNING *)
+                 INSERT INTO audit.{name} SELECT * FROM moved"
+            ),
+            &[from.into(), to.into()],
+        )?;
+    }
     Spi::run(&format!("ALTER TABLE audit.log ATTACH PARTITION audit.{name} FOR VALUES FROM ({f}) TO ({t})"))?;
     Spi::run(&format!("ALTER TABLE audit.{name} DROP CONSTRAINT {name}_range"))?;
     dress_partition(&name)?;
@@ -182,9 +188,7 @@ pub fn maintain_impl(as_of: Option<TimestampWithTimeZone>) -> Result<Value> {
 fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -> Result<Value> {
     let interval = interval.to_string();
     as_extension_owner(|| {
-        lock_in_order()?;
-        let mut created = Vec::new();
-        let mut moved = 0i64;
+        // First what there is to do, from reads that take no lock a writer minds.
         // Slots wanted: every slot holding rows in the default partition, and now .. now + premake.
         let mut wanted: Vec<(TimestampWithTimeZone, TimestampWithTimeZone)> = Vec::new();
         let stray: Vec<TimestampWithTimeZone> = Spi::connect(|c| -> Result<Vec<TimestampWithTimeZone>> {
@@ -207,17 +211,9 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
         }
         wanted.sort_by_key(|w| pg_sys::TimestampTz::from(w.0));
         wanted.dedup_by_key(|w| pg_sys::TimestampTz::from(w.0));
-        for (from, to) in wanted {
-            let existing = partitions()?;
-            if existing.iter().any(|p| p.from < to && from < p.to) {
-                continue; // an existing partition (maybe of another interval) covers part of it
-            }
-            let (name, n) = create_partition(from, to)?;
-            moved += n;
-            created.push(name);
-        }
-
-        let mut removed = Vec::new();
+        let existing = partitions()?;
+        wanted.retain(|(from, to)| !existing.iter().any(|p| p.from < *to && *from < p.to));
+        let mut expired = Vec::new();
         let mut kept = Vec::new();
         if let Some(ret) = settings::retention() {
             let cutoff = Spi::get_one_with_args::<TimestampWithTimeZone>(
@@ -227,10 +223,7 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
             .ok_or(AuditError::Internal("retention arithmetic".into()))?;
             let (_, sealed_through, _) = crate::chain::seal::chain_head()?;
             let current = crate::version::schema_is_current()?;
-            for p in partitions()? {
-                if p.to > cutoff {
-                    continue;
-                }
+            for p in existing.into_iter().filter(|p| p.to <= cutoff) {
                 if !current {
                     kept.push(json!({"partition": p.name, "why": "run ALTER EXTENSION audit_ext UPDATE first"}));
                     continue;
@@ -240,28 +233,48 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
                     kept.push(json!({"partition": p.name, "why": "has rows not sealed yet: run audit.seal() first"}));
                     continue;
                 }
-                crate::chain::prune::record(&p.name)?;
-                Spi::run_with_args(
-                    "INSERT INTO audit.horizon (id, horizon) VALUES (1, $1)
-                     ON CONFLICT (id) DO UPDATE SET horizon = GREATEST(audit.horizon.horizon, EXCLUDED.horizon)",
-                    &[p.to.into()],
+                expired.push(p);
+            }
+        }
+
+        // Then the locks that work needs, parent first: removing partitions needs
+        // the parent alone, adding them needs the default partition too.
+        if !wanted.is_empty() || !expired.is_empty() {
+            let parent = if expired.is_empty() { "SHARE UPDATE EXCLUSIVE" } else { "ACCESS EXCLUSIVE" };
+            lock_in_order(parent, !wanted.is_empty())?;
+        }
+        let mut created = Vec::new();
+        let mut moved = 0i64;
+        // Another maintain() may have made some of them while we waited for the locks.
+        let existing = partitions()?;
+        for (from, to) in wanted.into_iter().filter(|(f, t)| !existing.iter().any(|p| p.from < *t && *f < p.to)) {
+            let (name, n) = create_partition(from, to)?;
+            moved += n;
+            created.push(name);
+        }
+        let mut removed = Vec::new();
+        for p in expired {
+            crate::chain::prune::record(&p.name)?;
+            Spi::run_with_args(
+                "INSERT INTO audit.horizon (id, horizon) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET horizon = GREATEST(audit.horizon.horizon, EXCLUDED.horizon)",
+                &[p.to.into()],
+            )?;
+            Spi::run("SET LOCAL audit.allow_drop = on")?;
+            if settings::retention_detach() {
+                let have = Spi::get_one::<bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'audit_archive')",
                 )?;
-                Spi::run("SET LOCAL audit.allow_drop = on")?;
-                if settings::retention_detach() {
-                    let have = Spi::get_one::<bool>(
-                        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'audit_archive')",
-                    )?;
-                    if have != Some(true) {
-                        Spi::run("CREATE SCHEMA audit_archive")?;
-                        Spi::run("REVOKE ALL ON SCHEMA audit_archive FROM PUBLIC")?;
-                    }
-                    Spi::run(&format!("ALTER TABLE audit.log DETACH PARTITION audit.{}", p.name))?;
-                    Spi::run(&format!("ALTER TABLE audit.{} SET SCHEMA audit_archive", p.name))?;
-                    removed.push(json!({"partition": p.name, "action": "detached"}));
-                } else {
-                    Spi::run(&format!("DROP TABLE audit.{}", p.name))?;
-                    removed.push(json!({"partition": p.name, "action": "dropped"}));
+                if have != Some(true) {
+                    Spi::run("CREATE SCHEMA audit_archive")?;
+                    Spi::run("REVOKE ALL ON SCHEMA audit_archive FROM PUBLIC")?;
                 }
+                Spi::run(&format!("ALTER TABLE audit.log DETACH PARTITION audit.{}", p.name))?;
+                Spi::run(&format!("ALTER TABLE audit.{} SET SCHEMA audit_archive", p.name))?;
+                removed.push(json!({"partition": p.name, "action": "detached"}));
+            } else {
+                Spi::run(&format!("DROP TABLE audit.{}", p.name))?;
+                removed.push(json!({"partition": p.name, "action": "dropped"}));
             }
         }
         Ok(json!({

@@ -163,3 +163,89 @@ fn renames_reach_pooled_sessions_of_partitioned_tables() {
     assert_eq!(n, 3);
     c.assert_no_crash();
 }
+
+/// The current partition is missing, so rows land in audit.log_default; then
+/// maintain() creates the partition and moves the rows while 4 writers keep
+/// writing. No writer may fail, and the default partition must drain.
+fn default_partition_drains_under_writers(worker: bool) {
+    let naptime = if worker { "audit.naptime = 1" } else { "audit.naptime = 0" };
+    let c = Cluster::start(ClusterOpts::new().conf(naptime).conf("log_lock_waits = on").conf("deadlock_timeout = 50ms"));
+    let mut db = c.connect("postgres");
+    db.batch_execute(
+        "CREATE EXTENSION audit_ext;
+         CREATE TABLE t (id int PRIMARY KEY, v int);
+         INSERT INTO t SELECT g, 0 FROM generate_series(1, 100) g;
+         SELECT audit.track('t');
+         SET audit.allow_drop = on;
+         DO $$ DECLARE p text; BEGIN
+           FOR p IN SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                     WHERE i.inhparent = 'audit.log'::regclass AND c.relname <> 'log_default' LOOP
+             EXECUTE format('DROP TABLE audit.%I', p);
+           END LOOP; END $$;",
+    )
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let mut conn = c.connect("postgres");
+        let stop = stop.clone();
+        writers.push(thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = w * 25 + i % 25 + 1;
+                match conn.execute("UPDATE t SET v = v + 1 WHERE id = $1", &[&id]) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("{e:?}")),
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let t0 = std::time::Instant::now();
+    let mut busy = 0;
+    loop {
+        if !worker {
+            let r: String = db.query_one("SELECT audit.maintain()::text", &[]).unwrap().get(0);
+            if r.contains("\"busy\": true") {
+                busy += 1;
+            }
+        }
+        let in_default: i64 = db.query_one("SELECT count(*) FROM audit.log_default", &[]).unwrap().get(0);
+        let parts: i64 = db
+            .query_one("SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit.log'::regclass", &[])
+            .unwrap()
+            .get(0);
+        if in_default == 0 && parts > 1 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the default partition never drained ({in_default} rows, {busy} busy runs)\n{}", c.log_contents().lines().filter(|l| l.contains("lock")).take(30).collect::<Vec<_>>().join("\n"));
+        thread::sleep(Duration::from_millis(if worker { 200 } else { 50 }));
+    }
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for w in writers {
+        let (ok, failed) = w.join().unwrap();
+        assert!(failed.is_empty(), "writers failed: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 0);
+    let in_default: i64 = db.query_one("SELECT count(*) FROM audit.log_default", &[]).unwrap().get(0);
+    assert_eq!(in_default, 0, "rows written after the move went to the new partition");
+    let logged: i64 = db.query_one("SELECT count(*) FROM audit.log WHERE operation = 'UPDATE'", &[]).unwrap().get(0);
+    assert_eq!(logged as u64, total, "every committed write logged once");
+    c.assert_no_crash();
+}
+
+#[test]
+fn default_partition_drains_under_writers_by_maintain() {
+    default_partition_drains_under_writers(false);
+}
+
+#[test]
+fn default_partition_drains_under_writers_by_the_worker() {
+    default_partition_drains_under_writers(true);
+}

@@ -49,6 +49,8 @@ pub struct ExtState {
     pub ext: Oid,
     pub owner: Oid,
     pub log: Oid,
+    /// audit.log_default, which writers lock before they route a row (capture::sink).
+    pub log_default: Oid,
     pub seq: Oid,
     pub tracked: Oid,
 }
@@ -65,7 +67,7 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: Oid) {
     // Runs inside invalidation processing: no allocation-heavy or erroring work here.
     super::sink::invalidate(relid);
     if let Some(ext) = EXT.with(|e| e.get()) {
-        if relid == pg_sys::InvalidOid || relid == ext.log || relid == ext.seq || relid == ext.tracked {
+        if relid == pg_sys::InvalidOid || relid == ext.log || relid == ext.log_default || relid == ext.seq || relid == ext.tracked {
             EXT.with(|e| e.set(None));
         }
     }
@@ -125,7 +127,7 @@ pub fn ext_state() -> Result<ExtState> {
     }
     let owner = crate::privilege::extension_owner()?;
     // SAFETY: plain syscache lookups by name; missing_ok returns InvalidOid.
-    let (ext, log, seq, tracked) = unsafe {
+    let (ext, log, log_default, seq, tracked) = unsafe {
         let ext = pg_sys::get_extension_oid(c"audit_ext".as_ptr(), true);
         let ns = pg_sys::get_namespace_oid(c"audit".as_ptr(), true);
         if ns == pg_sys::InvalidOid {
@@ -134,14 +136,15 @@ pub fn ext_state() -> Result<ExtState> {
         (
             ext,
             pg_sys::get_relname_relid(c"log".as_ptr(), ns),
+            pg_sys::get_relname_relid(c"log_default".as_ptr(), ns),
             pg_sys::get_relname_relid(c"log_id_seq".as_ptr(), ns),
             pg_sys::get_relname_relid(c"tracked".as_ptr(), ns),
         )
     };
-    if [ext, log, seq, tracked].contains(&pg_sys::InvalidOid) {
+    if [ext, log, log_default, seq, tracked].contains(&pg_sys::InvalidOid) {
         return Err(AuditError::NotInstalled);
     }
-    let st = ExtState { ext, owner, log, seq, tracked };
+    let st = ExtState { ext, owner, log, log_default, seq, tracked };
     EXT.with(|e| e.set(Some(st)));
     Ok(st)
 }

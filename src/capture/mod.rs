@@ -343,8 +343,15 @@ pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: R
         (vals.map(|v| v.unwrap_or(Datum::from(0))), vals.map(|v| v.is_none()))
     };
     // SAFETY: values match audit.log's columns (the INSERT_SQL order is the table's).
-    if unsafe { sink::insert(ext.log, &values, &nulls) } {
+    if unsafe { sink::insert(ext.log, ext.log_default, &values, &nulls) } {
         return Ok(());
+    }
+    // The executor's INSERT routes the row itself: take the parent and the default
+    // partition first, in maintain()'s order, for the reason sink::open gives.
+    // SAFETY: plain lock acquisitions, held until the transaction ends.
+    unsafe {
+        pg_sys::LockRelationOid(ext.log, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        pg_sys::LockRelationOid(ext.log_default, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
     }
     // SAFETY: a standard SPI session around one execution of the kept plan.
     unsafe { insert_row(&values, &nulls) }

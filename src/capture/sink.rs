@@ -109,7 +109,7 @@ unsafe fn close(s: Sink) {
     }
 }
 
-unsafe fn open(log: Oid) -> Sink {
+unsafe fn open(log: Oid, log_default: Oid) -> Sink {
     if !REGISTERED.with(|r| r.replace(true)) {
         // SAFETY: a static callback, registered once per backend.
         unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
@@ -120,6 +120,12 @@ unsafe fn open(log: Oid) -> Sink {
         let estate = pg_sys::CreateExecutorState();
         pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
         let rel = pg_sys::table_open(log, pg_sys::RowExclusiveLock as i32);
+        // The default partition too, before any row is routed, in the order maintain()
+        // locks them. Routing then sees every partition maintain() attached before we
+        // got the lock: routed first and locked after, a row bound for the default
+        // partition would fail its changed constraint (23514) once maintain() attached
+        // the partition it belongs to while we waited.
+        pg_sys::LockRelationOid(log_default, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let root = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
         (*root).type_ = pg_sys::NodeTag::T_ResultRelInfo;
         pg_sys::InitResultRelInfo(root, rel, 0, std::ptr::null_mut(), 0);
@@ -169,7 +175,7 @@ unsafe fn direct_ok(root: *mut pg_sys::ResultRelInfo, leaf: *mut pg_sys::ResultR
 ///
 /// # Safety
 /// `values` must be valid datums of `audit.log`'s column types, in column order.
-pub unsafe fn insert(log: Oid, values: &[Datum], nulls: &[bool]) -> bool {
+pub unsafe fn insert(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool]) -> bool {
     if STALE.with(|s| s.get()) || BUSY.with(|b| b.get()) || SINK.with(|s| s.borrow().as_ref().is_some_and(|s| s.log != log)) {
         release();
     }
@@ -180,7 +186,7 @@ pub unsafe fn insert(log: Oid, values: &[Datum], nulls: &[bool]) -> bool {
             let owner = pg_sys::CurrentResourceOwner;
             pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
             let guard = RestoreOwner(owner);
-            let s = open(log);
+            let s = open(log, log_default);
             drop(guard);
             s
         };
