@@ -41,8 +41,7 @@ fn dump_and_restore_keep_the_trail() {
          UPDATE users SET email = 'changed@x' WHERE id = 3;",
     )
     .unwrap();
-    // A separate transaction: seal() leaves rows of a transaction with subtransactions
-    // (CREATE EXTENSION's maintain() uses them) to a later call.
+    // A separate transaction, as an application would seal.
     s.batch_execute(
         "ALTER TABLE users RENAME TO people;
          SELECT audit.seal();

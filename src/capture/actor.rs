@@ -54,7 +54,8 @@ thread_local! {
 }
 
 /// `changed_by` and the parsed JSON object, if `app.current_user` holds one.
-pub fn actor_from(value: &str) -> (String, Option<Value>) {
+/// `utf8_db`: whether the database encoding is UTF-8 (jsonb can then hold any character).
+pub fn actor_from(value: &str, utf8_db: bool) -> (String, Option<Value>) {
     if !value.trim_start().starts_with('{') {
         return (value.to_string(), None); // not an object: no need to parse
     }
@@ -62,7 +63,7 @@ pub fn actor_from(value: &str) -> (String, Option<Value>) {
         // Kept as an object only if jsonb can hold it exactly: anything jsonb_in would
         // refuse (a NUL character, a number beyond numeric's range) must not make the
         // user's write fail, so such an actor is recorded as its text instead.
-        Ok(Value::Object(map)) if jsonb_can_hold(&Value::Object(map.clone())) => {
+        Ok(Value::Object(map)) if jsonb_can_hold(&Value::Object(map.clone()), utf8_db) => {
             let by = JSON_ACTOR_KEYS
                 .iter()
                 .find_map(|k| match map.get(*k) {
@@ -80,9 +81,7 @@ pub fn actor_from(value: &str) -> (String, Option<Value>) {
 /// Whether jsonb_in accepts this value's JSON text as it is. It refuses `\u0000`
 /// in strings and keys, numbers numeric cannot represent, and (in a database
 /// that is not UTF-8) characters the database encoding may not have.
-fn jsonb_can_hold(v: &Value) -> bool {
-    // SAFETY: a plain read of the database encoding.
-    let utf8 = unsafe { pg_sys::GetDatabaseEncoding() } == pg_sys::pg_enc::PG_UTF8 as i32;
+fn jsonb_can_hold(v: &Value, utf8: bool) -> bool {
     let text_ok = |s: &str| !s.contains('\0') && (utf8 || s.is_ascii());
     fn walk(v: &Value, text_ok: &dyn Fn(&str) -> bool) -> bool {
         match v {
@@ -105,6 +104,11 @@ fn number_fits_numeric(n: &str) -> bool {
     };
     let digits = mantissa.bytes().filter(u8::is_ascii_digit).count() as i64;
     exp.unsigned_abs() <= 10_000 && digits <= 10_000
+}
+
+fn db_is_utf8() -> bool {
+    // SAFETY: a plain read of the database encoding.
+    unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
 }
 
 /// Called only when session_info is rebuilt, which its cache key (with the session user) decides.
@@ -198,7 +202,7 @@ fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
     }
     let key = key.to_vec();
     let changed_by = match actor.map(|u| (u, std::str::from_utf8(u.to_bytes()))) {
-        Some((_, Ok(u))) => actor_from(u).0.into_bytes(),
+        Some((_, Ok(u))) => actor_from(u, db_is_utf8()).0.into_bytes(),
         Some((u, Err(_))) => u.to_bytes().to_vec(), // not UTF-8 (another database encoding): kept as it is
         None => context.db_user.clone(),
     };
@@ -263,7 +267,7 @@ fn context(current_user: Option<&'static CStr>) -> Result<std::rc::Rc<Context>> 
             let Some(v) = v else { continue };
             // An actor given as a JSON object is kept as that object.
             let parsed = (n.as_c_str() == CURRENT_USER)
-                .then(|| std::str::from_utf8(v).ok().and_then(|v| actor_from(v).1))
+                .then(|| std::str::from_utf8(v).ok().and_then(|v| actor_from(v, db_is_utf8()).1))
                 .flatten()
                 .and_then(|obj| CString::new(obj.to_string()).ok());
             let (value, typid) = match parsed {
@@ -321,14 +325,21 @@ mod tests {
 
     #[test]
     fn actor_rules() {
-        assert_eq!(actor_from("batch_script@system").0, "batch_script@system");
-        assert_eq!(actor_from(r#"{"user_id": 7, "email": "a@b.c"}"#).0, "a@b.c");
-        assert_eq!(actor_from(r#"{"user_id": 7}"#).0, "7");
-        assert_eq!(actor_from(r#"{"name": "n", "id": "i"}"#).0, "i");
-        assert_eq!(actor_from(r#"{"other": 1}"#).0, r#"{"other": 1}"#);
-        assert_eq!(actor_from(r#"{"email": "#).0, r#"{"email": "#);
-        assert!(actor_from(r#"{"email": "#).1.is_none());
-        assert_eq!(actor_from("[1,2]").0, "[1,2]");
-        assert_eq!(actor_from("42").0, "42");
+        assert_eq!(actor_from("batch_script@system", true).0, "batch_script@system");
+        assert_eq!(actor_from(r#"{"user_id": 7, "email": "a@b.c"}"#, true).0, "a@b.c");
+        assert_eq!(actor_from(r#"{"user_id": 7}"#, true).0, "7");
+        assert_eq!(actor_from(r#"{"name": "n", "id": "i"}"#, true).0, "i");
+        assert_eq!(actor_from(r#"{"other": 1}"#, true).0, r#"{"other": 1}"#);
+        assert_eq!(actor_from(r#"{"email": "#, true).0, r#"{"email": "#);
+        assert!(actor_from(r#"{"email": "#, true).1.is_none());
+        assert_eq!(actor_from("[1,2]", true).0, "[1,2]");
+        assert_eq!(actor_from("42", true).0, "42");
+        // Kept as text when jsonb could not hold the object exactly.
+        assert!(actor_from(r#"{"email": "a\u0000b"}"#, true).1.is_none());
+        assert!(actor_from(r#"{"a\u0000": 1}"#, true).1.is_none());
+        assert!(actor_from(r#"{"n": 1e100000}"#, true).1.is_none());
+        assert!(actor_from(r#"{"n": 1e100}"#, true).1.is_some());
+        assert!(actor_from(r#"{"email": "\u00e9"}"#, false).1.is_none());
+        assert!(actor_from(r#"{"email": "\u00e9"}"#, true).1.is_some());
     }
 }

@@ -80,6 +80,7 @@ SELECT audit.seal() OPERATOR(pg_catalog.>) 0 AS sealed;
 SELECT ok FROM audit.verify();
 SELECT ok FROM audit.verify(audit.digest());
 SELECT audit.maintain() OPERATOR(pg_catalog.?) 'created' AS maintained;
+SELECT seal_ok, maintain_ok FROM audit.status();
 SELECT audit.undo((SELECT l.txid FROM audit.history('public.shadow_t', '2') l
                     WHERE l.operation OPERATOR(pg_catalog.=) 'DELETE')) AS undone;
 SELECT audit.untrack('public.shadow_t');
