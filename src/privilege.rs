@@ -56,23 +56,20 @@ impl AsOwner {
 /// Opens a GUC nest level and sets search_path in it, as fmgr does for a
 /// function's SET clause. Returns the level, for AtEOXact_GUC to close.
 pub fn pin_fixed_search_path() -> i32 {
-    // SAFETY: NewGUCNestLevel has no preconditions. set_config_option with
-    // GUC_ACTION_SAVE records the old value in that level; search_path is a
-    // USERSET setting, so PGC_USERSET/PGC_S_SESSION is always allowed, and
-    // elevel ERROR makes a (never expected) failure an ordinary ERROR.
+    // SAFETY: NewGUCNestLevel has no preconditions.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    // search_path is a USERSET setting: PGC_USERSET is always allowed to set it.
+    set_setting(c"search_path", FIXED_SEARCH_PATH, pg_sys::GucContext::PGC_USERSET, pg_sys::GucAction::GUC_ACTION_SAVE, true);
+    level
+}
+
+/// Sets a setting at session level (GUC_ACTION_SAVE: inside the current nest
+/// level). A refused value raises an ERROR when `must`, else a WARNING.
+pub fn set_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, context: pg_sys::GucContext::Type, action: pg_sys::GucAction::Type, must: bool) {
+    let elevel = if must { pgrx::PgLogLevel::ERROR } else { pgrx::PgLogLevel::WARNING };
+    // SAFETY: both strings are NUL-terminated and outlive the call, which copies them.
     unsafe {
-        let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            FIXED_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            pgrx::PgLogLevel::ERROR as i32,
-            false,
-        );
-        level
+        pg_sys::set_config_option(name.as_ptr(), value.as_ptr(), context, pg_sys::GucSource::PGC_S_SESSION, action, true, elevel as i32, false);
     }
 }
 

@@ -45,37 +45,6 @@ pub fn record(run: Run, outcome: std::result::Result<String, String>) -> Result<
     })
 }
 
-type StatusRow = (
-    name!(last_maintain_at, Option<TimestampWithTimeZone>),
-    name!(maintain_ok, Option<bool>),
-    name!(maintain_detail, Option<String>),
-    name!(last_seal_at, Option<TimestampWithTimeZone>),
-    name!(seal_ok, Option<bool>),
-    name!(seal_detail, Option<String>),
-    name!(unsealed_rows, Option<i64>),
-    name!(oldest_unsealed_age, Option<pgrx::datum::Interval>),
-);
-
-fn status_impl() -> Result<Vec<StatusRow>> {
-    as_extension_owner(|| {
-        Spi::connect(|c| -> Result<Vec<StatusRow>> {
-            let mut rows = c.select(
-                "WITH s AS (SELECT * FROM audit.status_state WHERE id OPERATOR(pg_catalog.=) 1),
-                      h AS (SELECT COALESCE(pg_catalog.max(through_id), 0) AS through FROM audit.blocks),
-                      u AS (SELECT pg_catalog.count(*) AS n, pg_catalog.min(l.changed_at) AS oldest
-                              FROM audit.log l, h WHERE l.id OPERATOR(pg_catalog.>) h.through)
-                 SELECT s.maintain_at, s.maintain_ok, s.maintain_detail, s.seal_at, s.seal_ok, s.seal_detail,
-                        u.n, pg_catalog.now() OPERATOR(pg_catalog.-) u.oldest
-                   FROM u LEFT JOIN s ON true",
-                None,
-                &[],
-            )?;
-            let r = rows.next().expect("one row");
-            Ok(vec![(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)])
-        })
-    })
-}
-
 /// The last maintenance and sealing runs and what is waiting to be sealed.
 #[pg_extern(stable, parallel_safe)]
 fn status() -> TableIterator<
@@ -91,5 +60,23 @@ fn status() -> TableIterator<
         name!(oldest_unsealed_age, Option<pgrx::datum::Interval>),
     ),
 > {
-    TableIterator::new(status_impl().or_raise())
+    let row = as_extension_owner(|| {
+        Spi::connect(|c| {
+            let mut rows = c.select(
+                "WITH s AS (SELECT * FROM audit.status_state WHERE id OPERATOR(pg_catalog.=) 1),
+                      h AS (SELECT COALESCE(pg_catalog.max(through_id), 0) AS through FROM audit.blocks),
+                      u AS (SELECT pg_catalog.count(*) AS n, pg_catalog.min(l.changed_at) AS oldest
+                              FROM audit.log l, h WHERE l.id OPERATOR(pg_catalog.>) h.through)
+                 SELECT s.maintain_at, s.maintain_ok, s.maintain_detail, s.seal_at, s.seal_ok, s.seal_detail,
+                        u.n, pg_catalog.now() OPERATOR(pg_catalog.-) u.oldest
+                   FROM u LEFT JOIN s ON true",
+                None,
+                &[],
+            )?;
+            let r = rows.next().ok_or_else(|| crate::errors::AuditError::Internal("audit.status() found no row".into()))?;
+            Ok((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+        })
+    })
+    .or_raise();
+    TableIterator::once(row)
 }

@@ -186,20 +186,9 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
 /// built-in value, except audit_ext's own (`audit.*`, which is how retention is
 /// set per database), and search_path is pinned for the worker's life.
 fn ignore_database_and_role_settings() {
-    // SAFETY: a session-level SET as the superuser the worker is; search_path
-    // always accepts this value.
-    unsafe {
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            crate::privilege::FIXED_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SET,
-            true,
-            pgrx::PgLogLevel::ERROR as i32,
-            false,
-        );
-    }
+    use crate::privilege::{set_setting, FIXED_SEARCH_PATH};
+    use pg_sys::{GucAction::GUC_ACTION_SET, GucContext::PGC_SUSET};
+    set_setting(c"search_path", FIXED_SEARCH_PATH, PGC_SUSET, GUC_ACTION_SET, true);
     let overridden: Vec<(String, Option<String>)> = Spi::connect(|c| {
         let mut v = Vec::new();
         if let Ok(rows) = c.select(
@@ -219,23 +208,9 @@ fn ignore_database_and_role_settings() {
         v
     });
     for (name, boot) in overridden {
-        let (Ok(name_c), Ok(boot_c)) = (std::ffi::CString::new(name.as_str()), std::ffi::CString::new(boot.unwrap_or_default()))
-        else {
-            continue;
-        };
-        // SAFETY: a session-level SET as the superuser the worker is; elevel WARNING
-        // makes a setting that refuses its boot value a log line, not an exit.
-        unsafe {
-            pg_sys::set_config_option(
-                name_c.as_ptr(),
-                boot_c.as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SET,
-                true,
-                pgrx::PgLogLevel::WARNING as i32,
-                false,
-            );
+        if let (Ok(name), Ok(boot)) = (std::ffi::CString::new(name), std::ffi::CString::new(boot.unwrap_or_default())) {
+            // A setting that refuses its built-in value is a log line, not an exit.
+            set_setting(&name, &boot, PGC_SUSET, GUC_ACTION_SET, false);
         }
     }
 }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use pgrx::prelude::*;
 
 use crate::chain::hash::{self, BlockFields, PrunePart, RootBuilder};
-use crate::chain::seal::{chain_head, lock_chain};
+use crate::chain::seal::{append_block, chain_head, lock_chain, Kind};
 use crate::errors::{AuditError, Result};
 
 /// A data block's id range and size, as retention needs them.
@@ -122,35 +122,19 @@ fn record_rows(rows: &[(i64, Vec<u8>)], emptied: &[i64], still_in_log: bool) -> 
     let root = hash::prune_root(&parts);
     let count: i64 = parts.iter().map(|p| p.removed).sum();
     let (first, last) = (rows.first().map(|r| r.0), rows.last().map(|r| r.0));
-    let sealed_at = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT pg_catalog.clock_timestamp()")?
-        .ok_or_else(|| AuditError::Internal("clock_timestamp() returned NULL".into()))?;
-    let sealed_us = pg_sys::TimestampTz::from(sealed_at) + crate::capture::PG_EPOCH_OFFSET_US;
-    let bh = hash::prune_block_hash(&BlockFields {
-        block_id: prune_block,
-        from_id: head_through,
-        through_id: head_through,
-        first_id: first,
-        last_id: last,
-        row_count: count,
-        root: &root,
-        prev_hash: &prev,
-        sealed_at_us: sealed_us,
-    });
-    Spi::run_with_args(
-        "INSERT INTO audit.blocks (block_id, from_id, through_id, first_id, last_id, row_count, root,
-                                   prev_hash, block_hash, sealed_at, kind)
-         VALUES ($1, $2, $2, $3, $4, $5, $6, $7, $8, $9, 'prune')",
-        &[
-            prune_block.into(),
-            head_through.into(),
-            first.into(),
-            last.into(),
-            count.into(),
-            root.to_vec().into(),
-            prev.into(),
-            bh.to_vec().into(),
-            sealed_at.into(),
-        ],
+    append_block(
+        Kind::Prune,
+        BlockFields {
+            block_id: prune_block,
+            from_id: head_through,
+            through_id: head_through,
+            first_id: first,
+            last_id: last,
+            row_count: count,
+            root: &root,
+            prev_hash: &prev,
+            sealed_at_us: 0,
+        },
     )?;
     for p in &parts {
         Spi::run_with_args(

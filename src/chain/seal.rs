@@ -159,45 +159,75 @@ pub fn seal_impl(wait: Wait) -> Result<i64> {
             }
             let through = if count == BLOCK_MAX_ROWS { last.unwrap_or(horizon) } else { horizon };
             let root = root.finish();
-            let sealed_at = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT pg_catalog.clock_timestamp()")?
-                .ok_or_else(|| AuditError::Internal("clock_timestamp() returned NULL".into()))?;
-            let sealed_us = pg_sys::TimestampTz::from(sealed_at) + crate::capture::PG_EPOCH_OFFSET_US;
             block_id += 1;
-            let bh = hash::block_hash(&BlockFields {
-                block_id,
-                from_id: from,
-                through_id: through,
-                first_id: first,
-                last_id: last,
-                row_count: count,
-                root: &root,
-                prev_hash: &prev,
-                sealed_at_us: sealed_us,
-            });
-            Spi::run_with_args(
-                "INSERT INTO audit.blocks (block_id, from_id, through_id, first_id, last_id, row_count, root,
-                                           prev_hash, block_hash, sealed_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                &[
-                    block_id.into(),
-                    from.into(),
-                    through.into(),
-                    first.into(),
-                    last.into(),
-                    count.into(),
-                    root.to_vec().into(),
-                    prev.clone().into(),
-                    bh.to_vec().into(),
-                    sealed_at.into(),
-                ],
+            let bh = append_block(
+                Kind::Rows,
+                BlockFields {
+                    block_id,
+                    from_id: from,
+                    through_id: through,
+                    first_id: first,
+                    last_id: last,
+                    row_count: count,
+                    root: &root,
+                    prev_hash: &prev,
+                    sealed_at_us: 0,
+                },
             )?;
             total += count;
             from = through;
-            prev = bh.to_vec();
+            prev = bh;
         }
         crate::status::record(crate::status::Run::Seal, Ok(format!("sealed {total} row(s) through id {from}")))?;
         Ok(total)
     })
+}
+
+/// What a block of the chain is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Seals the ids in (from_id, through_id].
+    Rows,
+    /// A retention record (chain::prune): covers no ids.
+    Prune,
+}
+
+/// Appends one block: stamps it with the clock, hashes it under its kind's
+/// domain, inserts it into audit.blocks and returns its hash. The caller holds
+/// the chain (`lock_chain`, or the sealer's lock) and gives the head's hash as
+/// `prev_hash`; `fields.sealed_at_us` is set here.
+pub fn append_block(kind: Kind, mut fields: BlockFields<'_>) -> Result<Vec<u8>> {
+    let sealed_at = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT pg_catalog.clock_timestamp()")?
+        .ok_or_else(|| AuditError::Internal("clock_timestamp() returned NULL".into()))?;
+    fields.sealed_at_us = pg_sys::TimestampTz::from(sealed_at) + crate::capture::PG_EPOCH_OFFSET_US;
+    let (bh, kind) = match kind {
+        Kind::Rows => (hash::block_hash(&fields), "rows"),
+        Kind::Prune => (hash::prune_block_hash(&fields), "prune"),
+    };
+    // 0.1.0's audit.blocks has no kind column (before ALTER EXTENSION UPDATE): only
+    // blocks of rows are made then, and the column's default is 'rows' anyway.
+    let kind_col = if kind == "rows" { "" } else { ", kind" };
+    let kind_val = if kind == "rows" { "" } else { ", 'prune'" };
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO audit.blocks (block_id, from_id, through_id, first_id, last_id, row_count, root,
+                                       prev_hash, block_hash, sealed_at{kind_col})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10{kind_val})"
+        ),
+        &[
+            fields.block_id.into(),
+            fields.from_id.into(),
+            fields.through_id.into(),
+            fields.first_id.into(),
+            fields.last_id.into(),
+            fields.row_count.into(),
+            fields.root.to_vec().into(),
+            fields.prev_hash.to_vec().into(),
+            bh.to_vec().into(),
+            sealed_at.into(),
+        ],
+    )?;
+    Ok(bh.to_vec())
 }
 
 /// Takes the chain for appending (sealing, or retention recording what it

@@ -44,3 +44,4 @@ SELECT count(*) FILTER (WHERE l.new_values = to_jsonb(a) AND l.new_values::text 
        count(*) AS total
   FROM audit.log l JOIN amounts a ON l.row_id = a.id::text
  WHERE l.table_name = 'amounts' AND l.operation = 'INSERT';
+SELECT ok FROM audit.verify();
