@@ -37,9 +37,15 @@ SELECT audit.track('ctp');
 ALTER TABLE ctp_2 DISABLE TRIGGER audit_capture_row;
 INSERT INTO ctp VALUES (1, 2);
 ALTER TABLE ctp_2 ENABLE ALWAYS TRIGGER audit_capture_row;
-\set VERBOSITY sqlstate
-ALTER TRIGGER audit_capture_row ON ctp_2 RENAME TO harmless;
-\set VERBOSITY default
+-- A partition's clone cannot be renamed either (PostgreSQL refuses it itself, with a
+-- SQLSTATE that differs between versions).
+DO $$
+BEGIN
+  ALTER TRIGGER audit_capture_row ON ctp_2 RENAME TO harmless;
+  RAISE NOTICE 'renamed';
+EXCEPTION WHEN OTHERS THEN
+  RAISE NOTICE 'refused';
+END $$;
 SELECT table_name, new_values->>'object_identity' AS object, new_values->>'statement' AS statement
   FROM audit.log WHERE operation = 'DDL' AND table_name IN ('ct', 'ctp') ORDER BY id;
 -- untrack still removes them, and says so.
