@@ -72,11 +72,10 @@ fn add_interval(t: TimestampWithTimeZone, interval: &str) -> Result<TimestampWit
 /// Takes the parent, then the default partition: the order writers take them
 /// in too (capture::sink), so the two can never wait for each other in a cycle.
 /// `parent` is SHARE UPDATE EXCLUSIVE to attach partitions (writers go on), or
-/// ACCESS EXCLUSIVE to drop or detach them (writers wait a moment). Any statement
-/// that meets a lock held longer than `LOCK_TIMEOUT` fails with 55P03; the
-/// caller then rolls back and retries (see `with_lock_retries`).
+/// ACCESS EXCLUSIVE to drop or detach them (writers wait a moment). The caller
+/// has set lock_timeout to `LOCK_TIMEOUT`: a lock held longer fails with 55P03,
+/// and the caller then rolls back and retries (see `with_lock_retries`).
 fn lock_in_order(parent: &str, default: bool) -> Result<()> {
-    Spi::run(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))?;
     Spi::run(&format!("LOCK TABLE audit.log IN {parent} MODE"))?;
     if default {
         Spi::run("LOCK TABLE audit.log_default IN EXCLUSIVE MODE")?;
@@ -240,6 +239,12 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
         // Then the locks that work needs, parent first: removing partitions needs
         // the parent alone, adding them needs the default partition too.
         if !wanted.is_empty() || !expired.is_empty() {
+            Spi::run(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))?;
+            if !expired.is_empty() {
+                // The chain before the tables, as the sealer takes them (it reads audit.log
+                // while it holds the chain): retention appends a record to it.
+                crate::chain::seal::lock_chain()?;
+            }
             let parent = if expired.is_empty() { "SHARE UPDATE EXCLUSIVE" } else { "ACCESS EXCLUSIVE" };
             lock_in_order(parent, !wanted.is_empty())?;
         }
