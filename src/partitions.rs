@@ -250,7 +250,7 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
         }
         let mut created = Vec::new();
         let mut moved = 0i64;
-        // Another maintain() may have made some of them while we waited for the locks.
+        // Another maintain() may have made or removed some of them while we waited for the locks.
         let existing = partitions()?;
         for (from, to) in wanted.into_iter().filter(|(f, t)| !existing.iter().any(|p| p.from < *t && *f < p.to)) {
             let (name, n) = create_partition(from, to)?;
@@ -258,7 +258,7 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
             created.push(name);
         }
         let mut removed = Vec::new();
-        for p in expired {
+        for p in expired.into_iter().filter(|p| existing.iter().any(|e| e.name == p.name)) {
             crate::chain::prune::record(&p.name)?;
             Spi::run_with_args(
                 "INSERT INTO audit.horizon (id, horizon) VALUES (1, $1)

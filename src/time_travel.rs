@@ -72,8 +72,11 @@ impl Table {
         let relid = rel.oid();
         let qname = format!("{}.{}", quote_ident(rel.namespace()), quote_ident(rel.name()));
         require_select(relid, &qname)?;
-        let found = as_extension_owner(|| {
-            Spi::connect(|c| -> Result<Option<(Vec<String>, Vec<String>, TimestampWithTimeZone)>> {
+        // One switch to the owner for both reads of audit_ext's own tables.
+        type Tracked = (Vec<String>, Vec<String>, TimestampWithTimeZone);
+        type Names = Vec<(String, String, Option<String>)>;
+        let (found, mut names) = as_extension_owner(|| {
+            Spi::connect(|c| -> Result<(Option<Tracked>, Names)> {
                 let mut rows = select_kept(
                     c,
                     "SELECT t.exclude, t.redact,
@@ -81,20 +84,15 @@ impl Table {
                        FROM audit.tracked t WHERE t.relid OPERATOR(pg_catalog.=) $1",
                     &[relid.into()],
                 )?;
-                match rows.next() {
-                    None => Ok(None),
-                    Some(r) => Ok(Some((
+                let found = match rows.next() {
+                    None => None,
+                    Some(r) => Some((
                         r.get::<Vec<String>>(1)?.unwrap_or_default(),
                         r.get::<Vec<String>>(2)?.unwrap_or_default(),
                         r.get::<TimestampWithTimeZone>(3)?.ok_or(AuditError::Internal("no tracking start".into()))?,
-                    ))),
-                }
-            })
-        })?;
-        let (exclude, redact, earliest) = found.ok_or_else(|| AuditError::NotTracked { table: qname.clone() })?;
-        let mut names = as_extension_owner(|| {
-            Spi::connect(|c| -> Result<Vec<(String, String, Option<String>)>> {
-                let mut v = Vec::new();
+                    )),
+                };
+                let mut names = Vec::new();
                 for r in select_kept(
                     c,
                     "SELECT schema_name, table_name,
@@ -103,11 +101,12 @@ impl Table {
                        FROM audit.table_names WHERE relid OPERATOR(pg_catalog.=) $1 ORDER BY valid_from",
                     &[relid.into()],
                 )? {
-                    v.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default(), r.get::<String>(3)?));
+                    names.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default(), r.get::<String>(3)?));
                 }
-                Ok(v)
+                Ok((found, names))
             })
         })?;
+        let (exclude, redact, earliest) = found.ok_or_else(|| AuditError::NotTracked { table: qname.clone() })?;
         let current = (rel.namespace().to_string(), rel.name().to_string());
         if names.last().is_none_or(|(s, n, _)| (s, n) != (&current.0, &current.1)) {
             // Renamed while audit_ext could not see it (event triggers off): the current name too.

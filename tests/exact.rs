@@ -175,15 +175,10 @@ fn default_partition_drains_under_writers(worker: bool) {
         "CREATE EXTENSION audit_ext;
          CREATE TABLE t (id int PRIMARY KEY, v int);
          INSERT INTO t SELECT g, 0 FROM generate_series(1, 100) g;
-         SELECT audit.track('t');
-         SET audit.allow_drop = on;
-         DO $$ DECLARE p text; BEGIN
-           FOR p IN SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                     WHERE i.inhparent = 'audit.log'::regclass AND c.relname <> 'log_default' LOOP
-             EXECUTE format('DROP TABLE audit.%I', p);
-           END LOOP; END $$;",
+         SELECT audit.track('t');",
     )
     .unwrap();
+    common::drop_premade_partitions(&mut db);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..4 {

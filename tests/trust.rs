@@ -82,15 +82,9 @@ fn plant_shadows(db: &mut Client, owner: &str) {
 
 /// Rows waiting in audit.log_default: every premade partition dropped (they are empty).
 fn rows_in_default(db: &mut Client) {
+    common::drop_premade_partitions(db);
     db.batch_execute(
-        "SET audit.allow_drop = on;
-         DO $$ DECLARE p text; BEGIN
-           FOR p IN SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                     WHERE i.inhparent = 'audit.log'::regclass AND c.relname <> 'log_default' LOOP
-             EXECUTE format('DROP TABLE audit.%I', p);
-           END LOOP; END $$;
-         RESET audit.allow_drop;
-         CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY, v text);
+        "CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY, v text);
          SELECT audit.track('t');
          INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
     )
@@ -185,14 +179,12 @@ impl Split {
         db.batch_execute(
             "CREATE EXTENSION audit_ext;
              CREATE TABLE t (id int PRIMARY KEY, v text);
-             SELECT audit.track('t');
-             SET audit.allow_drop = on;
-             DO $$ DECLARE p text; BEGIN
-               FOR p IN SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                         WHERE i.inhparent = 'audit.log'::regclass AND c.relname <> 'log_default' LOOP
-                 EXECUTE format('DROP TABLE audit.%I', p);
-               END LOOP; END $$;
-             CREATE TABLE split_at AS SELECT date_trunc('second', clock_timestamp()) + interval '3 seconds' AS t_mid;
+             SELECT audit.track('t');",
+        )
+        .unwrap();
+        common::drop_premade_partitions(&mut db);
+        db.batch_execute(
+            "CREATE TABLE split_at AS SELECT date_trunc('second', clock_timestamp()) + interval '3 seconds' AS t_mid;
              DO $$ DECLARE m timestamptz := (SELECT t_mid FROM split_at); BEGIN
                EXECUTE format('CREATE TABLE audit.log_old PARTITION OF audit.log FOR VALUES FROM (%L) TO (%L)',
                               m - interval '1 hour', m);

@@ -63,7 +63,7 @@ pub fn actor_from(value: &str, utf8_db: bool) -> (String, Option<Value>) {
         // Kept as an object only if jsonb can hold it exactly: anything jsonb_in would
         // refuse (a NUL character, a number beyond numeric's range) must not make the
         // user's write fail, so such an actor is recorded as its text instead.
-        Ok(Value::Object(map)) if jsonb_can_hold(&Value::Object(map.clone()), utf8_db) => {
+        Ok(Value::Object(map)) if map.iter().all(|(k, v)| jsonb_can_hold_key(k, utf8_db) && jsonb_can_hold(v, utf8_db)) => {
             let by = JSON_ACTOR_KEYS
                 .iter()
                 .find_map(|k| match map.get(*k) {
@@ -82,17 +82,18 @@ pub fn actor_from(value: &str, utf8_db: bool) -> (String, Option<Value>) {
 /// in strings and keys, numbers numeric cannot represent, and (in a database
 /// that is not UTF-8) characters the database encoding may not have.
 fn jsonb_can_hold(v: &Value, utf8: bool) -> bool {
-    let text_ok = |s: &str| !s.contains('\0') && (utf8 || s.is_ascii());
-    fn walk(v: &Value, text_ok: &dyn Fn(&str) -> bool) -> bool {
-        match v {
-            Value::String(s) => text_ok(s),
-            Value::Number(n) => number_fits_numeric(&n.to_string()),
-            Value::Array(a) => a.iter().all(|x| walk(x, text_ok)),
-            Value::Object(m) => m.iter().all(|(k, x)| text_ok(k) && walk(x, text_ok)),
-            Value::Bool(_) | Value::Null => true,
-        }
+    match v {
+        Value::String(s) => jsonb_can_hold_key(s, utf8),
+        Value::Number(n) => number_fits_numeric(&n.to_string()),
+        Value::Array(a) => a.iter().all(|x| jsonb_can_hold(x, utf8)),
+        Value::Object(m) => m.iter().all(|(k, x)| jsonb_can_hold_key(k, utf8) && jsonb_can_hold(x, utf8)),
+        Value::Bool(_) | Value::Null => true,
     }
-    walk(v, &text_ok)
+}
+
+/// A string (key or value) jsonb_in takes as it is.
+fn jsonb_can_hold_key(s: &str, utf8: bool) -> bool {
+    !s.contains('\0') && (utf8 || s.is_ascii())
 }
 
 /// A JSON number's text that numeric_in takes without overflow: well inside

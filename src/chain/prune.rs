@@ -48,9 +48,10 @@ fn data_blocks() -> Result<BTreeMap<i64, DataBlock>> {
     })
 }
 
-/// The data block whose range holds `id`.
-fn block_of(blocks: &BTreeMap<i64, DataBlock>, id: i64) -> Option<i64> {
-    blocks.iter().find(|(_, b)| b.from_id < id && id <= b.through_id).map(|(k, _)| *k)
+/// The data block whose range holds `id`: the first one (blocks of rows cover
+/// increasing, contiguous ranges) whose through_id is at or above it.
+fn block_of(blocks: &BTreeMap<i64, DataBlock>, by_through: &BTreeMap<i64, i64>, id: i64) -> Option<i64> {
+    by_through.range(id..).next().map(|(_, b)| *b).filter(|b| blocks[b].from_id < id)
 }
 
 /// Records the removal of every row of `audit.<partition>` (which must all be
@@ -77,9 +78,10 @@ fn record_rows(rows: &[(i64, Vec<u8>)], emptied: &[i64], still_in_log: bool) -> 
     }
     lock_chain()?;
     let blocks = data_blocks()?;
+    let by_through: BTreeMap<i64, i64> = blocks.iter().map(|(id, b)| (b.through_id, *id)).collect();
     let mut by_block: BTreeMap<i64, Vec<&(i64, Vec<u8>)>> = BTreeMap::new();
     for row in rows {
-        let b = block_of(&blocks, row.0)
+        let b = block_of(&blocks, &by_through, row.0)
             .ok_or_else(|| AuditError::Internal(format!("retention would remove row {}, which is not sealed", row.0)))?;
         by_block.entry(b).or_default().push(row);
     }

@@ -52,16 +52,11 @@ fn last_id_handed_out() -> Result<i64> {
 fn wait_horizon(ext: pg_sys::Oid) -> Result<i64> {
     let s = last_id_handed_out()?;
     for w in writers::holders(ext) {
-        let waited = PgTryBuilder::new(|| {
-            writers::wait_for(w);
-            true
-        })
-        .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| false)
-        .catch_when(PgSqlErrorCode::ERRCODE_QUERY_CANCELED, |_| false)
-        .execute();
-        if !waited {
-            return Err(AuditError::SealWaitTimedOut);
-        }
+        // lock_timeout and statement_timeout end the wait with an ERROR, which becomes ours.
+        let gave_up = |e: &crate::subxact::Caught| {
+            matches!(e.code, PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE | PgSqlErrorCode::ERRCODE_QUERY_CANCELED)
+        };
+        crate::subxact::run(|| writers::wait_for(w), gave_up).map_err(|_| AuditError::SealWaitTimedOut)?;
     }
     Ok(s)
 }

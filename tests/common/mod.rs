@@ -390,3 +390,18 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Drops every partition of audit.log but the default one, so that new audit rows
+/// land in audit.log_default (as after a restore, or a long pause of the worker).
+pub fn drop_premade_partitions(db: &mut Client) {
+    db.batch_execute(
+        "SET audit.allow_drop = on;
+         DO $$ DECLARE p text; BEGIN
+           FOR p IN SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                     WHERE i.inhparent = 'audit.log'::regclass AND c.relname <> 'log_default' LOOP
+             EXECUTE format('DROP TABLE audit.%I', p);
+           END LOOP; END $$;
+         RESET audit.allow_drop;",
+    )
+    .unwrap();
+}
