@@ -15,7 +15,8 @@ use crate::settings;
 pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &str) -> Result<()> {
     let info = actor::current_for_ddl()?;
     let ext = cache::ext_state()?;
-    let new = JsonB(json!({"command_tag": tag, "object_identity": identity, "statement": statement}));
+    let new =
+        JsonB(json!({"command_tag": tag, "object_identity": identity, "statement": statement}));
     let datum = new.into_datum().ok_or_else(|| AuditError::Internal("jsonb conversion".into()))?;
     let row = capture::Row {
         schema: schema.as_bytes(),
@@ -32,10 +33,23 @@ pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &
 }
 
 #[pg_extern(volatile, parallel_unsafe, name = "_record_ddl")]
-fn record_ddl(schema: Option<&str>, table: Option<&str>, tag: Option<&str>, identity: Option<&str>, statement: Option<&str>) {
+fn record_ddl(
+    schema: Option<&str>,
+    table: Option<&str>,
+    tag: Option<&str>,
+    identity: Option<&str>,
+    statement: Option<&str>,
+) {
     let schema = schema.ok_or(AuditError::NullArgument("schema")).or_raise();
     let table = table.ok_or(AuditError::NullArgument("table")).or_raise();
-    record(schema, table, tag.unwrap_or_default(), identity.unwrap_or_default(), statement.unwrap_or_default()).or_raise()
+    record(
+        schema,
+        table,
+        tag.unwrap_or_default(),
+        identity.unwrap_or_default(),
+        statement.unwrap_or_default(),
+    )
+    .or_raise()
 }
 
 fn check(what: &str) -> Result<()> {
@@ -73,7 +87,9 @@ pub extern "C" fn pg_finfo_audit_on_drop_start() -> &'static pg_sys::Pg_finfo_re
 
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn audit_on_drop_start(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn audit_on_drop_start(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: fmgr passes a valid fcinfo; the context is checked before it is cast.
     let names = unsafe { dropped_names(fcinfo) };
     if let Some((kind, names)) = names {
@@ -92,7 +108,9 @@ pub unsafe extern "C-unwind" fn audit_on_drop_start(fcinfo: pg_sys::FunctionCall
 }
 
 /// The object kind and plain names of a DROP statement, if that is what fired us.
-unsafe fn dropped_names(fcinfo: pg_sys::FunctionCallInfo) -> Option<(pg_sys::ObjectType::Type, Vec<String>)> {
+unsafe fn dropped_names(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> Option<(pg_sys::ObjectType::Type, Vec<String>)> {
     // SAFETY: every pointer is checked for NULL and its node tag before use; the
     // parse tree lives for the duration of the call.
     unsafe {

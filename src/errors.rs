@@ -11,7 +11,9 @@ pub enum AuditError {
     UnknownColumn { table: String, column: String },
     #[error("column \"{column}\" cannot be both excluded and redacted")]
     ExcludedAndRedacted { column: String },
-    #[error("\"{table}\" is not a table: audit.track works on ordinary and partitioned tables only")]
+    #[error(
+        "\"{table}\" is not a table: audit.track works on ordinary and partitioned tables only"
+    )]
     WrongObjectType { table: String },
     #[error("\"{table}\" cannot be tracked: {why}")]
     NotTrackable { table: String, why: &'static str },

@@ -9,8 +9,8 @@ use pgrx::JsonB;
 use serde_json::{json, Value};
 
 use crate::errors::{AuditError, OrRaise, Result};
-use crate::settings;
 use crate::privilege::as_extension_owner;
+use crate::settings;
 
 const LOCK_TIMEOUT: &str = "200ms";
 const LOCK_RETRIES: usize = 12;
@@ -39,7 +39,8 @@ fn partitions() -> Result<Vec<Part>> {
         )?;
         let mut v = Vec::new();
         for r in rows {
-            if let (Some(name), Some(from), Some(to)) = (r.get::<String>(1)?, r.get(2)?, r.get(3)?) {
+            if let (Some(name), Some(from), Some(to)) = (r.get::<String>(1)?, r.get(2)?, r.get(3)?)
+            {
                 v.push(Part { name, from, to });
             }
         }
@@ -48,7 +49,10 @@ fn partitions() -> Result<Vec<Part>> {
 }
 
 /// Slot [start, end) of the partition that should hold `t`.
-fn slot_of(t: TimestampWithTimeZone, interval: &str) -> Result<(TimestampWithTimeZone, TimestampWithTimeZone)> {
+fn slot_of(
+    t: TimestampWithTimeZone,
+    interval: &str,
+) -> Result<(TimestampWithTimeZone, TimestampWithTimeZone)> {
     let (a, b) = Spi::get_two_with_args::<TimestampWithTimeZone, TimestampWithTimeZone>(
         "WITH i AS (SELECT $2::pg_catalog.interval AS iv),
               s AS (SELECT CASE WHEN pg_catalog.date_part('month', iv) OPERATOR(pg_catalog.<>) 0
@@ -58,7 +62,10 @@ fn slot_of(t: TimestampWithTimeZone, interval: &str) -> Result<(TimestampWithTim
          SELECT st, st OPERATOR(pg_catalog.+) iv FROM s",
         &[t.into(), interval.to_string().into()],
     )?;
-    Ok((a.ok_or(AuditError::Internal("no slot".into()))?, b.ok_or(AuditError::Internal("no slot".into()))?))
+    Ok((
+        a.ok_or(AuditError::Internal("no slot".into()))?,
+        b.ok_or(AuditError::Internal("no slot".into()))?,
+    ))
 }
 
 fn add_interval(t: TimestampWithTimeZone, interval: &str) -> Result<TimestampWithTimeZone> {
@@ -86,7 +93,9 @@ fn lock_in_order(parent: &str, default: bool) -> Result<()> {
 /// Runs `f` in a subtransaction; when it meets a lock timeout, rolls it back
 /// (releasing every lock it took, so writers go on) and tries again a little
 /// later. `None` when every attempt met one.
-fn with_lock_retries<R>(f: impl Fn() -> Result<R> + std::panic::RefUnwindSafe) -> Result<Option<R>> {
+fn with_lock_retries<R>(
+    f: impl Fn() -> Result<R> + std::panic::RefUnwindSafe,
+) -> Result<Option<R>> {
     for attempt in 0..LOCK_RETRIES {
         match crate::subxact::run(&f, |e| e.code == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE) {
             Ok(r) => return r.map(Some),
@@ -103,14 +112,21 @@ fn with_lock_retries<R>(f: impl Fn() -> Result<R> + std::panic::RefUnwindSafe) -
 }
 
 /// Creates the partition [from, to), moving any of its rows out of the default partition.
-fn create_partition(from: TimestampWithTimeZone, to: TimestampWithTimeZone) -> Result<(String, i64)> {
+fn create_partition(
+    from: TimestampWithTimeZone,
+    to: TimestampWithTimeZone,
+) -> Result<(String, i64)> {
     let name = Spi::get_one_with_args::<String>(
         "SELECT 'log_p' OPERATOR(pg_catalog.||) pg_catalog.to_char($1 AT TIME ZONE 'UTC', 'YYYYMMDD_HH24MI')",
         &[from.into()],
     )?
     .unwrap_or_default();
     let bounds = |t: TimestampWithTimeZone| -> Result<String> {
-        Ok(Spi::get_one_with_args::<String>("SELECT pg_catalog.quote_literal($1::pg_catalog.text)", &[t.into()])?.unwrap_or_default())
+        Ok(Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.quote_literal($1::pg_catalog.text)",
+            &[t.into()],
+        )?
+        .unwrap_or_default())
     };
     let (f, t) = (bounds(from)?, bounds(to)?);
     let waiting = Spi::get_one_with_args::<i64>(
@@ -138,7 +154,9 @@ fn create_partition(from: TimestampWithTimeZone, to: TimestampWithTimeZone) -> R
             &[from.into(), to.into()],
         )?;
     }
-    Spi::run(&format!("ALTER TABLE audit.log ATTACH PARTITION audit.{name} FOR VALUES FROM ({f}) TO ({t})"))?;
+    Spi::run(&format!(
+        "ALTER TABLE audit.log ATTACH PARTITION audit.{name} FOR VALUES FROM ({f}) TO ({t})"
+    ))?;
     Spi::run(&format!("ALTER TABLE audit.{name} DROP CONSTRAINT {name}_range"))?;
     dress_partition(&name)?;
     Ok((name, waiting))
@@ -177,7 +195,9 @@ pub fn maintain_impl(as_of: Option<TimestampWithTimeZone>) -> Result<Value> {
         }
         None => {
             // Writers were never kept waiting; the next run will do the work.
-            notice!("audit.maintain: audit.log stayed busy, nothing was done; the next run tries again");
+            notice!(
+                "audit.maintain: audit.log stayed busy, nothing was done; the next run tries again"
+            );
             Ok(json!({"as_of": as_of.to_string(), "interval": interval, "busy": true,
                       "created": [], "moved_from_default": 0, "retention": [], "retention_skipped": []}))
         }
@@ -190,15 +210,17 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
         // First what there is to do, from reads that take no lock a writer minds.
         // Slots wanted: every slot holding rows in the default partition, and now .. now + premake.
         let mut wanted: Vec<(TimestampWithTimeZone, TimestampWithTimeZone)> = Vec::new();
-        let stray: Vec<TimestampWithTimeZone> = Spi::connect(|c| -> Result<Vec<TimestampWithTimeZone>> {
-            let mut v = Vec::new();
-            for r in c.select("SELECT DISTINCT pg_catalog.date_trunc('hour', changed_at) FROM audit.log_default", None, &[])? {
+        let stray: Vec<TimestampWithTimeZone> = Spi::connect(
+            |c| -> Result<Vec<TimestampWithTimeZone>> {
+                let mut v = Vec::new();
+                for r in c.select("SELECT DISTINCT pg_catalog.date_trunc('hour', changed_at) FROM audit.log_default", None, &[])? {
                 if let Some(t) = r.get::<TimestampWithTimeZone>(1)? {
                     v.push(t);
                 }
             }
-            Ok(v)
-        })?;
+                Ok(v)
+            },
+        )?;
         for t in stray {
             wanted.push(slot_of(t, &interval)?);
         }
@@ -227,7 +249,10 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
                     kept.push(json!({"partition": p.name, "why": "run ALTER EXTENSION audit_ext UPDATE first"}));
                     continue;
                 }
-                let max_id = Spi::get_one::<i64>(&format!("SELECT pg_catalog.max(id) FROM audit.{}", p.name))?;
+                let max_id = Spi::get_one::<i64>(&format!(
+                    "SELECT pg_catalog.max(id) FROM audit.{}",
+                    p.name
+                ))?;
                 if max_id.is_some_and(|m| m > sealed_through) {
                     kept.push(json!({"partition": p.name, "why": "has rows not sealed yet: run audit.seal() first"}));
                     continue;
@@ -245,14 +270,17 @@ fn maintain_locked(as_of: TimestampWithTimeZone, interval: &str, premake: i32) -
                 // while it holds the chain): retention appends a record to it.
                 crate::chain::seal::lock_chain()?;
             }
-            let parent = if expired.is_empty() { "SHARE UPDATE EXCLUSIVE" } else { "ACCESS EXCLUSIVE" };
+            let parent =
+                if expired.is_empty() { "SHARE UPDATE EXCLUSIVE" } else { "ACCESS EXCLUSIVE" };
             lock_in_order(parent, !wanted.is_empty())?;
         }
         let mut created = Vec::new();
         let mut moved = 0i64;
         // Another maintain() may have made or removed some of them while we waited for the locks.
         let existing = partitions()?;
-        for (from, to) in wanted.into_iter().filter(|(f, t)| !existing.iter().any(|p| p.from < *t && *f < p.to)) {
+        for (from, to) in
+            wanted.into_iter().filter(|(f, t)| !existing.iter().any(|p| p.from < *t && *f < p.to))
+        {
             let (name, n) = create_partition(from, to)?;
             moved += n;
             created.push(name);

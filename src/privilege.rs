@@ -29,7 +29,11 @@ pub struct AsOwner {
 impl AsOwner {
     /// Also marks a security-restricted operation, as the trigger path wants.
     pub fn enter(owner: Oid) -> Self {
-        Self::switch(owner, (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32, true)
+        Self::switch(
+            owner,
+            (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+            true,
+        )
     }
 
     /// The trigger's per-row switch, which runs no SQL that is parsed or planned
@@ -38,7 +42,11 @@ impl AsOwner {
     /// operators. Pinning search_path per row would cost a GUC save and restore
     /// (on PostgreSQL 15 a walk over every GUC) for nothing, so this one does not.
     pub fn enter_for_row_write(owner: Oid) -> Self {
-        Self::switch(owner, (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32, false)
+        Self::switch(
+            owner,
+            (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+            false,
+        )
     }
 
     fn switch(owner: Oid, flags: i32, pin_search_path: bool) -> Self {
@@ -59,17 +67,38 @@ pub fn pin_fixed_search_path() -> i32 {
     // SAFETY: NewGUCNestLevel has no preconditions.
     let level = unsafe { pg_sys::NewGUCNestLevel() };
     // search_path is a USERSET setting: PGC_USERSET is always allowed to set it.
-    set_setting(c"search_path", FIXED_SEARCH_PATH, pg_sys::GucContext::PGC_USERSET, pg_sys::GucAction::GUC_ACTION_SAVE, true);
+    set_setting(
+        c"search_path",
+        FIXED_SEARCH_PATH,
+        pg_sys::GucContext::PGC_USERSET,
+        pg_sys::GucAction::GUC_ACTION_SAVE,
+        true,
+    );
     level
 }
 
 /// Sets a setting at session level (GUC_ACTION_SAVE: inside the current nest
 /// level). A refused value raises an ERROR when `must`, else a WARNING.
-pub fn set_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, context: pg_sys::GucContext::Type, action: pg_sys::GucAction::Type, must: bool) {
+pub fn set_setting(
+    name: &std::ffi::CStr,
+    value: &std::ffi::CStr,
+    context: pg_sys::GucContext::Type,
+    action: pg_sys::GucAction::Type,
+    must: bool,
+) {
     let elevel = if must { pgrx::PgLogLevel::ERROR } else { pgrx::PgLogLevel::WARNING };
     // SAFETY: both strings are NUL-terminated and outlive the call, which copies them.
     unsafe {
-        pg_sys::set_config_option(name.as_ptr(), value.as_ptr(), context, pg_sys::GucSource::PGC_S_SESSION, action, true, elevel as i32, false);
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            context,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            elevel as i32,
+            false,
+        );
     }
 }
 
@@ -105,8 +134,9 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
 /// Reading a table's history is reading the table: require SELECT on it.
 pub fn require_select(relid: Oid, table: &str) -> Result<()> {
     // SAFETY: an ACL check of the current user against the syscache.
-    let ok = unsafe { pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as pg_sys::AclMode) }
-        == pg_sys::AclResult::ACLCHECK_OK;
+    let ok = unsafe {
+        pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as pg_sys::AclMode)
+    } == pg_sys::AclResult::ACLCHECK_OK;
     if ok {
         Ok(())
     } else {

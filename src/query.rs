@@ -11,7 +11,10 @@ pub fn one<A: FromDatum + IntoDatum>(query: &str) -> spi::Result<Option<A>> {
     one_with_args(query, &[])
 }
 
-pub fn one_with_args<A: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid<'_>]) -> spi::Result<Option<A>> {
+pub fn one_with_args<A: FromDatum + IntoDatum>(
+    query: &str,
+    args: &[DatumWithOid<'_>],
+) -> spi::Result<Option<A>> {
     Spi::connect(|client| client.select(query, Some(1), args)?.first().get_one())
 }
 

@@ -12,7 +12,9 @@ pub const DEFAULT_CONTEXT_SETTINGS: &str =
 pub static REQUIRE_ACTOR: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static ALLOW_DROP: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static CONTEXT_SETTINGS: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"app.current_user, app.actor_type, app.actor_email, app.current_migration, app.request_id"));
+    GucSetting::<Option<CString>>::new(Some(
+        c"app.current_user, app.actor_type, app.actor_email, app.current_migration, app.request_id",
+    ));
 pub static PARTITION_INTERVAL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1 month"));
 pub static PREMAKE: GucSetting<i32> = GucSetting::<i32>::new(3);
@@ -176,9 +178,15 @@ pub fn parse_interval_secs(s: &str) -> Result<i64, String> {
             "week" | "w" => 7 * 86400,
             "month" | "mon" => 30 * 86400,
             "year" | "y" | "yr" => 365 * 86400,
-            other => return Err(format!("unknown unit \"{other}\" (use hours, days, weeks, months or years)")),
+            other => {
+                return Err(format!(
+                    "unknown unit \"{other}\" (use hours, days, weeks, months or years)"
+                ))
+            }
         };
-        total = total.checked_add(n.checked_mul(unit_secs).ok_or("interval too large")?).ok_or("interval too large")?;
+        total = total
+            .checked_add(n.checked_mul(unit_secs).ok_or("interval too large")?)
+            .ok_or("interval too large")?;
     }
     Ok(total)
 }
@@ -217,7 +225,9 @@ unsafe extern "C-unwind" fn check_partition_interval(
 ) -> bool {
     match parse_interval_secs(new_value(newval)) {
         Ok(secs) if (3600..=MAX_PARTITION_INTERVAL_SECS).contains(&secs) => true,
-        Ok(secs) if secs < 3600 => check_fail("audit.partition_interval must be at least 1 hour.".into()),
+        Ok(secs) if secs < 3600 => {
+            check_fail("audit.partition_interval must be at least 1 hour.".into())
+        }
         Ok(_) => check_fail("audit.partition_interval must be at most 100 years.".into()),
         Err(e) => check_fail(format!("audit.partition_interval: {e}.")),
     }
@@ -235,7 +245,9 @@ unsafe extern "C-unwind" fn check_retention(
     }
     match parse_interval_secs(v) {
         Ok(secs) if secs <= MAX_RETENTION_SECS => true,
-        Ok(_) => check_fail("audit.retention must be at most 1000 years; leave it empty to keep forever.".into()),
+        Ok(_) => check_fail(
+            "audit.retention must be at most 1000 years; leave it empty to keep forever.".into(),
+        ),
         Err(e) => check_fail(format!("audit.retention: {e}; leave it empty to keep forever.")),
     }
 }

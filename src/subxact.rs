@@ -15,7 +15,9 @@ pub struct Caught {
 impl Caught {
     fn from(e: &CaughtError) -> Caught {
         match e {
-            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => {
+            CaughtError::PostgresError(r)
+            | CaughtError::ErrorReport(r)
+            | CaughtError::RustPanic { ereport: r, .. } => {
                 Caught { code: r.sql_error_code(), message: r.message().to_string() }
             }
         }

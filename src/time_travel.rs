@@ -35,7 +35,11 @@ const MAX_PLANS: usize = 256;
 /// Runs `sql` through a plan kept for the backend's life (PostgreSQL re-plans it
 /// when a table it uses changes). Privileges are checked at each execution, as
 /// the user current then.
-fn select_kept<'c>(c: &SpiClient<'c>, sql: &str, args: &[DatumWithOid]) -> Result<SpiTupleTable<'c>> {
+fn select_kept<'c>(
+    c: &SpiClient<'c>,
+    sql: &str,
+    args: &[DatumWithOid],
+) -> Result<SpiTupleTable<'c>> {
     let plan = match PLANS.with(|m| m.borrow().get(sql).cloned()) {
         Some(p) => p,
         None => {
@@ -89,7 +93,8 @@ impl Table {
                     Some(r) => Some((
                         r.get::<Vec<String>>(1)?.unwrap_or_default(),
                         r.get::<Vec<String>>(2)?.unwrap_or_default(),
-                        r.get::<TimestampWithTimeZone>(3)?.ok_or(AuditError::Internal("no tracking start".into()))?,
+                        r.get::<TimestampWithTimeZone>(3)?
+                            .ok_or(AuditError::Internal("no tracking start".into()))?,
                     )),
                 };
                 let mut names = Vec::new();
@@ -106,7 +111,8 @@ impl Table {
                 Ok((found, names))
             })
         })?;
-        let (exclude, redact, earliest) = found.ok_or_else(|| AuditError::NotTracked { table: qname.clone() })?;
+        let (exclude, redact, earliest) =
+            found.ok_or_else(|| AuditError::NotTracked { table: qname.clone() })?;
         let current = (rel.namespace().to_string(), rel.name().to_string());
         if names.last().is_none_or(|(s, n, _)| (s, n) != (&current.0, &current.1)) {
             // Renamed while audit_ext could not see it (event triggers off): the current name too.
@@ -129,7 +135,10 @@ impl Table {
             )?;
             let mut v = Vec::new();
             for r in rows {
-                v.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default()));
+                v.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                ));
             }
             Ok(v)
         })?;
@@ -187,7 +196,10 @@ impl Table {
     fn key_predicate(&self, n: usize) -> String {
         if self.key.len() == 1 {
             let (col, ty) = &self.key[0];
-            return format!("t.{} OPERATOR(pg_catalog.=) CAST(${n}::pg_catalog.text AS {ty})", quote_ident(col));
+            return format!(
+                "t.{} OPERATOR(pg_catalog.=) CAST(${n}::pg_catalog.text AS {ty})",
+                quote_ident(col)
+            );
         }
         self.key
             .iter()
@@ -212,7 +224,8 @@ impl Table {
             // The type's output function, as the trigger uses (bool::text would say 'true').
             return format!("pg_catalog.format('%s', t.{})", quote_ident(&self.key[0].0));
         }
-        let cols: Vec<String> = self.key.iter().map(|(c, _)| format!("t.{}", quote_ident(c))).collect();
+        let cols: Vec<String> =
+            self.key.iter().map(|(c, _)| format!("t.{}", quote_ident(c))).collect();
         format!("pg_catalog.jsonb_build_array({})::pg_catalog.text", cols.join(", "))
     }
 
@@ -220,14 +233,23 @@ impl Table {
     /// excluded and redacted columns, and the redacted columns' output text.
     fn live_select(&self) -> String {
         let mut e = "pg_catalog.to_jsonb(t.*)".to_string(); // t.*: a column may be named t
-        let hidden: Vec<String> = self.exclude.iter().chain(&self.redact).map(|c| quote_literal(c)).collect();
+        let hidden: Vec<String> =
+            self.exclude.iter().chain(&self.redact).map(|c| quote_literal(c)).collect();
         if !hidden.is_empty() {
-            e = format!("({e} OPERATOR(pg_catalog.-) ARRAY[{}]::pg_catalog.text[])", hidden.join(", "));
+            e = format!(
+                "({e} OPERATOR(pg_catalog.-) ARRAY[{}]::pg_catalog.text[])",
+                hidden.join(", ")
+            );
         }
         let red: Vec<String> = self
             .redact
             .iter()
-            .map(|c| format!("CASE WHEN t.{q} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{q}) END", q = quote_ident(c)))
+            .map(|c| {
+                format!(
+                    "CASE WHEN t.{q} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{q}) END",
+                    q = quote_ident(c)
+                )
+            })
             .collect();
         let arr = if red.is_empty() {
             "NULL::pg_catalog.text[]".to_string()
@@ -238,8 +260,16 @@ impl Table {
     }
 
     /// Reads live rows as the caller (`where_` filters alias `t`), shaped as the log stores them.
-    fn live_rows(&self, where_: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<Vec<(String, Value)>> {
-        let key = if self.redact.is_empty() { None } else { Some(crate::capture::secret(crate::capture::cache::ext_state()?.owner)?) };
+    fn live_rows(
+        &self,
+        where_: &str,
+        args: &[pgrx::datum::DatumWithOid],
+    ) -> Result<Vec<(String, Value)>> {
+        let key = if self.redact.is_empty() {
+            None
+        } else {
+            Some(crate::capture::secret(crate::capture::cache::ext_state()?.owner)?)
+        };
         let q = format!("SELECT {} FROM {} t {where_}", self.live_select(), self.qname);
         Spi::connect(|c| -> Result<Vec<(String, Value)>> {
             let mut out = Vec::new();
@@ -249,7 +279,9 @@ impl Table {
                 let red = r.get::<Vec<Option<String>>>(3)?.unwrap_or_default();
                 if let (Value::Object(m), Some(key)) = (&mut v, key.as_deref()) {
                     for (col, text) in self.redact.iter().zip(red) {
-                        let marker = text.map(|t| Value::String(crate::chain::hash::redaction_marker(key, t.as_bytes())));
+                        let marker = text.map(|t| {
+                            Value::String(crate::chain::hash::redaction_marker(key, t.as_bytes()))
+                        });
                         m.insert(col.clone(), marker.unwrap_or(Value::Null));
                     }
                 }
@@ -264,9 +296,14 @@ impl Table {
     }
 }
 
-
 /// The state implied by the first change after a moment (see the module docs).
-fn state_from_first_change(op: &str, as_old_key: bool, key_moved_in: bool, old: Option<Value>, new: Option<Value>) -> Option<Value> {
+fn state_from_first_change(
+    op: &str,
+    as_old_key: bool,
+    key_moved_in: bool,
+    old: Option<Value>,
+    new: Option<Value>,
+) -> Option<Value> {
     let merge = |new: Option<Value>, old: Option<Value>| {
         let mut base = match new {
             Some(Value::Object(m)) => m,
@@ -300,7 +337,11 @@ struct Change {
 
 /// The first change after `at` touching `row_id` (under it, or moving away from it),
 /// and the first TRUNCATE after `at`.
-fn first_change_after(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Result<(Option<Change>, Option<TimestampWithTimeZone>)> {
+fn first_change_after(
+    t: &Table,
+    row_id: &str,
+    at: TimestampWithTimeZone,
+) -> Result<(Option<Change>, Option<TimestampWithTimeZone>)> {
     as_extension_owner(|| {
         Spi::connect(|c| -> Result<(Option<Change>, Option<TimestampWithTimeZone>)> {
             let mut best: Option<(TimestampWithTimeZone, i64, Change)> = None;
@@ -331,24 +372,28 @@ fn first_change_after(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Res
                 }
             }
             let trunc = select_kept(
-                    c,
-                    &format!(
-                        "SELECT changed_at FROM audit.log
+                c,
+                &format!(
+                    "SELECT changed_at FROM audit.log
                           WHERE {} AND row_id IS NULL AND changed_at OPERATOR(pg_catalog.>) $1
                             AND operation OPERATOR(pg_catalog.=) 'TRUNCATE'
                           ORDER BY changed_at, id LIMIT 1",
-                        t.log_filter()
-                    ),
-                    &[at.into()],
-                )?
-                .next()
-                .and_then(|r| r.get::<TimestampWithTimeZone>(1).ok().flatten());
+                    t.log_filter()
+                ),
+                &[at.into()],
+            )?
+            .next()
+            .and_then(|r| r.get::<TimestampWithTimeZone>(1).ok().flatten());
             Ok((best.map(|b| b.2), trunc))
         })
     })
 }
 
-fn state_at_impl(rel: Option<PgRelation>, row_id: Option<String>, at: Option<TimestampWithTimeZone>) -> Result<Option<Value>> {
+fn state_at_impl(
+    rel: Option<PgRelation>,
+    row_id: Option<String>,
+    at: Option<TimestampWithTimeZone>,
+) -> Result<Option<Value>> {
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
     let row_id = row_id.ok_or(AuditError::NullArgument("row_id"))?;
     let at = at.ok_or(AuditError::NullArgument("at"))?;
@@ -362,7 +407,8 @@ fn state_at_impl(rel: Option<PgRelation>, row_id: Option<String>, at: Option<Tim
         }
         (_, Some(tr)) => Err(t.truncated(tr)),
         (None, None) => {
-            let live = t.live_rows(&format!("WHERE {}", t.key_predicate(1)), &[row_id.clone().into()])?;
+            let live =
+                t.live_rows(&format!("WHERE {}", t.key_predicate(1)), &[row_id.clone().into()])?;
             Ok(live.into_iter().next().map(|(_, v)| v))
         }
         (Some(_), None) => unreachable!("covered by the first arm"),
@@ -370,7 +416,11 @@ fn state_at_impl(rel: Option<PgRelation>, row_id: Option<String>, at: Option<Tim
 }
 
 #[pg_extern(stable, parallel_safe)]
-fn state_at(tbl: Option<PgRelation>, row_id: Option<String>, at: Option<TimestampWithTimeZone>) -> Option<JsonB> {
+fn state_at(
+    tbl: Option<PgRelation>,
+    row_id: Option<String>,
+    at: Option<TimestampWithTimeZone>,
+) -> Option<JsonB> {
     state_at_impl(tbl, row_id, at).or_raise().map(JsonB)
 }
 
@@ -428,7 +478,10 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
 }
 
 #[pg_extern(stable, parallel_safe)]
-fn table_at(tbl: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> SetOfIterator<'static, JsonB> {
+fn table_at(
+    tbl: Option<PgRelation>,
+    at: Option<TimestampWithTimeZone>,
+) -> SetOfIterator<'static, JsonB> {
     SetOfIterator::new(table_at_impl(tbl, at).or_raise().into_iter().map(JsonB))
 }
 
@@ -469,7 +522,8 @@ fn history_impl(rel: Option<PgRelation>, row_id: Option<String>) -> Result<Vec<H
             for r in rows {
                 out.push((
                     r.get::<i64>(1)?.unwrap_or_default(),
-                    r.get::<TimestampWithTimeZone>(2)?.ok_or(AuditError::Internal("null changed_at".into()))?,
+                    r.get::<TimestampWithTimeZone>(2)?
+                        .ok_or(AuditError::Internal("null changed_at".into()))?,
                     r.get::<i64>(3)?.unwrap_or_default(),
                     r.get::<String>(4)?.unwrap_or_default(),
                     r.get::<String>(5)?.unwrap_or_default(),
@@ -546,7 +600,8 @@ fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
     }
 
     // Validate everything before changing anything: a refused undo changes nothing.
-    let mut tables: std::collections::HashMap<(String, String), (Table, Vec<ColInfo>)> = Default::default();
+    let mut tables: std::collections::HashMap<(String, String), (Table, Vec<ColInfo>)> =
+        Default::default();
     for s in &steps {
         let q = format!("{}.{}", quote_ident(&s.schema), quote_ident(&s.table));
         if s.op == "TRUNCATE" {
@@ -567,18 +622,25 @@ fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
             })?;
             let oid = match known {
                 Some(o) => Some(o),
-                None => Spi::get_one_with_args::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid", &[q.clone().into()])?,
+                None => Spi::get_one_with_args::<pg_sys::Oid>(
+                    "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
+                    &[q.clone().into()],
+                )?,
             }
             .ok_or_else(|| AuditError::UndoRefused(format!("table {q} no longer exists")))?;
             // SAFETY: the oid was just resolved from a name; with_lock opens and locks it.
-            let rel = unsafe { PgRelation::with_lock(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+            let rel =
+                unsafe { PgRelation::with_lock(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
             let t = Table::load(&rel)?;
             t.need_key()?;
             let cols = columns(oid)?;
             tables.insert((s.schema.clone(), s.table.clone()), (t, cols));
         }
         let (t, cols) = &tables[&(s.schema.clone(), s.table.clone())];
-        let rid = s.row_id.clone().ok_or_else(|| AuditError::UndoRefused(format!("audit row {} has no row_id", s.id)))?;
+        let rid = s
+            .row_id
+            .clone()
+            .ok_or_else(|| AuditError::UndoRefused(format!("audit row {} has no row_id", s.id)))?;
         // Lock the row first, then look for a later change: a transaction that changed
         // it after the one undone, and has not committed yet, is waited for here, so
         // its change is in the log when we look (a lost update otherwise).
@@ -647,20 +709,29 @@ fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
         let old = s.old.clone().unwrap_or(Value::Null);
         match s.op.as_str() {
             "INSERT" => {
-                Spi::run_with_args(&format!("DELETE FROM {} t WHERE {}", t.qname, t.key_predicate(1)), &[rid.into()])?;
+                Spi::run_with_args(
+                    &format!("DELETE FROM {} t WHERE {}", t.qname, t.key_predicate(1)),
+                    &[rid.into()],
+                )?;
             }
             "UPDATE" => {
                 let names: Vec<&String> = match &old {
                     Value::Object(m) => m.keys().collect(),
                     _ => vec![],
                 };
-                let writable: Vec<&&String> =
-                    names.iter().filter(|n| cols.iter().any(|c| &c.name == **n && !c.generated)).collect();
+                let writable: Vec<&&String> = names
+                    .iter()
+                    .filter(|n| cols.iter().any(|c| &c.name == **n && !c.generated))
+                    .collect();
                 if writable.is_empty() {
                     continue;
                 }
                 let list = writable.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", ");
-                let src = writable.iter().map(|n| format!("r.{}", quote_ident(n))).collect::<Vec<_>>().join(", ");
+                let src = writable
+                    .iter()
+                    .map(|n| format!("r.{}", quote_ident(n)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 Spi::run_with_args(
                     &format!(
                         "UPDATE {tbl} t SET ({list}) = (SELECT {src} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, $2) r)
@@ -674,11 +745,22 @@ fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
             "DELETE" => {
                 let present: Vec<&ColInfo> = cols
                     .iter()
-                    .filter(|c| !c.generated && !t.exclude.contains(&c.name) && !t.redact.contains(&c.name))
+                    .filter(|c| {
+                        !c.generated && !t.exclude.contains(&c.name) && !t.redact.contains(&c.name)
+                    })
                     .collect();
-                let list = present.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-                let src = present.iter().map(|c| format!("r.{}", quote_ident(&c.name))).collect::<Vec<_>>().join(", ");
-                let overriding = if cols.iter().any(|c| c.identity_always) { "OVERRIDING SYSTEM VALUE" } else { "" };
+                let list =
+                    present.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+                let src = present
+                    .iter()
+                    .map(|c| format!("r.{}", quote_ident(&c.name)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let overriding = if cols.iter().any(|c| c.identity_always) {
+                    "OVERRIDING SYSTEM VALUE"
+                } else {
+                    ""
+                };
                 // A row with the key, inserted since (perhaps not yet committed when we
                 // checked): ON CONFLICT waits for it, and finding it means a later change.
                 let on_conflict = if force { "" } else { "ON CONFLICT DO NOTHING" };

@@ -17,21 +17,27 @@ fn qualified_name(rel: &PgRelation) -> String {
     format!("{}.{}", crate::quote::ident(rel.namespace()), crate::quote::ident(rel.name()))
 }
 
-
 /// Refuse what cannot be tracked, and callers who do not own the table.
 fn check_trackable(rel: &PgRelation) -> Result<()> {
     let name = qualified_name(rel);
     // SAFETY: rd_rel is valid while the relation is open.
-    let (relkind, persistence) = unsafe { ((*rel.rd_rel).relkind as u8, (*rel.rd_rel).relpersistence as u8) };
+    let (relkind, persistence) =
+        unsafe { ((*rel.rd_rel).relkind as u8, (*rel.rd_rel).relpersistence as u8) };
     if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
         return Err(AuditError::WrongObjectType { table: name });
     }
     let ns = rel.namespace();
     if ns == "pg_catalog" || ns == "information_schema" || ns.starts_with("pg_toast") {
-        return Err(AuditError::NotTrackable { table: name, why: "system catalogs cannot be tracked" });
+        return Err(AuditError::NotTrackable {
+            table: name,
+            why: "system catalogs cannot be tracked",
+        });
     }
     if ns == "audit" || ns == "audit_archive" {
-        return Err(AuditError::NotTrackable { table: name, why: "audit_ext's own tables cannot be tracked" });
+        return Err(AuditError::NotTrackable {
+            table: name,
+            why: "audit_ext's own tables cannot be tracked",
+        });
     }
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
         return Err(AuditError::NotTrackable {
@@ -103,7 +109,8 @@ pub fn track_impl(
     let name = qualified_name(&rel);
 
     let tupdesc = rel.tuple_desc();
-    let live: Vec<String> = tupdesc.iter().filter(|a| !a.is_dropped()).map(|a| a.name().to_string()).collect();
+    let live: Vec<String> =
+        tupdesc.iter().filter(|a| !a.is_dropped()).map(|a| a.name().to_string()).collect();
     for col in exclude.iter().chain(redact.iter()) {
         if !live.contains(col) {
             return Err(AuditError::UnknownColumn { table: name.clone(), column: col.clone() });
@@ -171,7 +178,8 @@ pub fn track_impl(
         let pk = pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr());
         #[cfg(feature = "pg18")]
         let pk = pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr(), true);
-        pk != pg_sys::InvalidOid || pg_sys::RelationGetReplicaIndex(rel.as_ptr()) != pg_sys::InvalidOid
+        pk != pg_sys::InvalidOid
+            || pg_sys::RelationGetReplicaIndex(rel.as_ptr()) != pg_sys::InvalidOid
     };
     if !has_key {
         pgrx::notice!(
@@ -210,7 +218,10 @@ pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
             };
         }
         // Untracked first, so the drop event trigger does not also record the trigger drops.
-        Spi::run_with_args("DELETE FROM audit.tracked WHERE relid OPERATOR(pg_catalog.=) $1", &[relid.into()])?;
+        Spi::run_with_args(
+            "DELETE FROM audit.tracked WHERE relid OPERATOR(pg_catalog.=) $1",
+            &[relid.into()],
+        )?;
         for trigger in [ROW_TRIGGER, TRUNCATE_TRIGGER] {
             let own = Spi::get_one_with_args::<bool>(
                 "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) $1
@@ -223,7 +234,8 @@ pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
             }
         }
         invalidate_tree(relid)?;
-        let statement = Spi::get_one::<String>("SELECT pg_catalog.current_query()")?.unwrap_or_default();
+        let statement =
+            Spi::get_one::<String>("SELECT pg_catalog.current_query()")?.unwrap_or_default();
         crate::ddl::record(rel.namespace(), rel.name(), "audit.untrack", &name, &statement)
     })
 }

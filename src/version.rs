@@ -39,7 +39,8 @@ fn version_impl() -> Result<serde_json::Value> {
 /// needs the new tables (retention records, the worker's candidate,
 /// audit.status()) waits for the update.
 pub fn schema_is_current() -> Result<bool> {
-    Ok(crate::query::one::<bool>("SELECT pg_catalog.to_regclass('audit.prune_parts') IS NOT NULL")?.unwrap_or(false))
+    Ok(crate::query::one::<bool>("SELECT pg_catalog.to_regclass('audit.prune_parts') IS NOT NULL")?
+        .unwrap_or(false))
 }
 
 /// `{extension_version, library_version, library_built_for, postgresql_version,
@@ -66,6 +67,9 @@ mod tests {
         assert_eq!(v["library_built_for"], pgrx::pg_sys::PG_MAJORVERSION_NUM);
         // The pg_test cluster preloads audit_ext (src/lib.rs).
         assert_eq!(v["background_worker"], true);
-        assert!(v["postgresql_version_num"].as_i64().unwrap() / 10000 == pgrx::pg_sys::PG_MAJORVERSION_NUM as i64);
+        assert!(
+            v["postgresql_version_num"].as_i64().unwrap() / 10000
+                == pgrx::pg_sys::PG_MAJORVERSION_NUM as i64
+        );
     }
 }

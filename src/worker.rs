@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -76,7 +78,10 @@ fn database_list() -> Vec<String> {
         let mut names = Vec::new();
         // SAFETY: a catalog heap scan inside a transaction, as autovacuum's get_database_list does.
         unsafe {
-            let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let rel = pg_sys::table_open(
+                pg_sys::DatabaseRelationId,
+                pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+            );
             let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
             loop {
                 let tup = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
@@ -100,7 +105,8 @@ fn database_list() -> Vec<String> {
 fn now() -> pgrx::datum::TimestampWithTimeZone {
     // SAFETY: a plain read of transaction state inside a transaction.
     let t = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-    pgrx::datum::TimestampWithTimeZone::try_from(t).unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::positive_infinity())
+    pgrx::datum::TimestampWithTimeZone::try_from(t)
+        .unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::positive_infinity())
 }
 
 /// Runs one database's worker and waits for it to finish.
@@ -118,7 +124,9 @@ fn run_in(db: &str) {
         Ok(handle) => {
             let _ = handle.wait_for_shutdown();
         }
-        Err(_) => warning!("audit_ext: could not start a worker for database \"{db}\": raise max_worker_processes"),
+        Err(_) => warning!(
+            "audit_ext: could not start a worker for database \"{db}\": raise max_worker_processes"
+        ),
     }
 }
 
@@ -146,17 +154,27 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
     use crate::errors::OrRaise;
     use crate::status::{record, Run};
     let report = BackgroundWorker::transaction(|| {
-        match crate::subxact::run(|| crate::partitions::maintain_impl(Some(now())).or_raise(), |_| true) {
+        match crate::subxact::run(
+            || crate::partitions::maintain_impl(Some(now())).or_raise(),
+            |_| true,
+        ) {
             Ok(r) => Some(r),
             Err(e) => {
-                warning!("audit_ext worker in database \"{db}\": maintenance failed: {}", e.message);
-                let _ = record(Run::Maintain, Err(format!("{} (SQLSTATE {:?})", e.message, e.code)));
+                warning!(
+                    "audit_ext worker in database \"{db}\": maintenance failed: {}",
+                    e.message
+                );
+                let _ =
+                    record(Run::Maintain, Err(format!("{} (SQLSTATE {:?})", e.message, e.code)));
                 None
             }
         }
     });
     let sealed = BackgroundWorker::transaction(|| {
-        match crate::subxact::run(|| crate::chain::seal::seal_impl(crate::chain::seal::Wait::No).or_raise(), |_| true) {
+        match crate::subxact::run(
+            || crate::chain::seal::seal_impl(crate::chain::seal::Wait::No).or_raise(),
+            |_| true,
+        ) {
             Ok(n) => n,
             Err(e) => {
                 warning!("audit_ext worker in database \"{db}\": sealing failed: {}", e.message);
@@ -165,8 +183,18 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
             }
         }
     });
-    let busy = |k: &str| report.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_array()).is_some_and(|a| !a.is_empty());
-    let moved = report.as_ref().and_then(|r| r.get("moved_from_default")).and_then(|v| v.as_i64()).unwrap_or(0);
+    let busy = |k: &str| {
+        report
+            .as_ref()
+            .and_then(|r| r.get(k))
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| !a.is_empty())
+    };
+    let moved = report
+        .as_ref()
+        .and_then(|r| r.get("moved_from_default"))
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
     let did = sealed > 0 || moved > 0 || busy("created") || busy("retention");
     let summary = format!(
         "audit_ext worker in database \"{db}\": sealed {sealed} rows; maintain: {}",
@@ -208,7 +236,9 @@ fn ignore_database_and_role_settings() {
         v
     });
     for (name, boot) in overridden {
-        if let (Ok(name), Ok(boot)) = (std::ffi::CString::new(name), std::ffi::CString::new(boot.unwrap_or_default())) {
+        if let (Ok(name), Ok(boot)) =
+            (std::ffi::CString::new(name), std::ffi::CString::new(boot.unwrap_or_default()))
+        {
             // A setting that refuses its built-in value is a log line, not an exit.
             set_setting(&name, &boot, PGC_SUSET, GUC_ACTION_SET, false);
         }

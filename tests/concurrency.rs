@@ -99,7 +99,8 @@ fn sealing_beside_writers_seals_each_committed_row_once() {
         .get(0);
     assert_eq!(logged, committed, "exactly the committed changes are logged");
     assert_eq!(sealed, committed, "every committed row sealed exactly once");
-    let in_blocks: i64 = sealer.query_one("SELECT sum(row_count)::int8 FROM audit.blocks", &[]).unwrap().get(0);
+    let in_blocks: i64 =
+        sealer.query_one("SELECT sum(row_count)::int8 FROM audit.blocks", &[]).unwrap().get(0);
     assert_eq!(in_blocks, committed);
     let row = sealer.query_one("SELECT ok, detail FROM audit.verify()", &[]).unwrap();
     assert!(row.get::<_, bool>(0), "{}", row.get::<_, String>(1));

@@ -72,7 +72,11 @@ fn dump_and_restore_keep_the_trail() {
     assert_eq!(partitions(&mut s), partitions(&mut d), "the same partitions");
     assert_eq!(audit_rows(&mut s), audit_rows(&mut d), "the same rows and row hashes");
     let blocks = |c: &mut postgres::Client| -> Vec<Vec<u8>> {
-        c.query("SELECT block_hash FROM audit.blocks ORDER BY block_id", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+        c.query("SELECT block_hash FROM audit.blocks ORDER BY block_id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     };
     assert_eq!(blocks(&mut s), blocks(&mut d), "the same blocks");
     let (ok, detail): (bool, Option<String>) = {
@@ -81,9 +85,10 @@ fn dump_and_restore_keep_the_trail() {
     };
     assert!(ok, "verify on the restored database: {detail:?}");
     // The digest taken before the dump still proves the restored chain.
-    let digest: serde_json::Value = s.query_one("SELECT audit.digest()::text", &[]).map(|r| {
-        serde_json::from_str(r.get::<_, &str>(0)).unwrap()
-    }).unwrap();
+    let digest: serde_json::Value = s
+        .query_one("SELECT audit.digest()::text", &[])
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .unwrap();
     let ok: bool = d
         .query_one("SELECT ok FROM audit.verify($1::text::jsonb)", &[&digest.to_string()])
         .unwrap()
@@ -92,7 +97,8 @@ fn dump_and_restore_keep_the_trail() {
 
     // The history logged before the rename (as users) follows the table into the copy,
     // where its oid differs: audit.table_names is dumped by name.
-    let n: i64 = d.query_one("SELECT count(*) FROM audit.history('people', '3')", &[]).unwrap().get(0);
+    let n: i64 =
+        d.query_one("SELECT count(*) FROM audit.history('people', '3')", &[]).unwrap().get(0);
     assert_eq!(n, 2, "INSERT and UPDATE logged under the old name");
     d.batch_execute("ALTER TABLE people RENAME TO users").unwrap();
 
@@ -111,7 +117,10 @@ fn dump_and_restore_keep_the_trail() {
     let n: i64 = d.query_one("SELECT count(*) FROM audit.log WHERE row_id IN ('2', '100') AND id > (SELECT max(last_id) FROM audit.blocks)", &[]).unwrap().get(0);
     assert_eq!(n, 2, "changes in the copy are captured");
     let sealed: i64 = d.query_one("SELECT audit.seal()", &[]).unwrap().get(0);
-    assert_eq!(sealed, 4, "the DELETE left unsealed in the source, the rename back, and the two new rows");
+    assert_eq!(
+        sealed, 4,
+        "the DELETE left unsealed in the source, the rename back, and the two new rows"
+    );
     let ok: bool = d.query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);
     assert!(ok);
     c.assert_no_crash();
@@ -178,7 +187,10 @@ fn dumpall_into_a_new_cluster_and_the_worker_serves_it() {
         if left == 0 {
             break;
         }
-        assert!(t.elapsed() < std::time::Duration::from_secs(60), "the worker did not seal in the restored database");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "the worker did not seal in the restored database"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let ok: bool = d.query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);

@@ -31,12 +31,24 @@ fn verify_ok(c: &mut Client) -> bool {
 
 /// Tampering with one stored value is found, and undoing it restores ok.
 fn tamper_is_found(c: &mut Client, column: &str, value: &str) {
-    let id: i64 = c.query_one("SELECT max(id) FROM audit.log WHERE operation = 'UPDATE'", &[]).unwrap().get(0);
-    let old: String = c.query_one(&format!("SELECT {column}::text FROM audit.log WHERE id = {id}"), &[]).unwrap().get(0);
+    let id: i64 = c
+        .query_one("SELECT max(id) FROM audit.log WHERE operation = 'UPDATE'", &[])
+        .unwrap()
+        .get(0);
+    let old: String = c
+        .query_one(&format!("SELECT {column}::text FROM audit.log WHERE id = {id}"), &[])
+        .unwrap()
+        .get(0);
     c.batch_execute(&format!("UPDATE audit.log SET {column} = {value} WHERE id = {id}")).unwrap();
     assert!(!verify_ok(c), "changing {column} to {value} must be found");
-    c.execute(&format!("UPDATE audit.log SET {column} = $1::text::{} WHERE id = {id}", if column == "new_values" { "jsonb" } else { "text" }), &[&old])
-        .unwrap();
+    c.execute(
+        &format!(
+            "UPDATE audit.log SET {column} = $1::text::{} WHERE id = {id}",
+            if column == "new_values" { "jsonb" } else { "text" }
+        ),
+        &[&old],
+    )
+    .unwrap();
     assert!(verify_ok(c), "restoring {column} makes verify ok again");
 }
 
@@ -109,7 +121,8 @@ fn sql_ascii_bytes_that_are_not_utf8_are_captured_and_verified() {
     c.batch_execute("SELECT audit.seal()").unwrap();
     assert!(holds(&mut c, "SELECT rows = 3 AND ok FROM audit.verify()"), "sealed rows verify");
     assert!(holds(&mut c, "SELECT audit.state_at('t', 'ascii', now()) ->> 'v' = 'a'"));
-    c.batch_execute("UPDATE audit.log SET changed_by = E'jos\\xe8' WHERE row_id = 'ascii'").unwrap();
+    c.batch_execute("UPDATE audit.log SET changed_by = E'jos\\xe8' WHERE row_id = 'ascii'")
+        .unwrap();
     assert!(!verify_ok(&mut c), "a changed byte is found");
     cluster.assert_no_crash();
 }

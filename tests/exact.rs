@@ -36,7 +36,9 @@ fn undo_waits_then_refuses(c: &Cluster, a_sql: &str, b_sql: &str, id: i32) {
     b.batch_execute("BEGIN").unwrap();
     b.batch_execute(b_sql).unwrap();
     let mut u = c.connect("postgres");
-    let undo = thread::spawn(move || u.query_one("SELECT audit.undo($1)", &[&a]).map(|r| r.get::<_, i64>(0)));
+    let undo = thread::spawn(move || {
+        u.query_one("SELECT audit.undo($1)", &[&a]).map(|r| r.get::<_, i64>(0))
+    });
     thread::sleep(Duration::from_millis(500));
     assert!(!undo.is_finished(), "undo did not wait for the later transaction's row");
     b.batch_execute("COMMIT").unwrap();
@@ -50,7 +52,12 @@ fn undo_waits_then_refuses(c: &Cluster, a_sql: &str, b_sql: &str, id: i32) {
 fn undo_of_an_update_refuses_a_later_concurrent_update() {
     let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
     setup(&c);
-    undo_waits_then_refuses(&c, "UPDATE t SET v = 'a-change' WHERE id = 1", "UPDATE t SET v = 'later-fix' WHERE id = 1", 1);
+    undo_waits_then_refuses(
+        &c,
+        "UPDATE t SET v = 'a-change' WHERE id = 1",
+        "UPDATE t SET v = 'later-fix' WHERE id = 1",
+        1,
+    );
     c.assert_no_crash();
 }
 
@@ -58,7 +65,12 @@ fn undo_of_an_update_refuses_a_later_concurrent_update() {
 fn undo_of_a_delete_refuses_a_later_concurrent_insert() {
     let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
     setup(&c);
-    undo_waits_then_refuses(&c, "DELETE FROM t WHERE id = 2", "INSERT INTO t VALUES (2, 'later-fix')", 2);
+    undo_waits_then_refuses(
+        &c,
+        "DELETE FROM t WHERE id = 2",
+        "INSERT INTO t VALUES (2, 'later-fix')",
+        2,
+    );
     c.assert_no_crash();
 }
 
@@ -66,7 +78,12 @@ fn undo_of_a_delete_refuses_a_later_concurrent_insert() {
 fn undo_of_an_insert_refuses_a_later_concurrent_update() {
     let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
     setup(&c);
-    undo_waits_then_refuses(&c, "INSERT INTO t VALUES (3, 'new')", "UPDATE t SET v = 'later-fix' WHERE id = 3", 3);
+    undo_waits_then_refuses(
+        &c,
+        "INSERT INTO t VALUES (3, 'new')",
+        "UPDATE t SET v = 'later-fix' WHERE id = 3",
+        3,
+    );
     c.assert_no_crash();
 }
 
@@ -77,8 +94,12 @@ fn undo_without_later_changes_still_restores() {
     let a = txid_of(&mut db, "UPDATE t SET v = 'bad' WHERE id = 1; DELETE FROM t WHERE id = 2;");
     let n: i64 = db.query_one("SELECT audit.undo($1)", &[&a]).unwrap().get(0);
     assert_eq!(n, 2);
-    let rows: Vec<(i32, String)> =
-        db.query("SELECT id, v FROM t ORDER BY id", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let rows: Vec<(i32, String)> = db
+        .query("SELECT id, v FROM t ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     assert_eq!(rows, vec![(1, "orig".to_string()), (2, "orig".to_string())]);
     c.assert_no_crash();
 }
@@ -112,18 +133,25 @@ fn worker_keeps_sealing_when_maintenance_fails_and_status_says_why() {
         let r = db
             .query_one("SELECT maintain_ok, coalesce(maintain_detail, ''), seal_ok, unsealed_rows FROM audit.status()", &[])
             .unwrap();
-        let (m_ok, detail, s_ok, unsealed): (Option<bool>, String, Option<bool>, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let (m_ok, detail, s_ok, unsealed): (Option<bool>, String, Option<bool>, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
         if m_ok == Some(false) && s_ok == Some(true) && unsealed == 0 {
             assert!(detail.contains("already exists"), "{detail}");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "status: {m_ok:?} {detail} {s_ok:?} {unsealed}\n{}", c.log_contents());
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "status: {m_ok:?} {detail} {s_ok:?} {unsealed}\n{}",
+            c.log_contents()
+        );
         thread::sleep(Duration::from_millis(200));
     }
     // The worker keeps going: a later write is sealed too.
     db.batch_execute("UPDATE t SET v = 'y' WHERE id = 1").unwrap();
     let t = std::time::Instant::now();
-    while db.query_one("SELECT unsealed_rows FROM audit.status()", &[]).unwrap().get::<_, i64>(0) > 0 {
+    while db.query_one("SELECT unsealed_rows FROM audit.status()", &[]).unwrap().get::<_, i64>(0)
+        > 0
+    {
         assert!(t.elapsed() < Duration::from_secs(60), "not sealed\n{}", c.log_contents());
         thread::sleep(Duration::from_millis(200));
     }
@@ -159,7 +187,10 @@ fn renames_reach_pooled_sessions_of_partitioned_tables() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(names, vec!["ps.ev", "ps.ev2", "ps2.ev2"]);
-    let n: i64 = db.query_one("SELECT count(*) FROM audit.history('ps2.ev2', '[1, 1]')", &[]).unwrap().get(0);
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM audit.history('ps2.ev2', '[1, 1]')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 3);
     c.assert_no_crash();
 }
@@ -169,7 +200,12 @@ fn renames_reach_pooled_sessions_of_partitioned_tables() {
 /// writing. No writer may fail, and the default partition must drain.
 fn default_partition_drains_under_writers(worker: bool) {
     let naptime = if worker { "audit.naptime = 1" } else { "audit.naptime = 0" };
-    let c = Cluster::start(ClusterOpts::new().conf(naptime).conf("log_lock_waits = on").conf("deadlock_timeout = 50ms"));
+    let c = Cluster::start(
+        ClusterOpts::new()
+            .conf(naptime)
+            .conf("log_lock_waits = on")
+            .conf("deadlock_timeout = 50ms"),
+    );
     let mut db = c.connect("postgres");
     db.batch_execute(
         "CREATE EXTENSION audit_ext;
@@ -208,15 +244,28 @@ fn default_partition_drains_under_writers(worker: bool) {
                 busy += 1;
             }
         }
-        let in_default: i64 = db.query_one("SELECT count(*) FROM audit.log_default", &[]).unwrap().get(0);
+        let in_default: i64 =
+            db.query_one("SELECT count(*) FROM audit.log_default", &[]).unwrap().get(0);
         let parts: i64 = db
-            .query_one("SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit.log'::regclass", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit.log'::regclass",
+                &[],
+            )
             .unwrap()
             .get(0);
         if in_default == 0 && parts > 1 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the default partition never drained ({in_default} rows, {busy} busy runs)\n{}", c.log_contents().lines().filter(|l| l.contains("lock")).take(30).collect::<Vec<_>>().join("\n"));
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the default partition never drained ({in_default} rows, {busy} busy runs)\n{}",
+            c.log_contents()
+                .lines()
+                .filter(|l| l.contains("lock"))
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         thread::sleep(Duration::from_millis(if worker { 200 } else { 50 }));
     }
     thread::sleep(Duration::from_millis(300));
@@ -228,9 +277,13 @@ fn default_partition_drains_under_writers(worker: bool) {
         total += ok;
     }
     assert!(total > 0);
-    let in_default: i64 = db.query_one("SELECT count(*) FROM audit.log_default", &[]).unwrap().get(0);
+    let in_default: i64 =
+        db.query_one("SELECT count(*) FROM audit.log_default", &[]).unwrap().get(0);
     assert_eq!(in_default, 0, "rows written after the move went to the new partition");
-    let logged: i64 = db.query_one("SELECT count(*) FROM audit.log WHERE operation = 'UPDATE'", &[]).unwrap().get(0);
+    let logged: i64 = db
+        .query_one("SELECT count(*) FROM audit.log WHERE operation = 'UPDATE'", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(logged as u64, total, "every committed write logged once");
     c.assert_no_crash();
 }

@@ -6,7 +6,6 @@ mod common;
 
 use common::{Cluster, ClusterOpts, Rng};
 
-
 /// (description, edit SQL, undo SQL); `$id` is the row or block id.
 const ROW_EDITS: &[(&str, &str, &str)] = &[
     ("changed_by char", "UPDATE audit.log SET changed_by = changed_by || 'x' WHERE id = $id",
@@ -54,8 +53,12 @@ const BLOCK_EDITS: &[(&str, &str, &str)] = &[
 
 #[test]
 fn every_random_edit_is_detected_and_nothing_else() {
-    let seed: u64 = std::env::var("AUDIT_EXT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0xA0D1_7E57);
-    let trials: u64 = std::env::var("AUDIT_EXT_FUZZ_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let seed: u64 = std::env::var("AUDIT_EXT_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xA0D1_7E57);
+    let trials: u64 =
+        std::env::var("AUDIT_EXT_FUZZ_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let mut rng = Rng(seed | 1);
     let c = Cluster::start(ClusterOpts::new().preload(false));
     let mut db = c.connect("postgres");
@@ -70,7 +73,8 @@ fn every_random_edit_is_detected_and_nothing_else() {
         let mut sql = String::from("BEGIN;");
         for k in 0..15 {
             let id = round * 100 + k;
-            let a = ["plain", "quo'te", "ünï\u{1F600}", "", "comma,sep", "new\nline"][rng.below(6) as usize];
+            let a = ["plain", "quo'te", "ünï\u{1F600}", "", "comma,sep", "new\nline"]
+                [rng.below(6) as usize];
             sql.push_str(&format!(
                 "INSERT INTO f VALUES ({id}, $q${a}$q$, '{{\"k\": {}}}', {}.{});",
                 rng.below(1000),
@@ -92,9 +96,18 @@ fn every_random_edit_is_detected_and_nothing_else() {
         (r.get(0), r.get(1))
     };
     assert!(verify(&mut db).0, "clean log verifies");
-    let ids: Vec<i64> = db.query("SELECT id FROM audit.log ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    let blocks: Vec<i64> =
-        db.query("SELECT block_id FROM audit.blocks ORDER BY block_id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let ids: Vec<i64> = db
+        .query("SELECT id FROM audit.log ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let blocks: Vec<i64> = db
+        .query("SELECT block_id FROM audit.blocks ORDER BY block_id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert!(blocks.len() >= 6 && ids.len() >= 90);
 
     for trial in 0..trials {
@@ -112,7 +125,10 @@ fn every_random_edit_is_detected_and_nothing_else() {
         assert!(detail.is_some_and(|d| !d.is_empty()), "seed {seed} trial {trial}: no detail");
         db.batch_execute(&undo.replace("$id", &id.to_string())).unwrap();
         let (ok, detail) = verify(&mut db);
-        assert!(ok, "seed {seed} trial {trial}: false alarm after undoing {what} on {id}: {detail:?}");
+        assert!(
+            ok,
+            "seed {seed} trial {trial}: false alarm after undoing {what} on {id}: {detail:?}"
+        );
     }
     c.assert_no_crash();
 }

@@ -22,7 +22,6 @@ fn load_secs() -> u64 {
     std::env::var("AUDIT_EXT_LOAD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(8)
 }
 
-
 fn setup(c: &Cluster) {
     let mut a = c.connect("postgres");
     a.batch_execute("CREATE EXTENSION audit_ext; SET audit.partition_interval = '1 hour'").unwrap();
@@ -40,7 +39,12 @@ type Counts = HashMap<(String, String), i64>;
 
 /// One client: random transactions on its own rows (no conflicts between
 /// clients by design, so any error is the extension's). Returns its counts.
-fn client(c: &Cluster, n: u64, stop: Arc<AtomicBool>, tolerate_disconnect: bool) -> Result<Counts, String> {
+fn client(
+    c: &Cluster,
+    n: u64,
+    stop: Arc<AtomicBool>,
+    tolerate_disconnect: bool,
+) -> Result<Counts, String> {
     let mut db = c.try_connect("postgres").map_err(|e| e.to_string())?;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (n + 1));
     let mut live: Vec<Vec<i64>> = vec![Vec::new(); TABLES.len()];
@@ -109,7 +113,10 @@ fn client(c: &Cluster, n: u64, stop: Arc<AtomicBool>, tolerate_disconnect: bool)
             if tolerate_disconnect && (e.is_closed() || e.code().is_none()) {
                 return Ok(counts);
             }
-            let detail = e.as_db_error().map(|d| format!("{} {}", d.code().code(), d.message())).unwrap_or_default();
+            let detail = e
+                .as_db_error()
+                .map(|d| format!("{} {}", d.code().code(), d.message()))
+                .unwrap_or_default();
             return Err(format!("client {n}: {} {detail}", fail(e)));
         }
     }
@@ -119,15 +126,21 @@ fn client(c: &Cluster, n: u64, stop: Arc<AtomicBool>, tolerate_disconnect: bool)
 /// Runs seal() and maintain() in a loop beside the clients; returns their errors.
 fn housekeeper(c: &Cluster, stop: Arc<AtomicBool>, tolerate_disconnect: bool) -> Vec<String> {
     let mut errors = Vec::new();
-    let Ok(mut db) = c.try_connect("postgres") else { return vec!["housekeeper could not connect".into()] };
+    let Ok(mut db) = c.try_connect("postgres") else {
+        return vec!["housekeeper could not connect".into()];
+    };
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let q = if i % 4 == 0 { "SELECT audit.maintain()::text" } else { "SELECT audit.seal()::text" };
+        let q =
+            if i % 4 == 0 { "SELECT audit.maintain()::text" } else { "SELECT audit.seal()::text" };
         if let Err(e) = db.query_one(q, &[]) {
             if tolerate_disconnect && (e.is_closed() || e.code().is_none()) {
                 break;
             }
-            let detail = e.as_db_error().map(|d| format!("{} {}", d.code().code(), d.message())).unwrap_or_default();
+            let detail = e
+                .as_db_error()
+                .map(|d| format!("{} {}", d.code().code(), d.message()))
+                .unwrap_or_default();
             errors.push(format!("{q}: {e} {detail}"));
         }
         i += 1;
@@ -136,7 +149,12 @@ fn housekeeper(c: &Cluster, stop: Arc<AtomicBool>, tolerate_disconnect: bool) ->
     errors
 }
 
-fn run_load(c: &Arc<Cluster>, secs: u64, tolerate_disconnect: bool, during: impl FnOnce()) -> (Counts, Vec<String>) {
+fn run_load(
+    c: &Arc<Cluster>,
+    secs: u64,
+    tolerate_disconnect: bool,
+    during: impl FnOnce(),
+) -> (Counts, Vec<String>) {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(Mutex::new(Vec::new()));
     let mut handles = Vec::new();
@@ -288,7 +306,8 @@ fn sigkilled_backend_mid_load() {
             .unwrap()
             .get(0);
         *k2.lock().unwrap() = pid;
-        let st = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        let st =
+            std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
         assert!(st.success());
     });
     assert!(errors.is_empty(), "{errors:#?}");
@@ -297,7 +316,9 @@ fn sigkilled_backend_mid_load() {
     let mut db = loop {
         match c.try_connect("postgres") {
             Ok(db) => break db,
-            Err(_) if t.elapsed() < Duration::from_secs(60) => thread::sleep(Duration::from_millis(200)),
+            Err(_) if t.elapsed() < Duration::from_secs(60) => {
+                thread::sleep(Duration::from_millis(200))
+            }
             Err(e) => panic!("no recovery: {e}"),
         }
     };
@@ -307,7 +328,8 @@ fn sigkilled_backend_mid_load() {
     // The only crash in the log is the one this test caused.
     let pid = *killed.lock().unwrap();
     let log = c.log_contents();
-    let crashes: Vec<&str> = log.lines().filter(|l| l.contains("terminated by signal") || l.contains("PANIC")).collect();
+    let crashes: Vec<&str> =
+        log.lines().filter(|l| l.contains("terminated by signal") || l.contains("PANIC")).collect();
     assert!(
         crashes.iter().all(|l| l.contains(&format!("PID {pid}")) && l.contains("signal 9")),
         "unexpected crash lines: {crashes:#?}"

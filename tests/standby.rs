@@ -62,12 +62,24 @@ fn reading_functions_work_on_a_standby_and_writing_ones_refuse() {
     let digest: String = one(&mut p, "SELECT audit.digest()::text");
     assert_eq!(one::<String>(&mut s, "SELECT audit.digest()::text"), digest, "the same chain head");
     assert!(one::<bool>(&mut s, &format!("SELECT ok AND rows = 55 FROM audit.verify('{digest}')")));
-    assert_eq!(one::<String>(&mut s, "SELECT audit.state_at('acct', '3', now())::text"), r#"{"id": 3, "balance": 90}"#);
+    assert_eq!(
+        one::<String>(&mut s, "SELECT audit.state_at('acct', '3', now())::text"),
+        r#"{"id": 3, "balance": 90}"#
+    );
     assert_eq!(one::<i64>(&mut s, "SELECT count(*) FROM audit.history('acct', '3')"), 2);
     assert_eq!(one::<i64>(&mut s, "SELECT count(*) FROM audit.table_at('acct', now())"), 50);
-    assert_eq!(one::<String>(&mut s, "SELECT audit.version()->>'extension_version'"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        one::<String>(&mut s, "SELECT audit.version()->>'extension_version'"),
+        env!("CARGO_PKG_VERSION")
+    );
 
-    for f in ["audit.seal()", "audit.maintain()", "audit.undo(1)", "audit.track('acct')", "audit.untrack('acct')"] {
+    for f in [
+        "audit.seal()",
+        "audit.maintain()",
+        "audit.undo(1)",
+        "audit.track('acct')",
+        "audit.untrack('acct')",
+    ] {
         let err = s.query_one(&format!("SELECT {f}"), &[]).expect_err(f);
         let db = err.as_db_error().unwrap_or_else(|| panic!("{f}: {err}"));
         assert_eq!(db.code().code(), "25006", "{f}: {}", db.message());
@@ -79,15 +91,25 @@ fn reading_functions_work_on_a_standby_and_writing_ones_refuse() {
     p.batch_execute("SELECT audit.seal()").unwrap();
     caught_up(&mut p, &mut s);
     assert!(one::<bool>(&mut s, "SELECT ok AND rows = 56 FROM audit.verify()"));
-    p.batch_execute("UPDATE audit.log SET changed_by = 'mallory' WHERE row_id = '7' AND operation = 'UPDATE'").unwrap();
+    p.batch_execute(
+        "UPDATE audit.log SET changed_by = 'mallory' WHERE row_id = '7' AND operation = 'UPDATE'",
+    )
+    .unwrap();
     caught_up(&mut p, &mut s);
-    assert!(!one::<bool>(&mut s, "SELECT ok FROM audit.verify()"), "the standby sees the tampering");
+    assert!(
+        !one::<bool>(&mut s, "SELECT ok FROM audit.verify()"),
+        "the standby sees the tampering"
+    );
 
     // The worker waits for the end of recovery: a launcher on the primary, none on the standby.
-    let launchers = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'audit_ext launcher'";
+    let launchers =
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'audit_ext launcher'";
     assert_eq!(one::<i64>(&mut p, launchers), 1);
     assert_eq!(
-        one::<i64>(&mut s, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'audit_ext launcher'"),
+        one::<i64>(
+            &mut s,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'audit_ext launcher'"
+        ),
         0
     );
     standby.assert_no_crash();

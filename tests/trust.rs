@@ -13,7 +13,11 @@ use common::{Client, Cluster, ClusterOpts};
 fn wait_for(what: &str, c: &Cluster, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
-        assert!(t.elapsed() < Duration::from_secs(90), "timed out waiting for {what}\n--- log ---\n{}", c.log_contents());
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "timed out waiting for {what}\n--- log ---\n{}",
+            c.log_contents()
+        );
         thread::sleep(Duration::from_millis(200));
     }
 }
@@ -121,10 +125,15 @@ fn worker_ignores_a_database_owners_search_path() {
     });
     let mut db = c.connect("evildb");
     db.batch_execute("RESET search_path").unwrap();
-    let calls: Vec<String> =
-        db.query("SELECT who || ': ' || what FROM evil.calls", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let calls: Vec<String> = db
+        .query("SELECT who || ': ' || what FROM evil.calls", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert!(calls.is_empty(), "the worker ran the owner's code: {calls:?}");
-    let su_eve: bool = su.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'eve'", &[]).unwrap().get(0);
+    let su_eve: bool =
+        su.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'eve'", &[]).unwrap().get(0);
     assert!(!su_eve, "eve became a superuser through the worker");
     let ok: bool = db.query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);
     assert!(ok);
@@ -147,16 +156,22 @@ fn maintain_by_a_granted_role_runs_no_user_code() {
     .unwrap();
     rows_in_default(&mut db);
     plant_shadows(&mut db, "eve");
-    db.batch_execute("SET SESSION AUTHORIZATION eve; SET search_path = evil, pg_catalog, public;").unwrap();
+    db.batch_execute("SET SESSION AUTHORIZATION eve; SET search_path = evil, pg_catalog, public;")
+        .unwrap();
     let report: String = db.query_one("SELECT audit.maintain()::text", &[]).unwrap().get(0);
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert!(report["moved_from_default"].as_i64().unwrap_or(0) >= 20, "{report}");
     db.query_one("SELECT audit.seal()", &[]).unwrap();
     db.batch_execute("RESET search_path; RESET SESSION AUTHORIZATION;").unwrap();
-    let calls: Vec<String> =
-        db.query("SELECT who || ': ' || what FROM evil.calls", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let calls: Vec<String> = db
+        .query("SELECT who || ': ' || what FROM evil.calls", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert!(calls.is_empty(), "maintain ran eve's code as another role: {calls:?}");
-    let su: bool = db.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'eve'", &[]).unwrap().get(0);
+    let su: bool =
+        db.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'eve'", &[]).unwrap().get(0);
     assert!(!su, "eve became a superuser through maintain()");
     let left: i64 = db.query_one("SELECT count(*) FROM audit.log_default", &[]).unwrap().get(0);
     assert_eq!(left, 0);
@@ -220,7 +235,9 @@ impl Split {
 fn verify(db: &mut Client, digest: Option<&str>) -> (bool, String) {
     let r = match digest {
         None => db.query_one("SELECT ok, detail FROM audit.verify()", &[]).unwrap(),
-        Some(d) => db.query_one("SELECT ok, detail FROM audit.verify($1::text::jsonb)", &[&d]).unwrap(),
+        Some(d) => {
+            db.query_one("SELECT ok, detail FROM audit.verify($1::text::jsonb)", &[&d]).unwrap()
+        }
     };
     (r.get(0), r.get(1))
 }
@@ -255,7 +272,9 @@ fn partly_pruned(s: &Split) -> Client {
     old[2].batch_execute("INSERT INTO t VALUES (7, 'old'); COMMIT;").unwrap();
     db.query_one("SELECT audit.seal()", &[]).unwrap();
     // Block 4: old only (emptied).
-    old[3].batch_execute("INSERT INTO t VALUES (8, 'old'); INSERT INTO t VALUES (9, 'old'); COMMIT;").unwrap();
+    old[3]
+        .batch_execute("INSERT INTO t VALUES (8, 'old'); INSERT INTO t VALUES (9, 'old'); COMMIT;")
+        .unwrap();
     db.query_one("SELECT audit.seal()", &[]).unwrap();
     let (ok, detail) = verify(&mut db, None);
     assert!(ok, "{detail}");
@@ -279,9 +298,11 @@ fn retention_of_partly_sealed_blocks_verifies_and_a_digest_refuses_later_removal
     let before = digest(&mut db);
     let report = s.retention(&mut db);
     assert_eq!(report["retention"][0]["partition"], "log_old", "{report}");
-    let records: i64 = db.query_one("SELECT count(*) FROM audit.blocks WHERE kind = 'prune'", &[]).unwrap().get(0);
+    let records: i64 =
+        db.query_one("SELECT count(*) FROM audit.blocks WHERE kind = 'prune'", &[]).unwrap().get(0);
     assert_eq!(records, 1);
-    let emptied: i64 = db.query_one("SELECT count(*) FROM audit.prune_parts WHERE completes", &[]).unwrap().get(0);
+    let emptied: i64 =
+        db.query_one("SELECT count(*) FROM audit.prune_parts WHERE completes", &[]).unwrap().get(0);
     assert!(emptied >= 1, "the old-only block is emptied");
     let (ok, detail) = verify(&mut db, None);
     assert!(ok, "after ordinary retention: {detail}");
@@ -410,7 +431,11 @@ fn seal_waits_for_writers_and_only_for_them() {
     db.batch_execute("UPDATE acct SET bal = 1 WHERE id = 1").unwrap();
     let t = Instant::now();
     let sealed: i64 = db.query_one("SELECT audit.seal()", &[]).unwrap().get(0);
-    assert!(sealed >= 1 && t.elapsed() < Duration::from_secs(2), "sealed {sealed} in {:?}", t.elapsed());
+    assert!(
+        sealed >= 1 && t.elapsed() < Duration::from_secs(2),
+        "sealed {sealed} in {:?}",
+        t.elapsed()
+    );
     // A writer still open: seal() waits for it, then seals its row too.
     let mut w = c.connect("postgres");
     w.batch_execute("BEGIN; UPDATE acct SET bal = 2 WHERE id = 2;").unwrap();
@@ -423,7 +448,10 @@ fn seal_waits_for_writers_and_only_for_them() {
     let waited = t.elapsed();
     committer.join().unwrap();
     assert_eq!(sealed, 1, "the open writer's row, once it committed");
-    assert!(waited >= Duration::from_millis(500), "seal() returned before the writer ended: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(500),
+        "seal() returned before the writer ended: {waited:?}"
+    );
     // Bounded by lock_timeout, with a clear error, and nothing sealed.
     let mut w = c.connect("postgres");
     w.batch_execute("BEGIN; UPDATE acct SET bal = 3 WHERE id = 3;").unwrap();
@@ -495,10 +523,15 @@ fn seal_returns_with_every_earlier_commit_sealed_beside_the_worker() {
         }));
     }
     for round in 0..30 {
-        let committed: i64 = db.query_one("SELECT coalesce(max(id), 0) FROM audit.log", &[]).unwrap().get(0);
+        let committed: i64 =
+            db.query_one("SELECT coalesce(max(id), 0) FROM audit.log", &[]).unwrap().get(0);
         db.query_one("SELECT audit.seal()", &[]).unwrap();
-        let through: i64 = db.query_one("SELECT (audit.digest()->>'through_id')::int8", &[]).unwrap().get(0);
-        assert!(through >= committed, "round {round}: digest through {through} < committed {committed}");
+        let through: i64 =
+            db.query_one("SELECT (audit.digest()->>'through_id')::int8", &[]).unwrap().get(0);
+        assert!(
+            through >= committed,
+            "round {round}: digest through {through} < committed {committed}"
+        );
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
@@ -514,7 +547,8 @@ fn seal_returns_with_every_earlier_commit_sealed_beside_the_worker() {
 /// written, seals on its first run. pg_cron is packaged for PostgreSQL 15 only.
 #[test]
 fn pg_cron_recipe_seals_on_its_first_run() {
-    let pgc = std::env::var("AUDIT_EXT_PG_CONFIG").unwrap_or_else(|_| common::DEFAULT_PG_CONFIG.to_string());
+    let pgc = std::env::var("AUDIT_EXT_PG_CONFIG")
+        .unwrap_or_else(|_| common::DEFAULT_PG_CONFIG.to_string());
     let pkglib = std::process::Command::new(&pgc).arg("--pkglibdir").output().unwrap();
     let pkglib = String::from_utf8_lossy(&pkglib.stdout).trim().to_string();
     if !std::path::Path::new(&pkglib).join("pg_cron.so").exists() {
@@ -529,7 +563,8 @@ fn pg_cron_recipe_seals_on_its_first_run() {
             .conf("cron.use_background_workers = on"),
     );
     let mut db = tracked(&c);
-    db.batch_execute("CREATE EXTENSION pg_cron; UPDATE acct SET bal = bal + 1 WHERE id <= 5;").unwrap();
+    db.batch_execute("CREATE EXTENSION pg_cron; UPDATE acct SET bal = bal + 1 WHERE id <= 5;")
+        .unwrap();
     let top: i64 = db.query_one("SELECT max(id) FROM audit.log", &[]).unwrap().get(0);
     db.batch_execute(
         "SELECT cron.schedule('audit-maintain', '* * * * *', $c$SELECT audit.maintain(); SELECT audit.seal()$c$);",
@@ -538,7 +573,10 @@ fn pg_cron_recipe_seals_on_its_first_run() {
     wait_for("pg_cron's first run", &c, || {
         let n: i64 = c
             .connect("postgres")
-            .query_one("SELECT count(*) FROM cron.job_run_details WHERE status IN ('succeeded', 'failed')", &[])
+            .query_one(
+                "SELECT count(*) FROM cron.job_run_details WHERE status IN ('succeeded', 'failed')",
+                &[],
+            )
             .unwrap()
             .get(0);
         n > 0
@@ -548,7 +586,11 @@ fn pg_cron_recipe_seals_on_its_first_run() {
         (r.get(0), r.get(1))
     };
     assert_eq!(status, "succeeded", "{msg}");
-    assert!(max_sealed(&mut db) >= top, "the first run sealed nothing: sealed through {} < {top}", max_sealed(&mut db));
+    assert!(
+        max_sealed(&mut db) >= top,
+        "the first run sealed nothing: sealed through {} < {top}",
+        max_sealed(&mut db)
+    );
     c.assert_no_crash();
 }
 
@@ -556,13 +598,16 @@ fn pg_cron_recipe_seals_on_its_first_run() {
 /// of a history with retention records: it agrees with audit.verify(), both ways.
 #[test]
 fn reference_verifier_in_hashing_md_agrees_with_verify() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/hashing.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/hashing.md")).unwrap();
     let block = |lang: &str, starts: &str| -> String {
         doc.split(&format!("```{lang}\n"))
             .skip(1)
             .map(|b| b.split("```").next().unwrap().to_string())
             .find(|b| b.starts_with(starts))
-            .unwrap_or_else(|| panic!("no {lang} block starting with {starts:?} in docs/hashing.md"))
+            .unwrap_or_else(|| {
+                panic!("no {lang} block starting with {starts:?} in docs/hashing.md")
+            })
     };
     let export = block("sql", "\\pset tuples_only");
     let script = block("python", "import hashlib");
@@ -578,11 +623,32 @@ fn reference_verifier_in_hashing_md_agrees_with_verify() {
     std::fs::write(dir.join("verify.py"), script).unwrap();
     std::fs::write(dir.join("digest.json"), &d).unwrap();
     let run = |what: &str| -> (bool, String) {
-        let out = s.c.client("psql").args(["-X", "-q", "-d", "postgres", "-f"]).arg(dir.join("export.sql"))
-            .current_dir(&dir).output().unwrap();
-        assert!(out.status.success(), "{what}: export failed: {}", String::from_utf8_lossy(&out.stderr));
-        let out = std::process::Command::new("python3").arg("verify.py").arg("digest.json").current_dir(&dir).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        let out =
+            s.c.client("psql")
+                .args(["-X", "-q", "-d", "postgres", "-f"])
+                .arg(dir.join("export.sql"))
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: export failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = std::process::Command::new("python3")
+            .arg("verify.py")
+            .arg("digest.json")
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     };
     // psql as root runs through sudo -u postgres: let it write there.
     let _ = std::process::Command::new("chmod").arg("777").arg(&dir).status();
@@ -590,7 +656,8 @@ fn reference_verifier_in_hashing_md_agrees_with_verify() {
     assert!(ok, "the reference verifier refuses an untouched history: {out}");
     let (ok, detail) = verify(&mut db, Some(&d));
     assert!(ok, "{detail}");
-    db.batch_execute("DELETE FROM audit.pruned WHERE id = (SELECT min(id) FROM audit.pruned)").unwrap();
+    db.batch_execute("DELETE FROM audit.pruned WHERE id = (SELECT min(id) FROM audit.pruned)")
+        .unwrap();
     let (ok, out) = run("a kept pair deleted");
     assert!(!ok, "the reference verifier missed a deleted pair: {out}");
     let (ok, _) = verify(&mut db, Some(&d));

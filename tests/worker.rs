@@ -41,14 +41,19 @@ fn sealed_rows(c: &Cluster, db: &str) -> i64 {
 
 fn launcher_pid(c: &Cluster) -> Option<i32> {
     c.connect("postgres")
-        .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'audit_ext launcher'", &[])
+        .query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'audit_ext launcher'",
+            &[],
+        )
         .unwrap()
         .map(|r| r.get(0))
 }
 
 #[test]
 fn worker_serves_every_database_and_survives() {
-    let c = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 1").conf("log_min_messages = log"));
+    let c = Cluster::start(
+        ClusterOpts::new().preload(true).conf("audit.naptime = 1").conf("log_min_messages = log"),
+    );
     c.create_db("alpha");
     c.create_db("beta");
     c.create_db("without_ext");
@@ -56,15 +61,19 @@ fn worker_serves_every_database_and_survives() {
     install(&c, "beta");
 
     // Seals in both databases without being asked.
-    wait_for("sealing in alpha and beta", &c, || sealed_rows(&c, "alpha") == 50 && sealed_rows(&c, "beta") == 50);
+    wait_for("sealing in alpha and beta", &c, || {
+        sealed_rows(&c, "alpha") == 50 && sealed_rows(&c, "beta") == 50
+    });
     for db in ["alpha", "beta"] {
-        let ok: bool = c.connect(db).query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);
+        let ok: bool =
+            c.connect(db).query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);
         assert!(ok, "verify in {db}");
     }
 
     // Comes back after pg_terminate_backend.
     let pid = launcher_pid(&c).expect("launcher is running");
-    let killed: bool = c.connect("postgres").query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap().get(0);
+    let killed: bool =
+        c.connect("postgres").query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap().get(0);
     assert!(killed);
     wait_for("a new launcher", &c, || launcher_pid(&c).is_some_and(|p| p != pid));
 
@@ -94,25 +103,37 @@ fn worker_serves_every_database_and_survives() {
         .unwrap();
     wait_for("sealing and partitions in a new database", &c, || {
         let mut g = c.connect("gamma");
-        let in_default: i64 = g.query_one("SELECT count(*) FROM audit.log_default", &[]).unwrap().get(0);
+        let in_default: i64 =
+            g.query_one("SELECT count(*) FROM audit.log_default", &[]).unwrap().get(0);
         let parts: i64 = g
-            .query_one("SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit.log'::regclass", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit.log'::regclass",
+                &[],
+            )
             .unwrap()
             .get(0);
         in_default == 0 && parts > 1 && sealed_rows(&c, "gamma") == 50
     });
-    let ok: bool = c.connect("gamma").query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);
+    let ok: bool =
+        c.connect("gamma").query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);
     assert!(ok, "verify in gamma");
 
     let log = c.log_contents();
     assert!(log.contains("audit_ext launcher started"), "launcher logs its start");
-    assert!(log.contains("audit_ext worker in database \"alpha\": sealed"), "worker logs what it did at LOG");
+    assert!(
+        log.contains("audit_ext worker in database \"alpha\": sealed"),
+        "worker logs what it did at LOG"
+    );
     c.assert_no_crash();
 
     // Clean exit on shutdown: no error from our processes in the log.
     c.stop("fast");
     let log = c.log_contents();
-    assert!(!log.lines().any(|l| l.contains("audit_ext") && (l.contains("ERROR") || l.contains("FATAL"))), "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("audit_ext") && (l.contains("ERROR") || l.contains("FATAL"))),
+        "{log}"
+    );
 }
 
 /// Runs CREATE EXTENSION on a connection that keeps the notices it receives.
@@ -132,7 +153,10 @@ fn create_extension_notices(c: &Cluster) -> (postgres::Client, String) {
 fn without_preload_maintenance_is_manual() {
     let c = Cluster::start(ClusterOpts::new().preload(false));
     let (mut a, got) = create_extension_notices(&c);
-    assert!(got.contains("cron.schedule"), "CREATE EXTENSION without preload names pg_cron: {got:?}");
+    assert!(
+        got.contains("cron.schedule"),
+        "CREATE EXTENSION without preload names pg_cron: {got:?}"
+    );
     assert!(launcher_pid(&c).is_none(), "no launcher without preload");
     a.batch_execute("CREATE TABLE t (id int PRIMARY KEY); SELECT audit.track('t'); INSERT INTO t VALUES (1), (2)").unwrap();
     sleep(Duration::from_secs(2));

@@ -63,7 +63,11 @@ pub fn actor_from(value: &str, utf8_db: bool) -> (String, Option<Value>) {
         // Kept as an object only if jsonb can hold it exactly: anything jsonb_in would
         // refuse (a NUL character, a number beyond numeric's range) must not make the
         // user's write fail, so such an actor is recorded as its text instead.
-        Ok(Value::Object(map)) if map.iter().all(|(k, v)| jsonb_can_hold_key(k, utf8_db) && jsonb_can_hold(v, utf8_db)) => {
+        Ok(Value::Object(map))
+            if map
+                .iter()
+                .all(|(k, v)| jsonb_can_hold_key(k, utf8_db) && jsonb_can_hold(v, utf8_db)) =>
+        {
             let by = JSON_ACTOR_KEYS
                 .iter()
                 .find_map(|k| match map.get(*k) {
@@ -86,7 +90,9 @@ fn jsonb_can_hold(v: &Value, utf8: bool) -> bool {
         Value::String(s) => jsonb_can_hold_key(s, utf8),
         Value::Number(n) => number_fits_numeric(&n.to_string()),
         Value::Array(a) => a.iter().all(|x| jsonb_can_hold(x, utf8)),
-        Value::Object(m) => m.iter().all(|(k, x)| jsonb_can_hold_key(k, utf8) && jsonb_can_hold(x, utf8)),
+        Value::Object(m) => {
+            m.iter().all(|(k, x)| jsonb_can_hold_key(k, utf8) && jsonb_can_hold(x, utf8))
+        }
         Value::Bool(_) | Value::Null => true,
     }
 }
@@ -115,7 +121,11 @@ fn db_is_utf8() -> bool {
 /// Called only when session_info is rebuilt, which its cache key (with the session user) decides.
 fn session_user_name() -> Vec<u8> {
     // SAFETY: the session user always exists (noerr=false would ERROR); a palloc'd C string.
-    unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false)).to_bytes().to_vec() }
+    unsafe {
+        CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false))
+            .to_bytes()
+            .to_vec()
+    }
 }
 
 fn client_info() -> (Option<String>, Option<i64>) {
@@ -128,8 +138,9 @@ fn client_info() -> (Option<String>, Option<i64>) {
     // SAFETY: inet_client_addr/port take no arguments and return NULL for Unix sockets
     // and background processes; the address is printed by inet's own output function.
     let c = unsafe {
-        let addr = pgrx::direct_function_call_as_datum(pg_sys::inet_client_addr, &[])
-            .map(|d| String::from_utf8_lossy(&encode::output_bytes(d, pg_sys::INETOID)).into_owned());
+        let addr = pgrx::direct_function_call_as_datum(pg_sys::inet_client_addr, &[]).map(|d| {
+            String::from_utf8_lossy(&encode::output_bytes(d, pg_sys::INETOID)).into_owned()
+        });
         let port = pgrx::direct_function_call::<i32>(pg_sys::inet_client_port, &[]).map(i64::from);
         (addr, port)
     };
@@ -175,7 +186,9 @@ fn context_names() -> std::rc::Rc<Vec<CString>> {
         static NAMES: RefCell<(Vec<u8>, std::rc::Rc<Vec<CString>>)> = RefCell::new((vec![0xff], Default::default()));
     }
     // SAFETY: a plain read of our own setting's variable.
-    let raw = guc_variable(unsafe { *settings::CONTEXT_SETTINGS.as_ptr() }).map(|c| c.to_bytes()).unwrap_or_default();
+    let raw = guc_variable(unsafe { *settings::CONTEXT_SETTINGS.as_ptr() })
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     NAMES.with(|n| {
         let mut n = n.borrow_mut();
         if n.0 != raw {
@@ -197,7 +210,10 @@ fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
     let context = context(current_user)?;
     let key = actor.map(|c| c.to_bytes()).unwrap_or_default();
     if let Some(hit) = CACHE.with(|c| {
-        c.borrow().as_ref().filter(|s| s.key == key && std::rc::Rc::ptr_eq(&s.context, &context)).cloned()
+        c.borrow()
+            .as_ref()
+            .filter(|s| s.key == key && std::rc::Rc::ptr_eq(&s.context, &context))
+            .cloned()
     }) {
         return Ok(hit);
     }
@@ -305,7 +321,11 @@ unsafe fn build_object(items: &[encode::Item]) -> Datum {
     BUILDER.with(|b| {
         let mut b = b.borrow_mut();
         let same = b.as_ref().is_some_and(|(shape, _)| {
-            shape.len() == items.len() && shape.iter().zip(items).all(|((k, t), it)| k.as_c_str() == it.key && *t == it.typid)
+            shape.len() == items.len()
+                && shape
+                    .iter()
+                    .zip(items)
+                    .all(|((k, t), it)| k.as_c_str() == it.key && *t == it.typid)
         });
         if !same {
             let keys: Vec<&CStr> = items.iter().map(|it| it.key).collect();

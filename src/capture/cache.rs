@@ -67,7 +67,12 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: Oid) {
     // Runs inside invalidation processing: no allocation-heavy or erroring work here.
     super::sink::invalidate(relid);
     if let Some(ext) = EXT.with(|e| e.get()) {
-        if relid == pg_sys::InvalidOid || relid == ext.log || relid == ext.log_default || relid == ext.seq || relid == ext.tracked {
+        if relid == pg_sys::InvalidOid
+            || relid == ext.log
+            || relid == ext.log_default
+            || relid == ext.seq
+            || relid == ext.tracked
+        {
             EXT.with(|e| e.set(None));
         }
     }
@@ -87,7 +92,11 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: Oid) {
 
 /// A schema was renamed (or changed): the names the entries carry may be stale.
 #[pg_guard]
-unsafe extern "C-unwind" fn namespace_callback(_arg: pg_sys::Datum, _cacheid: i32, _hashvalue: u32) {
+unsafe extern "C-unwind" fn namespace_callback(
+    _arg: pg_sys::Datum,
+    _cacheid: i32,
+    _hashvalue: u32,
+) {
     FLUSH_ALL.with(|f| f.set(true));
 }
 
@@ -202,8 +211,17 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
     // SAFETY: the relation (or its tracked ancestor) exists while rel is open; both
     // lookups return palloc'd C strings, or NULL if it vanished concurrently.
     let (schema, table) = unsafe {
-        let bytes = |p: *const std::ffi::c_char| if p.is_null() { Vec::new() } else { CStr::from_ptr(p).to_bytes().to_vec() };
-        (bytes(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(named))), bytes(pg_sys::get_rel_name(named)))
+        let bytes = |p: *const std::ffi::c_char| {
+            if p.is_null() {
+                Vec::new()
+            } else {
+                CStr::from_ptr(p).to_bytes().to_vec()
+            }
+        };
+        (
+            bytes(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(named))),
+            bytes(pg_sys::get_rel_name(named)),
+        )
     };
 
     // SAFETY: rd_att belongs to the open relation.
@@ -236,7 +254,8 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
         unsafe { pg_sys::getTypeOutputInfo(typid, &mut key_output, &mut varlena) };
     }
     let names: Vec<&std::ffi::CStr> = columns.iter().map(|c| c.name.as_c_str()).collect();
-    let types: Vec<Oid> = columns.iter().map(|c| if c.redacted { pg_sys::TEXTOID } else { c.typid }).collect();
+    let types: Vec<Oid> =
+        columns.iter().map(|c| if c.redacted { pg_sys::TEXTOID } else { c.typid }).collect();
     // SAFETY: inside the transaction that opened rel; names and types have equal length.
     let full_row = unsafe { super::encode::ObjectBuilder::new(&names, &types) };
     Ok(RelConfig {
@@ -273,7 +292,12 @@ unsafe fn key_columns(rel: pg_sys::Relation, tupdesc: &PgTupleDesc) -> Vec<(i32,
         attnums
             .into_iter()
             .filter(|&a| a > 0)
-            .map(|a| (a as i32, tupdesc.get(a as usize - 1).map(|t| t.atttypid).unwrap_or(pg_sys::InvalidOid)))
+            .map(|a| {
+                (
+                    a as i32,
+                    tupdesc.get(a as usize - 1).map(|t| t.atttypid).unwrap_or(pg_sys::InvalidOid),
+                )
+            })
             .collect()
     }
 }

@@ -21,12 +21,17 @@ pub struct Item<'a> {
 ///
 /// # Safety
 /// Must run inside a transaction (fmgr lookup).
-unsafe fn variadic_flinfo(func_oid: u32, types: impl Iterator<Item = Oid>, cxt: pg_sys::MemoryContext) -> *mut pg_sys::FmgrInfo {
+unsafe fn variadic_flinfo(
+    func_oid: u32,
+    types: impl Iterator<Item = Oid>,
+    cxt: pg_sys::MemoryContext,
+) -> *mut pg_sys::FmgrInfo {
     // SAFETY: fresh palloc'd nodes, initialised before use.
     unsafe {
         let mut exprs: *mut pg_sys::List = std::ptr::null_mut();
         for typid in types {
-            exprs = pg_sys::lappend(exprs, pg_sys::makeNullConst(typid, -1, pg_sys::InvalidOid).cast());
+            exprs =
+                pg_sys::lappend(exprs, pg_sys::makeNullConst(typid, -1, pg_sys::InvalidOid).cast());
         }
         let expr = pg_sys::makeFuncExpr(
             func_oid.into(),
@@ -36,7 +41,8 @@ unsafe fn variadic_flinfo(func_oid: u32, types: impl Iterator<Item = Oid>, cxt: 
             pg_sys::InvalidOid,
             pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
         );
-        let flinfo = pg_sys::MemoryContextAllocZero(cxt, std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+        let flinfo = pg_sys::MemoryContextAllocZero(cxt, std::mem::size_of::<pg_sys::FmgrInfo>())
+            as *mut pg_sys::FmgrInfo;
         pg_sys::fmgr_info_cxt(func_oid.into(), flinfo, cxt);
         (*flinfo).fn_expr = expr.cast();
         flinfo
@@ -79,8 +85,14 @@ unsafe fn call_variadic(
 ) -> Datum {
     // SAFETY: forwarded; the function info lives in the current context like the result.
     unsafe {
-        let flinfo = variadic_flinfo(func_oid, args.iter().map(|a| a.2), pg_sys::CurrentMemoryContext);
-        call_with(flinfo, func, args.len(), args.iter().map(|&(value, isnull, _)| pg_sys::NullableDatum { value, isnull }))
+        let flinfo =
+            variadic_flinfo(func_oid, args.iter().map(|a| a.2), pg_sys::CurrentMemoryContext);
+        call_with(
+            flinfo,
+            func,
+            args.len(),
+            args.iter().map(|&(value, isnull, _)| pg_sys::NullableDatum { value, isnull }),
+        )
     }
 }
 
@@ -116,7 +128,8 @@ impl ObjectBuilder {
             let old = pg_sys::MemoryContextSwitchTo(cxt);
             let mut order: Vec<usize> = (0..keys.len()).collect();
             order.sort_by_key(|&i| jsonb_key_order(keys[i]));
-            let key_datums: Vec<Datum> = order.iter().map(|&i| text_datum(keys[i].to_bytes())).collect();
+            let key_datums: Vec<Datum> =
+                order.iter().map(|&i| text_datum(keys[i].to_bytes())).collect();
             let arg_types = order.iter().flat_map(|&i| [pg_sys::TEXTOID, types[i]]);
             let flinfo = variadic_flinfo(pg_sys::F_JSONB_BUILD_OBJECT_ANY, arg_types, cxt);
             pg_sys::MemoryContextSwitchTo(old);
@@ -136,7 +149,10 @@ impl ObjectBuilder {
         }
         let args = self.keys.iter().zip(&self.order).flat_map(|(&key, &i)| {
             let (value, isnull) = values[i];
-            [pg_sys::NullableDatum { value: key, isnull: false }, pg_sys::NullableDatum { value, isnull }]
+            [
+                pg_sys::NullableDatum { value: key, isnull: false },
+                pg_sys::NullableDatum { value, isnull },
+            ]
         });
         // SAFETY: keys are text and values follow the types new() was given.
         unsafe { call_with(self.flinfo, pg_sys::jsonb_build_object, values.len() * 2, args) }

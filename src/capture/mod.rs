@@ -13,8 +13,8 @@ use pgrx::pg_sys::{self, Datum};
 use pgrx::prelude::*;
 
 use crate::chain::hash::{self, RowFields};
-use crate::errors::{AuditError, OrRaise};
 use crate::errors::Result as AResult;
+use crate::errors::{AuditError, OrRaise};
 use crate::privilege::AsOwner;
 use cache::{Column, RelConfig};
 
@@ -109,7 +109,8 @@ impl Deformed {
 unsafe fn column_value(col: &Column, row: &Deformed, key: Option<&[u8]>) -> AResult<(Datum, bool)> {
     let (d, isnull) = row.get(col.attnum);
     if col.redacted && !isnull {
-        let key = key.ok_or_else(|| AuditError::Internal("redacted column without a key".into()))?;
+        let key =
+            key.ok_or_else(|| AuditError::Internal("redacted column without a key".into()))?;
         // SAFETY: non-null datum of the column's type.
         let text = unsafe { encode::output_bytes(d, col.typid) };
         let marker = hash::redaction_marker(key, &text);
@@ -131,19 +132,28 @@ unsafe fn encode_row(cfg: &RelConfig, row: &Deformed, key: Option<&[u8]>) -> ARe
 }
 
 /// An UPDATE's changed columns (indexes into `cfg.columns`) as jsonb.
-unsafe fn encode_changed(cfg: &RelConfig, diff: &[usize], row: &Deformed, key: Option<&[u8]>) -> AResult<Datum> {
+unsafe fn encode_changed(
+    cfg: &RelConfig,
+    diff: &[usize],
+    row: &Deformed,
+    key: Option<&[u8]>,
+) -> AResult<Datum> {
     let mut values = Vec::with_capacity(diff.len());
     for &i in diff {
         // SAFETY: forwarded from the caller.
         values.push(unsafe { column_value(&cfg.columns[i], row, key)? });
     }
-    let hit = cfg.changed.borrow().as_ref().filter(|(cols, _)| cols == diff).map(|(_, b)| b.clone());
+    let hit =
+        cfg.changed.borrow().as_ref().filter(|(cols, _)| cols == diff).map(|(_, b)| b.clone());
     let builder = match hit {
         Some(b) => b,
         None => {
             let keys: Vec<&CStr> = diff.iter().map(|&i| cfg.columns[i].name.as_c_str()).collect();
-            let types: Vec<pg_sys::Oid> =
-                diff.iter().map(|&i| &cfg.columns[i]).map(|c| if c.redacted { pg_sys::TEXTOID } else { c.typid }).collect();
+            let types: Vec<pg_sys::Oid> = diff
+                .iter()
+                .map(|&i| &cfg.columns[i])
+                .map(|c| if c.redacted { pg_sys::TEXTOID } else { c.typid })
+                .collect();
             // SAFETY: inside the trigger's transaction; keys and types have equal length.
             let b = Rc::new(unsafe { encode::ObjectBuilder::new(&keys, &types) });
             *cfg.changed.borrow_mut() = Some((diff.to_vec(), b.clone()));
@@ -163,12 +173,18 @@ unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> AResult<Option<Vec<u8>>> {
     if let [(attnum, _)] = cfg.key[..] {
         let (d, isnull) = row.get(attnum);
         // SAFETY: a non-null datum of the type whose output function this is; a palloc'd C string.
-        return Ok((!isnull).then(|| unsafe { CStr::from_ptr(pg_sys::OidOutputFunctionCall(cfg.key_output, d)).to_bytes().to_vec() }));
+        return Ok((!isnull).then(|| unsafe {
+            CStr::from_ptr(pg_sys::OidOutputFunctionCall(cfg.key_output, d)).to_bytes().to_vec()
+        }));
     }
-    let vals: Vec<(Datum, bool, pg_sys::Oid)> = cfg.key.iter().map(|&(attnum, typid)| {
-        let (d, isnull) = row.get(attnum);
-        (d, isnull, typid)
-    }).collect();
+    let vals: Vec<(Datum, bool, pg_sys::Oid)> = cfg
+        .key
+        .iter()
+        .map(|&(attnum, typid)| {
+            let (d, isnull) = row.get(attnum);
+            (d, isnull, typid)
+        })
+        .collect();
     // SAFETY: valid datums of their types; the array is a fresh jsonb.
     unsafe { hash_text(encode::jsonb_array(&vals)) }.map(Some)
 }
@@ -384,7 +400,8 @@ unsafe fn insert_row(values: &[Datum; NPARAMS], nulls: &[bool; NPARAMS]) -> ARes
             }
             PLAN.with(|p| p.set(plan));
         }
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_ptr().cast_mut(), nulls.as_ptr(), false, 0);
+        let rc =
+            pg_sys::SPI_execute_plan(plan, values.as_ptr().cast_mut(), nulls.as_ptr(), false, 0);
         if rc != pg_sys::SPI_OK_INSERT as i32 {
             return Err(AuditError::Internal(format!("audit.log insert failed: SPI code {rc}")));
         }
@@ -445,7 +462,8 @@ mod tests {
              UPDATE bulk SET v = v + 1;",
         )
         .unwrap();
-        let n = Spi::get_one::<i64>("SELECT count(*) FROM audit.log WHERE table_name = 'bulk'").unwrap();
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM audit.log WHERE table_name = 'bulk'")
+            .unwrap();
         assert_eq!(n, Some(200_000));
         // The log's btree indexes stay consistent (bt_index_check on every partition's index).
         Spi::run(

@@ -18,7 +18,10 @@ use pgrx::prelude::*;
 // executor/execPartition.h, which pgrx does not bind. Called only through
 // `guarded`, which turns a PostgreSQL ERROR into a Rust panic at the boundary.
 unsafe extern "C-unwind" {
-    fn ExecSetupPartitionTupleRouting(estate: *mut pg_sys::EState, rel: pg_sys::Relation) -> *mut c_void;
+    fn ExecSetupPartitionTupleRouting(
+        estate: *mut pg_sys::EState,
+        rel: pg_sys::Relation,
+    ) -> *mut c_void;
     fn ExecFindPartition(
         mtstate: *mut pg_sys::ModifyTableState,
         root: *mut pg_sys::ResultRelInfo,
@@ -59,7 +62,9 @@ thread_local! {
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => release(),
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
+            release()
+        }
         // Abort releases the relations and frees the memory: only forget them.
         _ => {
             SINK.with(|s| s.replace(None));
@@ -74,7 +79,9 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
 pub fn invalidate(relid: Oid) {
     let hit = SINK.with(|s| match s.try_borrow() {
         Ok(s) => s.as_ref().is_some_and(|s| {
-            relid == pg_sys::InvalidOid || relid == s.log || s.leaves.iter().any(|&(o, _)| o == relid)
+            relid == pg_sys::InvalidOid
+                || relid == s.log
+                || s.leaves.iter().any(|&(o, _)| o == relid)
         }),
         Err(_) => true,
     });
@@ -126,10 +133,12 @@ unsafe fn open(log: Oid, log_default: Oid) -> Sink {
         // partition would fail its changed constraint (23514) once maintain() attached
         // the partition it belongs to while we waited.
         pg_sys::LockRelationOid(log_default, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-        let root = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
+        let root = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+            .cast::<pg_sys::ResultRelInfo>();
         (*root).type_ = pg_sys::NodeTag::T_ResultRelInfo;
         pg_sys::InitResultRelInfo(root, rel, 0, std::ptr::null_mut(), 0);
-        let mtstate = pg_sys::palloc0(std::mem::size_of::<pg_sys::ModifyTableState>()).cast::<pg_sys::ModifyTableState>();
+        let mtstate = pg_sys::palloc0(std::mem::size_of::<pg_sys::ModifyTableState>())
+            .cast::<pg_sys::ModifyTableState>();
         (*mtstate).ps.type_ = pg_sys::NodeTag::T_ModifyTableState;
         (*mtstate).ps.state = estate;
         (*mtstate).operation = pg_sys::CmdType::CMD_INSERT;
@@ -153,11 +162,18 @@ unsafe fn direct_ok(root: *mut pg_sys::ResultRelInfo, leaf: *mut pg_sys::ResultR
             return false;
         }
         let rel = (*leaf).ri_RelationDesc;
-        if (*(*rel).rd_rel).relrowsecurity || (*(*rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as c_char || !(*leaf).ri_FdwRoutine.is_null() {
+        if (*(*rel).rd_rel).relrowsecurity
+            || (*(*rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as c_char
+            || !(*leaf).ri_FdwRoutine.is_null()
+        {
             return false;
         }
         let trig = (*leaf).ri_TrigDesc;
-        if !trig.is_null() && ((*trig).trig_insert_before_row || (*trig).trig_insert_after_row || (*trig).trig_insert_instead_row) {
+        if !trig.is_null()
+            && ((*trig).trig_insert_before_row
+                || (*trig).trig_insert_after_row
+                || (*trig).trig_insert_instead_row)
+        {
             return false;
         }
         let a = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
@@ -176,7 +192,10 @@ unsafe fn direct_ok(root: *mut pg_sys::ResultRelInfo, leaf: *mut pg_sys::ResultR
 /// # Safety
 /// `values` must be valid datums of `audit.log`'s column types, in column order.
 pub unsafe fn insert(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool]) -> bool {
-    if STALE.with(|s| s.get()) || BUSY.with(|b| b.get()) || SINK.with(|s| s.borrow().as_ref().is_some_and(|s| s.log != log)) {
+    if STALE.with(|s| s.get())
+        || BUSY.with(|b| b.get())
+        || SINK.with(|s| s.borrow().as_ref().is_some_and(|s| s.log != log))
+    {
         release();
     }
     if SINK.with(|s| s.borrow().is_none()) {
@@ -247,9 +266,26 @@ unsafe fn write(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> bool {
         pg_sys::table_tuple_insert(rel, slot, cid, 0, std::ptr::null_mut());
         if (*leaf).ri_NumIndices > 0 {
             #[cfg(feature = "pg15")]
-            pg_sys::ExecInsertIndexTuples(leaf, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut());
+            pg_sys::ExecInsertIndexTuples(
+                leaf,
+                slot,
+                estate,
+                false,
+                false,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
             #[cfg(not(feature = "pg15"))]
-            pg_sys::ExecInsertIndexTuples(leaf, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut(), false);
+            pg_sys::ExecInsertIndexTuples(
+                leaf,
+                slot,
+                estate,
+                false,
+                false,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                false,
+            );
         }
         let econtext = (*estate).es_per_tuple_exprcontext;
         if !econtext.is_null() {

@@ -9,7 +9,7 @@ use super::hash::{block_hash, row_hash, BlockFields, RootBuilder, RowFields};
 #[derive(Debug, Clone)]
 struct Row {
     ints: [i64; 3],
-    texts: [String; 5], // schema, table, operation, changed_by, db_user
+    texts: [String; 5],        // schema, table, operation, changed_by, db_user
     opts: [Option<String>; 6], // row_id, old_values, new_values, session_info, old_row_id, (unused)
     fields: Option<Vec<Option<String>>>,
 }
@@ -27,7 +27,10 @@ impl Row {
             row_id: opt(0),
             old_values: opt(1),
             new_values: opt(2),
-            changed_fields: self.fields.as_ref().map(|v| v.iter().map(|f| f.as_deref().map(str::as_bytes)).collect()),
+            changed_fields: self
+                .fields
+                .as_ref()
+                .map(|v| v.iter().map(|f| f.as_deref().map(str::as_bytes)).collect()),
             changed_by: self.texts[3].as_bytes(),
             db_user: self.texts[4].as_bytes(),
             session_info: opt(3),

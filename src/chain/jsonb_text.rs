@@ -139,7 +139,14 @@ fn container(out: &mut Vec<u8>, c: &[u8], depth: u32, top: bool) -> Option<()> {
     Some(())
 }
 
-fn value(out: &mut Vec<u8>, ch: &Children<'_>, i: usize, start: usize, end: usize, depth: u32) -> Option<()> {
+fn value(
+    out: &mut Vec<u8>,
+    ch: &Children<'_>,
+    i: usize,
+    start: usize,
+    end: usize,
+    depth: u32,
+) -> Option<()> {
     match ch.entry(i)? & JENTRY_TYPEMASK {
         JENTRY_ISSTRING => escape(out, ch.bytes(start, end)?),
         JENTRY_ISNUMERIC => numeric(out, ch.bytes(intalign(start).min(end), end)?),
@@ -155,7 +162,9 @@ fn value(out: &mut Vec<u8>, ch: &Children<'_>, i: usize, start: usize, end: usiz
             out.extend_from_slice(b"null");
             Some(())
         }
-        JENTRY_ISCONTAINER => container(out, ch.bytes(intalign(start).min(end), end)?, depth + 1, false),
+        JENTRY_ISCONTAINER => {
+            container(out, ch.bytes(intalign(start).min(end), end)?, depth + 1, false)
+        }
         _ => None,
     }
 }
@@ -205,7 +214,14 @@ fn escape_byte(out: &mut Vec<u8>, b: u8) {
         b'\t' => out.extend_from_slice(b"\\t"),
         0..0x20 => {
             const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 15) as usize],
+            ]);
         }
         _ => out.push(b),
     }
@@ -254,9 +270,19 @@ fn numeric_text(out: &mut Vec<u8>, n: &[u8]) -> Option<()> {
         0xC000 => return None,
         0x8000 => {
             let w = (h & 0x003F) as i32;
-            (h & 0x2000 != 0, ((h & 0x1F80) >> 7) as i32, if h & 0x0040 != 0 { w - 64 } else { w }, 2)
+            (
+                h & 0x2000 != 0,
+                ((h & 0x1F80) >> 7) as i32,
+                if h & 0x0040 != 0 { w - 64 } else { w },
+                2,
+            )
         }
-        sign => (sign == 0x4000, (h & 0x3FFF) as i32, i16::from_ne_bytes(n.get(2..4)?.try_into().ok()?) as i32, 4),
+        sign => (
+            sign == 0x4000,
+            (h & 0x3FFF) as i32,
+            i16::from_ne_bytes(n.get(2..4)?.try_into().ok()?) as i32,
+            4,
+        ),
     };
     let raw = n.get(at..)?;
     if raw.len() % 2 != 0 {
@@ -269,7 +295,12 @@ fn numeric_text(out: &mut Vec<u8>, n: &[u8]) -> Option<()> {
     }
     let digit = |d: i32| if d >= 0 && (d as usize) < ndigits { at(d as usize) } else { 0 };
     let four = |out: &mut Vec<u8>, dig: i32| {
-        out.extend_from_slice(&[b'0' + (dig / 1000) as u8, b'0' + (dig / 100 % 10) as u8, b'0' + (dig / 10 % 10) as u8, b'0' + (dig % 10) as u8])
+        out.extend_from_slice(&[
+            b'0' + (dig / 1000) as u8,
+            b'0' + (dig / 100 % 10) as u8,
+            b'0' + (dig / 10 % 10) as u8,
+            b'0' + (dig % 10) as u8,
+        ])
     };
     if neg {
         out.push(b'-');
@@ -331,8 +362,11 @@ pub unsafe fn datum_text(d: pg_sys::Datum, out: &mut Vec<u8>) -> Result<(), Stri
     let pg = || {
         // SAFETY: p is a plain jsonb varlena; jsonb_out returns a palloc'd C string.
         unsafe {
-            let t = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(pg_sys::Datum::from(p))])
-                .expect("jsonb_out never returns NULL");
+            let t = pgrx::direct_function_call_as_datum(
+                pg_sys::jsonb_out,
+                &[Some(pg_sys::Datum::from(p))],
+            )
+            .expect("jsonb_out never returns NULL");
             CStr::from_ptr(t.cast_mut_ptr::<c_char>())
         }
     };
@@ -365,7 +399,11 @@ mod tests {
                 for fill in [b'a', b' ', b'!', b'#', b'[', b']', 0x7f, 0x80, 0xa2, 0xdc, 0xff] {
                     let mut w = [fill; 8];
                     w[pos] = b;
-                    assert_eq!(needs_escape(u64::from_le_bytes(w)), !w.iter().all(|&x| plain(x)), "{w:?}");
+                    assert_eq!(
+                        needs_escape(u64::from_le_bytes(w)),
+                        !w.iter().all(|&x| plain(x)),
+                        "{w:?}"
+                    );
                 }
             }
         }

@@ -1,9 +1,9 @@
 //! Tamper evidence: row hashes (computed by the trigger), sealed blocks, verify and digest.
+#[cfg(test)]
+mod fuzz;
 pub mod hash;
 pub mod jsonb_text;
 pub mod prune;
 pub mod seal;
 pub mod verify;
 pub mod writers;
-#[cfg(test)]
-mod fuzz;

@@ -50,7 +50,11 @@ fn data_blocks() -> Result<BTreeMap<i64, DataBlock>> {
 
 /// The data block whose range holds `id`: the first one (blocks of rows cover
 /// increasing, contiguous ranges) whose through_id is at or above it.
-fn block_of(blocks: &BTreeMap<i64, DataBlock>, by_through: &BTreeMap<i64, i64>, id: i64) -> Option<i64> {
+fn block_of(
+    blocks: &BTreeMap<i64, DataBlock>,
+    by_through: &BTreeMap<i64, i64>,
+    id: i64,
+) -> Option<i64> {
     by_through.range(id..).next().map(|(_, b)| *b).filter(|b| blocks[b].from_id < id)
 }
 
@@ -60,8 +64,13 @@ fn block_of(blocks: &BTreeMap<i64, DataBlock>, by_through: &BTreeMap<i64, i64>, 
 pub fn record(partition: &str) -> Result<i64> {
     let rows: Vec<(i64, Vec<u8>)> = Spi::connect(|c| -> Result<Vec<(i64, Vec<u8>)>> {
         let mut v = Vec::new();
-        for r in c.select(&format!("SELECT id, row_hash FROM audit.{partition} ORDER BY id"), None, &[])? {
-            v.push((r.get::<i64>(1)?.unwrap_or_default(), r.get::<Vec<u8>>(2)?.unwrap_or_default()));
+        for r in
+            c.select(&format!("SELECT id, row_hash FROM audit.{partition} ORDER BY id"), None, &[])?
+        {
+            v.push((
+                r.get::<i64>(1)?.unwrap_or_default(),
+                r.get::<Vec<u8>>(2)?.unwrap_or_default(),
+            ));
         }
         Ok(v)
     })?;
@@ -81,8 +90,12 @@ fn record_rows(rows: &[(i64, Vec<u8>)], emptied: &[i64], still_in_log: bool) -> 
     let by_through: BTreeMap<i64, i64> = blocks.iter().map(|(id, b)| (b.through_id, *id)).collect();
     let mut by_block: BTreeMap<i64, Vec<&(i64, Vec<u8>)>> = BTreeMap::new();
     for row in rows {
-        let b = block_of(&blocks, &by_through, row.0)
-            .ok_or_else(|| AuditError::Internal(format!("retention would remove row {}, which is not sealed", row.0)))?;
+        let b = block_of(&blocks, &by_through, row.0).ok_or_else(|| {
+            AuditError::Internal(format!(
+                "retention would remove row {}, which is not sealed",
+                row.0
+            ))
+        })?;
         by_block.entry(b).or_default().push(row);
     }
     let (head_id, head_through, prev) = chain_head()?;
@@ -108,7 +121,12 @@ fn record_rows(rows: &[(i64, Vec<u8>)], emptied: &[i64], still_in_log: bool) -> 
         for (id, rh) in removed {
             h.push(*id, rh);
         }
-        parts.push(PrunePart { block_id, removed: removed.len() as i64, rows_hash: h.finish().to_vec(), completes });
+        parts.push(PrunePart {
+            block_id,
+            removed: removed.len() as i64,
+            rows_hash: h.finish().to_vec(),
+            completes,
+        });
     }
     for &block_id in emptied {
         if !by_block.contains_key(&block_id) {
@@ -142,7 +160,13 @@ fn record_rows(rows: &[(i64, Vec<u8>)], emptied: &[i64], still_in_log: bool) -> 
         Spi::run_with_args(
             "INSERT INTO audit.prune_parts (prune_block, block_id, removed, rows_hash, completes)
              VALUES ($1, $2, $3, $4, $5)",
-            &[prune_block.into(), p.block_id.into(), p.removed.into(), p.rows_hash.clone().into(), p.completes.into()],
+            &[
+                prune_block.into(),
+                p.block_id.into(),
+                p.removed.into(),
+                p.rows_hash.clone().into(),
+                p.completes.into(),
+            ],
         )?;
         let b = &blocks[&p.block_id];
         if p.completes {
@@ -182,7 +206,9 @@ fn adopt_pruned() -> i64 {
         let emptied: Vec<i64> = if have_legacy {
             Spi::connect(|c| -> Result<Vec<i64>> {
                 let mut v = Vec::new();
-                for r in c.select("SELECT block_id FROM audit.pruned_blocks ORDER BY 1", None, &[])? {
+                for r in
+                    c.select("SELECT block_id FROM audit.pruned_blocks ORDER BY 1", None, &[])?
+                {
                     v.push(r.get::<i64>(1)?.unwrap_or_default());
                 }
                 Ok(v)
@@ -192,8 +218,15 @@ fn adopt_pruned() -> i64 {
         };
         let rows: Vec<(i64, Vec<u8>)> = Spi::connect(|c| -> Result<Vec<(i64, Vec<u8>)>> {
             let mut v = Vec::new();
-            for r in c.select("SELECT id, row_hash FROM audit.pruned WHERE prune_block IS NULL ORDER BY id", None, &[])? {
-                v.push((r.get::<i64>(1)?.unwrap_or_default(), r.get::<Vec<u8>>(2)?.unwrap_or_default()));
+            for r in c.select(
+                "SELECT id, row_hash FROM audit.pruned WHERE prune_block IS NULL ORDER BY id",
+                None,
+                &[],
+            )? {
+                v.push((
+                    r.get::<i64>(1)?.unwrap_or_default(),
+                    r.get::<Vec<u8>>(2)?.unwrap_or_default(),
+                ));
             }
             Ok(v)
         })?;
@@ -232,7 +265,10 @@ pub type Bad = (Option<i64>, String);
 /// Checks audit.prune_parts and audit.pruned against the retention records in
 /// `chain` (already checked for links and hashes), and, for a digest of block
 /// `digest_block`, that no row it covers was removed by a record made after it.
-pub fn check(chain: &[ChainBlock], digest_block: Option<i64>) -> Result<std::result::Result<Removed, Bad>> {
+pub fn check(
+    chain: &[ChainBlock],
+    digest_block: Option<i64>,
+) -> Result<std::result::Result<Removed, Bad>> {
     let parts: Vec<(i64, PrunePart)> = Spi::connect(|c| -> Result<Vec<(i64, PrunePart)>> {
         let mut v = Vec::new();
         for r in c.select(
@@ -271,10 +307,13 @@ pub fn check(chain: &[ChainBlock], digest_block: Option<i64>) -> Result<std::res
         let ps = grouped.get(&b.block_id).map(Vec::as_slice).unwrap_or(&[]);
         let count: i64 = ps.iter().map(|p| p.removed).sum();
         if hash::prune_root(ps).as_slice() != b.root.as_slice() || count != b.row_count {
-            return Ok(Err((b.first_id, format!(
-                "retention record {} was altered: audit.prune_parts does not match its root",
-                b.block_id
-            ))));
+            return Ok(Err((
+                b.first_id,
+                format!(
+                    "retention record {} was altered: audit.prune_parts does not match its root",
+                    b.block_id
+                ),
+            )));
         }
     }
     // 2. Given a digest: every removal of rows it covers was recorded before it.
@@ -296,8 +335,14 @@ pub fn check(chain: &[ChainBlock], digest_block: Option<i64>) -> Result<std::res
     // 3. The kept pairs are exactly what their records say.
     let rows: Vec<(i64, Vec<u8>, i64)> = Spi::connect(|c| -> Result<Vec<(i64, Vec<u8>, i64)>> {
         let mut v = Vec::new();
-        for r in c.select("SELECT id, row_hash, prune_block FROM audit.pruned ORDER BY id", None, &[])? {
-            v.push((r.get(1)?.unwrap_or_default(), r.get(2)?.unwrap_or_default(), r.get(3)?.unwrap_or_default()));
+        for r in
+            c.select("SELECT id, row_hash, prune_block FROM audit.pruned ORDER BY id", None, &[])?
+        {
+            v.push((
+                r.get(1)?.unwrap_or_default(),
+                r.get(2)?.unwrap_or_default(),
+                r.get(3)?.unwrap_or_default(),
+            ));
         }
         Ok(v)
     })?;
@@ -322,14 +367,19 @@ pub fn check(chain: &[ChainBlock], digest_block: Option<i64>) -> Result<std::res
         }
         let got = sums.remove(&(*p, part.block_id));
         let ok = match got {
-            Some((root, n)) => n == part.removed && root.finish().as_slice() == part.rows_hash.as_slice(),
+            Some((root, n)) => {
+                n == part.removed && root.finish().as_slice() == part.rows_hash.as_slice()
+            }
             None => part.removed == 0,
         };
         if !ok {
-            return Ok(Err((by_id(part.block_id).and_then(|b| b.first_id), format!(
-                "audit.pruned does not hold what retention record {} removed from block {}",
-                p, part.block_id
-            ))));
+            return Ok(Err((
+                by_id(part.block_id).and_then(|b| b.first_id),
+                format!(
+                    "audit.pruned does not hold what retention record {} removed from block {}",
+                    p, part.block_id
+                ),
+            )));
         }
     }
     if let Some(((p, b), _)) = sums.into_iter().next() {
@@ -347,7 +397,10 @@ pub fn legacy() -> Result<std::result::Result<Removed, Bad>> {
     let mut removed = Removed::default();
     Spi::connect(|c| -> Result<()> {
         for r in c.select("SELECT id, row_hash FROM audit.pruned", None, &[])? {
-            removed.pairs.insert(r.get::<i64>(1)?.unwrap_or_default(), r.get::<Vec<u8>>(2)?.unwrap_or_default());
+            removed.pairs.insert(
+                r.get::<i64>(1)?.unwrap_or_default(),
+                r.get::<Vec<u8>>(2)?.unwrap_or_default(),
+            );
         }
         for r in c.select("SELECT block_id FROM audit.pruned_blocks", None, &[])? {
             removed.emptied.insert(r.get::<i64>(1)?.unwrap_or_default(), 0);

@@ -44,7 +44,8 @@ pub fn chain_head() -> Result<(i64, i64, Vec<u8>)> {
 
 /// The sequence's last value: every id handed out so far is <= it.
 fn last_id_handed_out() -> Result<i64> {
-    let (last, called) = Spi::get_two::<i64, bool>("SELECT last_value, is_called FROM audit.log_id_seq")?;
+    let (last, called) =
+        Spi::get_two::<i64, bool>("SELECT last_value, is_called FROM audit.log_id_seq")?;
     Ok(if called.unwrap_or(false) { last.unwrap_or(0) } else { 0 })
 }
 
@@ -54,9 +55,13 @@ fn wait_horizon(ext: pg_sys::Oid) -> Result<i64> {
     for w in writers::holders(ext) {
         // lock_timeout and statement_timeout end the wait with an ERROR, which becomes ours.
         let gave_up = |e: &crate::subxact::Caught| {
-            matches!(e.code, PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE | PgSqlErrorCode::ERRCODE_QUERY_CANCELED)
+            matches!(
+                e.code,
+                PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE | PgSqlErrorCode::ERRCODE_QUERY_CANCELED
+            )
         };
-        crate::subxact::run(|| writers::wait_for(w), gave_up).map_err(|_| AuditError::SealWaitTimedOut)?;
+        crate::subxact::run(|| writers::wait_for(w), gave_up)
+            .map_err(|_| AuditError::SealWaitTimedOut)?;
     }
     Ok(s)
 }
@@ -79,7 +84,9 @@ fn ready_horizon(ext: pg_sys::Oid) -> Result<Option<i64>> {
     } else {
         match (p_id, p_writers) {
             // A candidate can never be above what the sequence has handed out.
-            (Some(pid), Some(pw)) if pid <= s && pw.iter().all(|&w| writers::finished(writers::Writer(w))) => {
+            (Some(pid), Some(pw))
+                if pid <= s && pw.iter().all(|&w| writers::finished(writers::Writer(w))) =>
+            {
                 (Some(pid), Some(s))
             }
             (Some(pid), Some(_)) if pid <= s => (None, None),
@@ -113,8 +120,11 @@ pub fn seal_impl(wait: Wait) -> Result<i64> {
         if wait == Wait::Yes {
             lock_chain()?;
         } else {
-            let got = Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_try_advisory_xact_lock($1)", &[SEAL_LOCK_KEY.into()])?
-                .unwrap_or(false);
+            let got = Spi::get_one_with_args::<bool>(
+                "SELECT pg_catalog.pg_try_advisory_xact_lock($1)",
+                &[SEAL_LOCK_KEY.into()],
+            )?
+            .unwrap_or(false);
             if !got {
                 return Ok(0); // another sealer is at work; it will seal what we would have
             }
@@ -173,7 +183,10 @@ pub fn seal_impl(wait: Wait) -> Result<i64> {
             from = through;
             prev = bh;
         }
-        crate::status::record(crate::status::Run::Seal, Ok(format!("sealed {total} row(s) through id {from}")))?;
+        crate::status::record(
+            crate::status::Run::Seal,
+            Ok(format!("sealed {total} row(s) through id {from}")),
+        )?;
         Ok(total)
     })
 }
@@ -192,8 +205,9 @@ pub enum Kind {
 /// the chain (`lock_chain`, or the sealer's lock) and gives the head's hash as
 /// `prev_hash`; `fields.sealed_at_us` is set here.
 pub fn append_block(kind: Kind, mut fields: BlockFields<'_>) -> Result<Vec<u8>> {
-    let sealed_at = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT pg_catalog.clock_timestamp()")?
-        .ok_or_else(|| AuditError::Internal("clock_timestamp() returned NULL".into()))?;
+    let sealed_at =
+        Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT pg_catalog.clock_timestamp()")?
+            .ok_or_else(|| AuditError::Internal("clock_timestamp() returned NULL".into()))?;
     fields.sealed_at_us = pg_sys::TimestampTz::from(sealed_at) + crate::capture::PG_EPOCH_OFFSET_US;
     let (bh, kind) = match kind {
         Kind::Rows => (hash::block_hash(&fields), "rows"),

@@ -51,12 +51,13 @@ pub struct DigestClaim {
 }
 
 pub fn parse_digest(d: &serde_json::Value) -> Result<DigestClaim> {
-    let obj = d.as_object().ok_or_else(|| AuditError::BadDigest("expected a JSON object from audit.digest()".into()))?;
-    let block_id = obj
-        .get("block_id")
-        .and_then(|v| v.as_i64())
-        .filter(|&b| b > 0)
-        .ok_or_else(|| AuditError::BadDigest("\"block_id\" must be a positive integer".into()))?;
+    let obj = d.as_object().ok_or_else(|| {
+        AuditError::BadDigest("expected a JSON object from audit.digest()".into())
+    })?;
+    let block_id =
+        obj.get("block_id").and_then(|v| v.as_i64()).filter(|&b| b > 0).ok_or_else(|| {
+            AuditError::BadDigest("\"block_id\" must be a positive integer".into())
+        })?;
     let hex_hash = obj
         .get("block_hash")
         .and_then(|v| v.as_str())
@@ -94,7 +95,9 @@ fn load_blocks(current: bool) -> Result<Vec<Block>> {
                 root: r.get(7)?.unwrap_or_default(),
                 prev_hash: r.get(8)?.unwrap_or_default(),
                 block_hash: r.get(9)?.unwrap_or_default(),
-                sealed_us: sealed.map(|s| pg_sys::TimestampTz::from(s) + PG_EPOCH_OFFSET_US).unwrap_or(i64::MIN),
+                sealed_us: sealed
+                    .map(|s| pg_sys::TimestampTz::from(s) + PG_EPOCH_OFFSET_US)
+                    .unwrap_or(i64::MIN),
                 is_prune: r.get::<bool>(11)?.unwrap_or(false),
             });
         }
@@ -108,15 +111,33 @@ fn check_chain(blocks: &[Block]) -> std::result::Result<(), Failure> {
     for (i, b) in blocks.iter().enumerate() {
         let expected_id = i as i64 + 1;
         if b.block_id != expected_id {
-            return Err(Failure(b.first_id, format!("block {expected_id} is missing from the chain")));
+            return Err(Failure(
+                b.first_id,
+                format!("block {expected_id} is missing from the chain"),
+            ));
         }
         if b.prev_hash != prev {
-            return Err(Failure(b.first_id, format!("block {} is not linked to block {}: prev_hash differs", b.block_id, b.block_id - 1)));
+            return Err(Failure(
+                b.first_id,
+                format!(
+                    "block {} is not linked to block {}: prev_hash differs",
+                    b.block_id,
+                    b.block_id - 1
+                ),
+            ));
         }
         // A block of rows covers the ids after the previous block; a retention record covers none.
-        let range_ok = b.from_id == from && if b.is_prune { b.through_id == b.from_id } else { b.through_id > b.from_id };
+        let range_ok = b.from_id == from
+            && if b.is_prune { b.through_id == b.from_id } else { b.through_id > b.from_id };
         if !range_ok {
-            return Err(Failure(b.first_id, format!("block {} does not cover the id range after block {}", b.block_id, b.block_id - 1)));
+            return Err(Failure(
+                b.first_id,
+                format!(
+                    "block {} does not cover the id range after block {}",
+                    b.block_id,
+                    b.block_id - 1
+                ),
+            ));
         }
         let fields = BlockFields {
             block_id: b.block_id,
@@ -129,9 +150,16 @@ fn check_chain(blocks: &[Block]) -> std::result::Result<(), Failure> {
             prev_hash: &b.prev_hash,
             sealed_at_us: b.sealed_us,
         };
-        let recomputed = if b.is_prune { hash::prune_block_hash(&fields) } else { hash::block_hash(&fields) };
+        let recomputed =
+            if b.is_prune { hash::prune_block_hash(&fields) } else { hash::block_hash(&fields) };
         if recomputed.as_slice() != b.block_hash.as_slice() {
-            return Err(Failure(b.first_id, format!("block {} was altered: its block_hash does not match its contents", b.block_id)));
+            return Err(Failure(
+                b.first_id,
+                format!(
+                    "block {} was altered: its block_hash does not match its contents",
+                    b.block_id
+                ),
+            ));
         }
         prev = b.block_hash.clone();
         from = b.through_id;
@@ -157,19 +185,35 @@ impl BlockCheck {
 
 /// Pruned rows with ids in (after, through]. Empty when the range is: BTreeMap::range
 /// panics on a reversed range, and rows on both sides of a pruned stretch make one.
-fn pruned_between(pruned: &BTreeMap<i64, Vec<u8>>, after: i64, through: i64) -> impl Iterator<Item = (&i64, &Vec<u8>)> {
-    let r = if after < through { Some(pruned.range((std::ops::Bound::Excluded(after), std::ops::Bound::Included(through)))) } else { None };
+fn pruned_between(
+    pruned: &BTreeMap<i64, Vec<u8>>,
+    after: i64,
+    through: i64,
+) -> impl Iterator<Item = (&i64, &Vec<u8>)> {
+    let r = if after < through {
+        Some(pruned.range((std::ops::Bound::Excluded(after), std::ops::Bound::Included(through))))
+    } else {
+        None
+    };
     r.into_iter().flatten()
 }
 
-fn finish_block(b: &Block, mut bc: BlockCheck, removed: &Removed, after: i64) -> std::result::Result<(), Failure> {
+fn finish_block(
+    b: &Block,
+    mut bc: BlockCheck,
+    removed: &Removed,
+    after: i64,
+) -> std::result::Result<(), Failure> {
     if removed.emptied.contains_key(&b.block_id) {
         // Retention emptied it (its record checked out): its hash and links are verified,
         // and no row may have come back into its range.
         if bc.root.count() > 0 {
             return Err(Failure(
                 bc.ids_seen_first,
-                format!("block {}: row(s) were inserted into a sealed block that retention emptied", b.block_id),
+                format!(
+                    "block {}: row(s) were inserted into a sealed block that retention emptied",
+                    b.block_id
+                ),
             ));
         }
         return Ok(());
@@ -183,13 +227,21 @@ fn finish_block(b: &Block, mut bc: BlockCheck, removed: &Removed, after: i64) ->
     if count < b.row_count {
         return Err(Failure(
             b.first_id,
-            format!("block {}: {} sealed row(s) were deleted (and not by retention)", b.block_id, b.row_count - count),
+            format!(
+                "block {}: {} sealed row(s) were deleted (and not by retention)",
+                b.block_id,
+                b.row_count - count
+            ),
         ));
     }
     if count > b.row_count {
         return Err(Failure(
             first_seen,
-            format!("block {}: {} row(s) were inserted into its sealed id range", b.block_id, count - b.row_count),
+            format!(
+                "block {}: {} row(s) were inserted into its sealed id range",
+                b.block_id,
+                count - b.row_count
+            ),
         ));
     }
     if root.as_slice() != b.root.as_slice() {
@@ -242,7 +294,11 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                 first_id: b.first_id,
             })
             .collect();
-        let checked = if current { prune::check(&chain, claim.as_ref().map(|c| c.block_id))? } else { prune::legacy()? };
+        let checked = if current {
+            prune::check(&chain, claim.as_ref().map(|c| c.block_id))?
+        } else {
+            prune::legacy()?
+        };
         let removed = match checked {
             Ok(r) => r,
             Err((id, why)) => return fail(report, Failure(id, why)),
@@ -275,17 +331,26 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                 let id = int8(v, n, 0);
                 let stored = or_empty(v, n, 1);
                 if prev_id == Some(id) {
-                    failure = Some(Failure(Some(id), format!("row id {id} appears more than once")));
+                    failure =
+                        Some(Failure(Some(id), format!("row id {id} appears more than once")));
                     return Ok(ControlFlow::Break(()));
                 }
                 prev_id = Some(id);
                 if bad.contains(id, stored) {
-                    failure = Some(Failure(Some(id), format!("row {id} was altered: its contents do not match its row_hash")));
+                    failure = Some(Failure(
+                        Some(id),
+                        format!("row {id} was altered: its contents do not match its row_hash"),
+                    ));
                     return Ok(ControlFlow::Break(()));
                 }
                 report.rows += 1;
                 while bi < blocks.len() && id > blocks[bi].through_id {
-                    if let Err(e) = finish_block(blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &removed, last_pushed) {
+                    if let Err(e) = finish_block(
+                        blocks[bi],
+                        std::mem::replace(&mut bc, BlockCheck::new()),
+                        &removed,
+                        last_pushed,
+                    ) {
                         failure = Some(e);
                         return Ok(ControlFlow::Break(()));
                     }
@@ -301,7 +366,10 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                 } else if bi >= blocks.len() {
                     unsealed += 1;
                 } else {
-                    failure = Some(Failure(Some(id), format!("row {id} lies outside every sealed block's range")));
+                    failure = Some(Failure(
+                        Some(id),
+                        format!("row {id} lies outside every sealed block's range"),
+                    ));
                     return Ok(ControlFlow::Break(()));
                 }
                 Ok(ControlFlow::Continue(()))
@@ -310,7 +378,12 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                 return Ok(Err(f));
             }
             while bi < blocks.len() {
-                if let Err(e) = finish_block(blocks[bi], std::mem::replace(&mut bc, BlockCheck::new()), &removed, last_pushed) {
+                if let Err(e) = finish_block(
+                    blocks[bi],
+                    std::mem::replace(&mut bc, BlockCheck::new()),
+                    &removed,
+                    last_pushed,
+                ) {
                     return Ok(Err(e));
                 }
                 last_pushed = blocks[bi].through_id;
@@ -340,7 +413,8 @@ const FETCH: i64 = 1_000;
 
 /// Pass 1: every column, in the table's own column order (then the scan hands each
 /// stored tuple over as it is, with no projection), in any row order.
-const ROWS_SQL: &CStr = c"SELECT id, changed_at, txid, schema_name, table_name, operation, row_id, old_row_id,
+const ROWS_SQL: &CStr =
+    c"SELECT id, changed_at, txid, schema_name, table_name, operation, row_id, old_row_id,
         old_values, new_values, changed_fields, changed_by, db_user, session_info, row_hash
    FROM audit.log";
 /// Pass 2: the walk in id order needs only these, so the sort stays narrow.
@@ -379,9 +453,20 @@ impl RawCursor {
         // SAFETY: SPI is connected (callers run inside Spi::connect); a query without
         // parameters; read-only, so it runs on the active snapshot. Failures raise an ERROR.
         let portal = unsafe {
-            pg_sys::SPI_cursor_open_with_args(ptr::null(), sql.as_ptr(), 0, ptr::null_mut(), ptr::null_mut(), ptr::null(), true, 0)
+            pg_sys::SPI_cursor_open_with_args(
+                ptr::null(),
+                sql.as_ptr(),
+                0,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                ptr::null(),
+                true,
+                0,
+            )
         };
-        NonNull::new(portal).map(RawCursor).ok_or_else(|| AuditError::Internal("could not open a cursor on audit.log".into()))
+        NonNull::new(portal)
+            .map(RawCursor)
+            .ok_or_else(|| AuditError::Internal("could not open a cursor on audit.log".into()))
     }
 
     /// Calls `f` with each row's columns (datums and null flags), until the rows run
@@ -448,12 +533,17 @@ impl Batch {
         let ok = unsafe {
             let desc = (*self.table).tupdesc;
             (*desc).natts as usize == types.len()
-                && types.iter().enumerate().all(|(i, t)| pg_sys::SPI_gettypeid(desc, i as i32 + 1) == *t)
+                && types
+                    .iter()
+                    .enumerate()
+                    .all(|(i, t)| pg_sys::SPI_gettypeid(desc, i as i32 + 1) == *t)
         };
         if ok {
             Ok(())
         } else {
-            Err(AuditError::Internal("audit.log does not have the columns audit.verify expects".into()))
+            Err(AuditError::Internal(
+                "audit.log does not have the columns audit.verify expects".into(),
+            ))
         }
     }
 
@@ -462,7 +552,12 @@ impl Batch {
         // SAFETY: i < len rows in the table; values and nulls hold natts entries (check_types).
         unsafe {
             let t = *(*self.table).vals.add(i);
-            pg_sys::heap_deform_tuple(t, (*self.table).tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::heap_deform_tuple(
+                t,
+                (*self.table).tupdesc,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
         }
     }
 }
@@ -511,13 +606,21 @@ impl JsonbText {
     /// Call outside RawCursor::for_each: the StringInfos live in the current (SPI) memory context.
     fn new_set() -> [JsonbText; 3] {
         // SAFETY: makeStringInfo pallocs in CurrentMemoryContext or raises.
-        std::array::from_fn(|_| JsonbText { buf: Vec::new(), pg: unsafe { pg_sys::makeStringInfo() } })
+        std::array::from_fn(|_| JsonbText {
+            buf: Vec::new(),
+            pg: unsafe { pg_sys::makeStringInfo() },
+        })
     }
 
     /// The text of jsonb column `i` (None when NULL): the very bytes `::text` gives
     /// (jsonb_out, that is JsonbToCString), written by jsonb_text::write, or by
     /// JsonbToCString itself for anything write does not handle.
-    fn of<'a>(&'a mut self, v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Result<Option<&'a [u8]>> {
+    fn of<'a>(
+        &'a mut self,
+        v: &'a [pg_sys::Datum],
+        n: &[bool],
+        i: usize,
+    ) -> Result<Option<&'a [u8]>> {
         if n[i] {
             return Ok(None);
         }
@@ -530,7 +633,10 @@ impl JsonbText {
                 p = pg_sys::pg_detoast_datum(p);
             }
             let size = varlena::varsize_4b(p);
-            (p.cast::<pg_sys::Jsonb>(), std::slice::from_raw_parts(p.cast::<u8>().add(4), size.saturating_sub(4)))
+            (
+                p.cast::<pg_sys::Jsonb>(),
+                std::slice::from_raw_parts(p.cast::<u8>().add(4), size.saturating_sub(4)),
+            )
         };
         self.buf.clear();
         if jsonb_text::write(&mut self.buf, root).is_none() {
@@ -609,7 +715,16 @@ fn text_array<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Option<Vec<Op
     // deconstruct_array allocates its outputs in the batch context.
     unsafe {
         let arr = pg_sys::pg_detoast_datum(v[i].cast_mut_ptr()).cast::<pg_sys::ArrayType>();
-        pg_sys::deconstruct_array(arr, pg_sys::TEXTOID, -1, false, pg_sys::TYPALIGN_INT as c_char, &mut elems, &mut enulls, &mut count);
+        pg_sys::deconstruct_array(
+            arr,
+            pg_sys::TEXTOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as c_char,
+            &mut elems,
+            &mut enulls,
+            &mut count,
+        );
     }
     (0..count.max(0) as usize)
         .map(|k| {
@@ -622,7 +737,11 @@ fn text_array<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Option<Vec<Op
 }
 
 /// One ROWS_SQL row as the row hash sees it (its fields in hash order, old_row_id last).
-fn row_fields<'a>(v: &'a [pg_sys::Datum], n: &'a [bool], t: &'a mut [JsonbText; 3]) -> Result<RowFields<'a>> {
+fn row_fields<'a>(
+    v: &'a [pg_sys::Datum],
+    n: &'a [bool],
+    t: &'a mut [JsonbText; 3],
+) -> Result<RowFields<'a>> {
     let [old, new, si] = t;
     Ok(RowFields {
         id: int8(v, n, 0),
@@ -668,21 +787,45 @@ mod tests {
     fn jsonb(text: &str) -> pg_sys::Datum {
         let c = std::ffi::CString::new(text).unwrap();
         // SAFETY: jsonb_in of a C string; the result is a palloc'd jsonb or an ERROR.
-        unsafe { pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(c.as_ptr()))]) }.unwrap()
+        unsafe {
+            pgrx::direct_function_call_as_datum(
+                pg_sys::jsonb_in,
+                &[Some(pg_sys::Datum::from(c.as_ptr()))],
+            )
+        }
+        .unwrap()
     }
 
     #[pg_test]
     fn jsonb_text_matches_jsonb_out() {
-        let many_keys = format!("{{{}}}", (0..100).map(|i| format!("\"k{i:03}\": {i}.{i}")).collect::<Vec<_>>().join(", "));
-        let many_elems = format!("[{}]", (0..100).map(|i| format!("\"e{i}\\n\"")).collect::<Vec<_>>().join(", "));
+        let many_keys = format!(
+            "{{{}}}",
+            (0..100).map(|i| format!("\"k{i:03}\": {i}.{i}")).collect::<Vec<_>>().join(", ")
+        );
+        let many_elems = format!(
+            "[{}]",
+            (0..100).map(|i| format!("\"e{i}\\n\"")).collect::<Vec<_>>().join(", ")
+        );
         let long_string = format!("\"{}\"", "ab\\\"c\\\\d\\u0001é😀 ".repeat(2000));
         let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
         // Numbers of every header form (short and long, negative weights, scales
         // past a digit group), which the writer formats itself.
         let mut seed = 0x9e37_79b9_u64;
-        let mut numbers: Vec<String> = ["1e300", "-1e-100", "1.5e-70", "123.456e200", "0.0001", "-0.00010", "10000", "9999.9999",
-            "100000000.000000001", "0.10000000000000000000000000000000000000000000000000000000000000000001"]
-            .iter().map(|s| s.to_string()).collect();
+        let mut numbers: Vec<String> = [
+            "1e300",
+            "-1e-100",
+            "1.5e-70",
+            "123.456e200",
+            "0.0001",
+            "-0.00010",
+            "10000",
+            "9999.9999",
+            "100000000.000000001",
+            "0.10000000000000000000000000000000000000000000000000000000000000000001",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         for _ in 0..2000 {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let mantissa = (seed >> 20) % 10_u64.pow(1 + (seed % 15) as u32);
@@ -721,14 +864,21 @@ mod tests {
             // SAFETY: d is a freshly made, plain (4-byte header) jsonb.
             let (jb, root) = unsafe {
                 let p = d.cast_mut_ptr::<pg_sys::varlena>();
-                (p.cast::<pg_sys::Jsonb>(), std::slice::from_raw_parts(p.cast::<u8>().add(4), varlena::varsize_4b(p) - 4))
+                (
+                    p.cast::<pg_sys::Jsonb>(),
+                    std::slice::from_raw_parts(p.cast::<u8>().add(4), varlena::varsize_4b(p) - 4),
+                )
             };
             let expected = pg_text(t.pg, jb).to_vec();
             let mut ours = Vec::new();
             let handled = jsonb_text::write(&mut ours, root).is_some();
             assert_eq!(handled, case != deep, "{case}");
             if handled {
-                assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&expected), "{case}");
+                assert_eq!(
+                    String::from_utf8_lossy(&ours),
+                    String::from_utf8_lossy(&expected),
+                    "{case}"
+                );
             }
             // And through the column decoder, which falls back to PostgreSQL where needed.
             let got = t.of(&[d], &[false], 0).unwrap().unwrap().to_vec();

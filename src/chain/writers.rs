@@ -82,7 +82,11 @@ pub fn holders(ext: Oid) -> Vec<Writer> {
     // SAFETY: GetLockConflicts returns a palloc'd array of `count` valid entries and
     // leaves out the caller's own locks; we copy them out before returning.
     unsafe {
-        let arr = pg_sys::GetLockConflicts(&t, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE, &mut count);
+        let arr = pg_sys::GetLockConflicts(
+            &t,
+            pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+            &mut count,
+        );
         let mut v = Vec::with_capacity(count.max(0) as usize);
         for i in 0..count.max(0) as usize {
             v.push(pack(*arr.add(i)));

@@ -144,7 +144,18 @@ impl Cluster {
             .pg_command(cluster.bindir.join("pg_basebackup"))
             .arg("-h")
             .arg(&primary.sock)
-            .args(["-p", &primary.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "--checkpoint=fast", "--no-sync", "-D"])
+            .args([
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+                "-D",
+            ])
             .arg(&cluster.data)
             .output()
             .expect("run pg_basebackup");
@@ -308,16 +319,19 @@ impl Cluster {
     /// `CREATE DATABASE name`.
     pub fn create_db(&self, name: &str) {
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-        self.connect("postgres")
-            .batch_execute(&sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.connect("postgres").batch_execute(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     /// A client program of this server's version (pg_dump, pg_restore, psql, ...),
     /// already pointed at the cluster as `postgres`; add the rest of the arguments.
     pub fn client(&self, program: &str) -> Command {
         let mut cmd = self.pg_command(self.bindir.join(program));
-        cmd.arg("-h").arg(&self.sock).arg("-p").arg(self.port.to_string()).arg("-U").arg("postgres");
+        cmd.arg("-h")
+            .arg(&self.sock)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-U")
+            .arg("postgres");
         cmd
     }
 
@@ -337,9 +351,7 @@ impl Cluster {
 
     /// The whole server log so far (across restarts).
     pub fn log_contents(&self) -> String {
-        fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// Panics if a backend crashed or the server PANICked.
@@ -349,7 +361,11 @@ impl Cluster {
             .lines()
             .filter(|l| l.contains("terminated by signal") || l.contains("PANIC"))
             .collect();
-        assert!(bad.is_empty(), "server crash in the log:\n{}\n--- server log ---\n{log}", bad.join("\n"));
+        assert!(
+            bad.is_empty(),
+            "server crash in the log:\n{}\n--- server log ---\n{log}",
+            bad.join("\n")
+        );
     }
 }
 
