@@ -1,6 +1,7 @@
 //! Real connections: writers never wait on each other for the audit log, and a
 //! sealer running beside writers (with late commits and rollbacks) seals every
 //! committed row exactly once.
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use std::sync::{Arc, Barrier};

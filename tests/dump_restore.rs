@@ -1,6 +1,7 @@
 //! pg_dump and pg_restore carry the whole audit trail: every partition (also
 //! those made after CREATE EXTENSION), every row with its hash, the blocks and
 //! the redaction secret. Verify passes on the copy, and tracking goes on there.
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use std::io::Write;

@@ -4,6 +4,7 @@
 //! checks the same bytes: no false alarm, and tampering is still found.
 //! (Identifiers and function arguments must be ASCII there: README, "Database
 //! encodings".)
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use common::{Cluster, ClusterOpts};

@@ -1,5 +1,6 @@
 //! Exact history and writes that never fail: undo against concurrent later
 //! changes (two real sessions), for UPDATE and for DELETE.
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use std::thread;

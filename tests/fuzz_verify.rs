@@ -2,6 +2,7 @@
 //! random single edits of one row or one block, each made as a superuser and
 //! undone again. Every edit must be detected; the undone state must verify ok.
 //! Seed: AUDIT_EXT_FUZZ_SEED (printed on failure); trials: AUDIT_EXT_FUZZ_TRIALS.
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use common::{Cluster, ClusterOpts, Rng};

@@ -5,6 +5,7 @@
 //!   load, verify is ok, the log matches the tables, and the worker is back.
 //!
 //! Duration: AUDIT_EXT_LOAD_SECS (default 8; the long mode is 60).
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use std::collections::HashMap;

@@ -1,4 +1,5 @@
 //! Smoke test: the extension installs and reports the crate's version.
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use common::{Cluster, ClusterOpts};

@@ -2,6 +2,7 @@
 //! functions (verify, digest, state_at, table_at, history, version) work there,
 //! the writing ones refuse with 25006, and the background worker stays out of
 //! recovery. On the primary, reading functions take no transaction id.
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use std::time::{Duration, Instant};

@@ -3,6 +3,7 @@
 //! records and every tampering of the bookkeeping, and a seal() that keeps its
 //! word (it waits for writers, only for writers, and seals a transaction's own
 //! rows, also with pg_cron).
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use std::thread;

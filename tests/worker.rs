@@ -3,6 +3,7 @@
 //! pg_terminate_backend, survives a database being dropped, and picks up a
 //! database created while it runs. Without preload, CREATE EXTENSION says
 //! maintenance must be scheduled, and the manual calls do the same work.
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
 use std::thread::sleep;
