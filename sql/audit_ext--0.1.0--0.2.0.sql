@@ -209,3 +209,18 @@ BEGIN
     END IF;
   END LOOP;
 END $$;
+
+-- The redaction key is write-once: markers already in the log are comparable
+-- only with markers made by the same key (src/secret.rs says when it changes).
+CREATE FUNCTION audit._guard_secret() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RAISE EXCEPTION 'audit.secret is write-once: the redaction key cannot be changed or removed'
+    USING ERRCODE = 'insufficient_privilege',
+          HINT = 'Redaction markers already in audit.log were made with this key.';
+END $$;
+CREATE TRIGGER audit_guard_secret BEFORE UPDATE OR DELETE ON audit.secret
+  FOR EACH ROW EXECUTE FUNCTION audit._guard_secret();
+CREATE TRIGGER audit_guard_secret_truncate BEFORE TRUNCATE ON audit.secret
+  FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_secret();
+REVOKE ALL ON FUNCTION audit._guard_secret() FROM PUBLIC;

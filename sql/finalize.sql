@@ -111,6 +111,20 @@ CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.log FOR EACH STATEM
 CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.log_default FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
 CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.blocks FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
 
+-- The redaction key is write-once: markers already in the log are comparable
+-- only with markers made by the same key (src/secret.rs says when it changes).
+CREATE FUNCTION audit._guard_secret() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RAISE EXCEPTION 'audit.secret is write-once: the redaction key cannot be changed or removed'
+    USING ERRCODE = 'insufficient_privilege',
+          HINT = 'Redaction markers already in audit.log were made with this key.';
+END $$;
+CREATE TRIGGER audit_guard_secret BEFORE UPDATE OR DELETE ON audit.secret
+  FOR EACH ROW EXECUTE FUNCTION audit._guard_secret();
+CREATE TRIGGER audit_guard_secret_truncate BEFORE TRUNCATE ON audit.secret
+  FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_secret();
+
 -- The first partitions. They are not members of the extension, so pg_dump
 -- carries them (and their rows) like the ones maintain() makes later. A restore
 -- brings its own: pg_dump's scripts and pg_restore run SET row_security = off

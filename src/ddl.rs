@@ -7,18 +7,20 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::json;
 
-use crate::capture::{self, actor, cache};
+use crate::capture::actor;
+use crate::chain::append::append_row;
 use crate::errors::{AuditError, OrRaise, Result};
+use crate::log::Row;
 use crate::settings;
 
 /// Writes one 'DDL' audit row for `schema.table`.
 pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &str) -> Result<()> {
     let info = actor::current_for_ddl()?;
-    let ext = cache::ext_state()?;
+    let ext = crate::ext::ext_state()?;
     let new =
         JsonB(json!({"command_tag": tag, "object_identity": identity, "statement": statement}));
     let datum = new.into_datum().ok_or_else(|| AuditError::Internal("jsonb conversion".into()))?;
-    let row = capture::Row {
+    let row = Row {
         schema: schema.as_bytes(),
         table: table.as_bytes(),
         operation: "DDL",
@@ -29,7 +31,7 @@ pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &
         changed: None,
     };
     // SAFETY: new_values was just built as jsonb.
-    unsafe { capture::write_row(&ext, &info, row) }
+    unsafe { append_row(&ext, &info.actor(), row) }
 }
 
 #[pg_extern(volatile, parallel_unsafe, name = "_record_ddl")]
@@ -101,13 +103,16 @@ pub unsafe extern "C-unwind" fn audit_on_drop_start(
         if ours {
             check("extension audit_ext").or_raise();
             // The drop goes ahead: let go of audit.log, or it is "in use" by this session.
-            crate::capture::sink::release();
+            crate::log::sink::release();
         }
     }
     pg_sys::Datum::from(0)
 }
 
 /// The object kind and plain names of a DROP statement, if that is what fired us.
+///
+/// # Safety
+/// `fcinfo` must be the call info PostgreSQL passed to this event trigger call.
 unsafe fn dropped_names(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> Option<(pg_sys::ObjectType::Type, Vec<String>)> {

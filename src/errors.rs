@@ -39,8 +39,6 @@ pub enum AuditError {
     UndoConflict(String),
     #[error("no audit rows for transaction {0}")]
     UndoNothing(i64),
-    #[error("invalid value for {setting}: {why}")]
-    InvalidSetting { setting: &'static str, why: String },
     #[error("nothing is sealed yet: run audit.seal() first")]
     NothingSealed,
     #[error("audit.seal() gave up waiting for a transaction that holds unsealed audit ids (lock_timeout or statement_timeout)")]
@@ -75,7 +73,6 @@ impl AuditError {
             AuditError::UndoRefused(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::UndoConflict(_) => ERRCODE_T_R_SERIALIZATION_FAILURE,
             AuditError::UndoNothing(_) => ERRCODE_NO_DATA_FOUND,
-            AuditError::InvalidSetting { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             AuditError::NotInstalled => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::NothingSealed => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::SealWaitTimedOut => ERRCODE_LOCK_NOT_AVAILABLE,

@@ -1,23 +1,31 @@
 //! audit_ext: a tamper-evident, queryable, partitioned history of table changes.
 //! Each concern lives in its own module; this file only wires them together.
+//! CONTRIBUTING.md has the module map.
+#![deny(unsafe_op_in_unsafe_fn)]
 
 use pgrx::prelude::*;
 
-pub mod capture;
-pub mod chain;
-pub mod ddl;
-pub mod errors;
-pub mod partitions;
-pub mod privilege;
-pub mod query;
-pub mod quote;
-pub mod settings;
-pub mod status;
-pub mod subxact;
-pub mod time_travel;
-pub mod tracking;
-pub mod version;
-pub mod worker;
+mod capture;
+mod chain;
+mod datum;
+mod ddl;
+mod errors;
+mod ext;
+mod log;
+mod partitions;
+mod privilege;
+mod query;
+mod quote;
+mod row_key;
+mod secret;
+mod settings;
+mod status;
+mod subxact;
+mod time_travel;
+mod tracking;
+mod undo;
+mod version;
+mod worker;
 
 ::pgrx::pg_module_magic!();
 

@@ -181,7 +181,7 @@ pub fn maintain_impl(as_of: Option<TimestampWithTimeZone>) -> Result<Value> {
     let premake = settings::PREMAKE.get();
     // This transaction's audit rows may hold the current partition open; moving or
     // dropping partitions needs it closed.
-    crate::capture::sink::release();
+    crate::log::sink::release();
     // Like a function's SET clause: lock_timeout and allow_drop set below end with this call.
     // SAFETY: a GUC nest level, closed right after; on ERROR, abort unwinds it.
     let level = unsafe { pg_sys::NewGUCNestLevel() };

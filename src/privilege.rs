@@ -115,18 +115,10 @@ impl Drop for AsOwner {
     }
 }
 
-/// The extension owner's oid (pg_extension is readable by everyone).
-pub fn extension_owner() -> Result<Oid> {
-    crate::query::one::<Oid>(
-        "SELECT (SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'audit_ext')",
-    )?
-    .ok_or(AuditError::NotInstalled)
-}
-
 /// Runs `f` as the extension owner. `f` must only touch audit_ext's own objects.
 pub fn as_extension_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     // Not security-restricted: maintenance creates and detaches partitions.
-    let owner = crate::capture::cache::ext_state()?.owner;
+    let owner = crate::ext::ext_state()?.owner;
     let _owner = AsOwner::switch(owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32, true);
     f()
 }

@@ -6,9 +6,6 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 
-pub const DEFAULT_CONTEXT_SETTINGS: &str =
-    "app.current_user, app.actor_type, app.actor_email, app.current_migration, app.request_id";
-
 pub static REQUIRE_ACTOR: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static ALLOW_DROP: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static CONTEXT_SETTINGS: GucSetting<Option<CString>> =
@@ -105,7 +102,7 @@ pub fn init() {
         c"",
         &PREMAKE,
         0,
-        1000,
+        MAX_PREMAKE,
         GucContext::Suset,
         GucFlags::default(),
     );
@@ -194,10 +191,14 @@ pub fn parse_interval_secs(s: &str) -> Result<i64, String> {
 /// # Safety
 /// Called by PostgreSQL's GUC machinery with a valid (possibly NULL) string.
 unsafe fn new_value<'a>(newval: *mut *mut c_char) -> &'a str {
-    if newval.is_null() || (*newval).is_null() {
-        return "";
+    // SAFETY: newval is null or points to a (possibly null) C string the GUC
+    // machinery keeps alive for the check hook's call.
+    unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return "";
+        }
+        CStr::from_ptr(*newval).to_str().unwrap_or("\u{FFFD}")
     }
-    CStr::from_ptr(*newval).to_str().unwrap_or("\u{FFFD}")
 }
 
 fn check_fail(msg: String) -> bool {
@@ -213,6 +214,7 @@ fn check_fail(msg: String) -> bool {
 /// (at most 1000) partitions of 100 years stays far inside timestamptz's range
 /// (year 294276), and so does now minus 1000 years (4713 BC is its start).
 /// Wider values are refused when set, instead of failing maintenance later.
+const MAX_PREMAKE: i32 = 1000;
 const YEAR_SECS: i64 = 365 * 86_400 + 86_400 / 4;
 const MAX_PARTITION_INTERVAL_SECS: i64 = 100 * YEAR_SECS;
 const MAX_RETENTION_SECS: i64 = 1000 * YEAR_SECS;
@@ -223,7 +225,9 @@ unsafe extern "C-unwind" fn check_partition_interval(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    match parse_interval_secs(new_value(newval)) {
+    // SAFETY: the GUC machinery's own pointer, as new_value requires.
+    let value = unsafe { new_value(newval) };
+    match parse_interval_secs(value) {
         Ok(secs) if (3600..=MAX_PARTITION_INTERVAL_SECS).contains(&secs) => true,
         Ok(secs) if secs < 3600 => {
             check_fail("audit.partition_interval must be at least 1 hour.".into())
@@ -239,7 +243,8 @@ unsafe extern "C-unwind" fn check_retention(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    let v = new_value(newval);
+    // SAFETY: the GUC machinery's own pointer, as new_value requires.
+    let v = unsafe { new_value(newval) };
     if v.trim().is_empty() {
         return true;
     }
@@ -258,7 +263,9 @@ unsafe extern "C-unwind" fn check_retention_mode(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    match new_value(newval).trim().to_ascii_lowercase().as_str() {
+    // SAFETY: the GUC machinery's own pointer, as new_value requires.
+    let value = unsafe { new_value(newval) };
+    match value.trim().to_ascii_lowercase().as_str() {
         "drop" | "detach" => true,
         _ => check_fail("audit.retention_mode must be \"drop\" or \"detach\".".into()),
     }
@@ -274,7 +281,9 @@ unsafe extern "C-unwind" fn check_context_settings(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    for name in split_list(new_value(newval)) {
+    // SAFETY: the GUC machinery's own pointer, as new_value requires.
+    let value = unsafe { new_value(newval) };
+    for name in split_list(value) {
         if !valid_setting_name(&name) {
             return check_fail(format!("\"{name}\" is not a valid setting name."));
         }
@@ -288,8 +297,10 @@ unsafe extern "C-unwind" fn check_databases(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    for name in split_list(new_value(newval)) {
-        if name.len() >= 64 {
+    // SAFETY: the GUC machinery's own pointer, as new_value requires.
+    let value = unsafe { new_value(newval) };
+    for name in split_list(value) {
+        if name.len() >= pg_sys::NAMEDATALEN as usize {
             return check_fail(format!("\"{name}\" is too long for a database name."));
         }
     }

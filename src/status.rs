@@ -46,6 +46,7 @@ pub fn record(run: Run, outcome: std::result::Result<String, String>) -> Result<
 }
 
 /// The last maintenance and sealing runs and what is waiting to be sealed.
+#[allow(clippy::type_complexity)] // the result's columns, as pgrx spells them
 #[pg_extern(stable, parallel_safe)]
 fn status() -> TableIterator<
     'static,

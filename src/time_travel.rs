@@ -1,4 +1,5 @@
-//! Time travel: audit.state_at, audit.table_at, audit.history and audit.undo.
+//! Time travel: audit.state_at, audit.table_at and audit.history (and the
+//! table addressing that audit.undo shares).
 //!
 //! The state of a row at time `at` is read from the first change after `at`
 //! (one index probe): INSERT means it did not exist, UPDATE means
@@ -59,20 +60,20 @@ fn select_kept<'c>(
 }
 
 /// What we need to know about a tracked table to address its rows.
-struct Table {
-    qname: String,
+pub(crate) struct Table {
+    pub(crate) qname: String,
     /// (column, SQL type) of the row key, in key order.
     key: Vec<(String, String)>,
     /// (schema, table, since) of every name it has had, oldest first; `since` is an
     /// ISO 8601 UTC timestamp, or None for "as far back as the log goes".
     names: Vec<(String, String, Option<String>)>,
-    exclude: Vec<String>,
-    redact: Vec<String>,
+    pub(crate) exclude: Vec<String>,
+    pub(crate) redact: Vec<String>,
     earliest: TimestampWithTimeZone,
 }
 
 impl Table {
-    fn load(rel: &PgRelation) -> Result<Table> {
+    pub(crate) fn load(rel: &PgRelation) -> Result<Table> {
         let relid = rel.oid();
         let qname = format!("{}.{}", quote_ident(rel.namespace()), quote_ident(rel.name()));
         require_select(relid, &qname)?;
@@ -118,37 +119,18 @@ impl Table {
             // Renamed while audit_ext could not see it (event triggers off): the current name too.
             names.push((current.0, current.1, None));
         }
-        let key = Spi::connect(|c| -> Result<Vec<(String, String)>> {
-            // The primary key, else the replica identity index: the same key the trigger uses.
-            let rows = select_kept(
-                c,
-                "WITH idx AS (
-                    SELECT i.indkey, i.indnkeyatts FROM pg_catalog.pg_index i
-                     WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND (i.indisprimary OR i.indisreplident)
-                     ORDER BY i.indisprimary DESC LIMIT 1)
-                 SELECT a.attname::pg_catalog.text, pg_catalog.format_type(a.atttypid, a.atttypmod)
-                   FROM idx, pg_catalog.generate_subscripts(idx.indkey, 1) AS s(n)
-                   JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) $1
-                  WHERE a.attnum OPERATOR(pg_catalog.=) idx.indkey[s.n] AND s.n OPERATOR(pg_catalog.<) idx.indnkeyatts
-                  ORDER BY s.n",
-                &[relid.into()],
-            )?;
-            let mut v = Vec::new();
-            for r in rows {
-                v.push((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?.unwrap_or_default(),
-                ));
-            }
-            Ok(v)
-        })?;
+        // SAFETY: rel is open.
+        let key = unsafe { crate::row_key::columns(rel.as_ptr()) }
+            .into_iter()
+            .map(|k| (k.name.to_string_lossy().into_owned(), k.sql_type()))
+            .collect();
         Ok(Table { qname, key, names, exclude, redact, earliest })
     }
 
     /// SQL predicate on audit.log selecting this table's rows: under each name it
     /// had, for the time it had it (bounds inclusive: a row has one name, and a
     /// rename's own transaction has one timestamp).
-    fn log_filter(&self) -> String {
+    pub(crate) fn log_filter(&self) -> String {
         let parts: Vec<String> = self
             .names
             .iter()
@@ -172,7 +154,7 @@ impl Table {
         format!("({})", parts.join(" OR "))
     }
 
-    fn need_key(&self) -> Result<()> {
+    pub(crate) fn need_key(&self) -> Result<()> {
         if self.key.is_empty() {
             return Err(AuditError::NotTrackable {
                 table: self.qname.clone(),
@@ -193,7 +175,7 @@ impl Table {
     }
 
     /// SQL predicate matching the row whose row_id is the text parameter `$n`, on alias `t`.
-    fn key_predicate(&self, n: usize) -> String {
+    pub(crate) fn key_predicate(&self, n: usize) -> String {
         if self.key.len() == 1 {
             let (col, ty) = &self.key[0];
             return format!(
@@ -268,7 +250,7 @@ impl Table {
         let key = if self.redact.is_empty() {
             None
         } else {
-            Some(crate::capture::secret(crate::capture::cache::ext_state()?.owner)?)
+            Some(crate::secret::key(&crate::ext::ext_state()?)?)
         };
         let q = format!("SELECT {} FROM {} t {where_}", self.live_select(), self.qname);
         Spi::connect(|c| -> Result<Vec<(String, Value)>> {
@@ -538,6 +520,7 @@ fn history_impl(rel: Option<PgRelation>, row_id: Option<String>) -> Result<Vec<H
     })
 }
 
+#[allow(clippy::type_complexity)] // the result's columns, as pgrx spells them
 #[pg_extern(stable, parallel_safe)]
 fn history(
     tbl: Option<PgRelation>,
@@ -557,273 +540,4 @@ fn history(
     ),
 > {
     TableIterator::new(history_impl(tbl, row_id).or_raise())
-}
-
-struct UndoStep {
-    id: i64,
-    schema: String,
-    table: String,
-    op: String,
-    row_id: Option<String>,
-    old: Option<Value>,
-}
-
-fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
-    crate::query::refuse_during_recovery(c"audit.undo()");
-    let txid = txid.ok_or(AuditError::NullArgument("txid"))?;
-    let force = force.unwrap_or(false);
-    let steps: Vec<UndoStep> = as_extension_owner(|| {
-        Spi::connect(|c| -> Result<Vec<UndoStep>> {
-            let rows = c.select(
-                "SELECT id, schema_name, table_name, operation, row_id, old_values FROM audit.log
-                  WHERE txid OPERATOR(pg_catalog.=) $1 AND operation OPERATOR(pg_catalog.<>) 'DDL'
-                  ORDER BY id DESC",
-                None,
-                &[txid.into()],
-            )?;
-            let mut v = Vec::new();
-            for r in rows {
-                v.push(UndoStep {
-                    id: r.get::<i64>(1)?.unwrap_or_default(),
-                    schema: r.get::<String>(2)?.unwrap_or_default(),
-                    table: r.get::<String>(3)?.unwrap_or_default(),
-                    op: r.get::<String>(4)?.unwrap_or_default(),
-                    row_id: r.get::<String>(5)?,
-                    old: r.get::<JsonB>(6)?.map(|j| j.0),
-                });
-            }
-            Ok(v)
-        })
-    })?;
-    if steps.is_empty() {
-        return Err(AuditError::UndoNothing(txid));
-    }
-
-    // Validate everything before changing anything: a refused undo changes nothing.
-    let mut tables: std::collections::HashMap<(String, String), (Table, Vec<ColInfo>)> =
-        Default::default();
-    for s in &steps {
-        let q = format!("{}.{}", quote_ident(&s.schema), quote_ident(&s.table));
-        if s.op == "TRUNCATE" {
-            return Err(AuditError::UndoRefused(format!(
-                "transaction {txid} truncated {q}; TRUNCATE does not log the rows it removed, so it cannot be undone"
-            )));
-        }
-        if !tables.contains_key(&(s.schema.clone(), s.table.clone())) {
-            // The table that had this name when the row was logged (it may have been
-            // renamed since), else whatever has the name now.
-            let known = as_extension_owner(|| {
-                Ok(Spi::get_one_with_args::<pg_sys::Oid>(
-                    "SELECT (SELECT relid::pg_catalog.oid FROM audit.table_names
-                              WHERE schema_name OPERATOR(pg_catalog.=) $1 AND table_name OPERATOR(pg_catalog.=) $2
-                              ORDER BY valid_from DESC LIMIT 1)",
-                    &[s.schema.clone().into(), s.table.clone().into()],
-                )?)
-            })?;
-            let oid = match known {
-                Some(o) => Some(o),
-                None => Spi::get_one_with_args::<pg_sys::Oid>(
-                    "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
-                    &[q.clone().into()],
-                )?,
-            }
-            .ok_or_else(|| AuditError::UndoRefused(format!("table {q} no longer exists")))?;
-            // SAFETY: the oid was just resolved from a name; with_lock opens and locks it.
-            let rel =
-                unsafe { PgRelation::with_lock(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
-            let t = Table::load(&rel)?;
-            t.need_key()?;
-            let cols = columns(oid)?;
-            tables.insert((s.schema.clone(), s.table.clone()), (t, cols));
-        }
-        let (t, cols) = &tables[&(s.schema.clone(), s.table.clone())];
-        let rid = s
-            .row_id
-            .clone()
-            .ok_or_else(|| AuditError::UndoRefused(format!("audit row {} has no row_id", s.id)))?;
-        // Lock the row first, then look for a later change: a transaction that changed
-        // it after the one undone, and has not committed yet, is waited for here, so
-        // its change is in the log when we look (a lost update otherwise).
-        if !force && matches!(s.op.as_str(), "UPDATE" | "INSERT") {
-            Spi::run_with_args(
-                &format!("SELECT FROM {} t WHERE {} FOR UPDATE", t.qname, t.key_predicate(1)),
-                &[rid.clone().into()],
-            )?;
-        }
-        // A later change by another transaction to the same row?
-        if !force {
-            let later = as_extension_owner(|| {
-                Ok(Spi::get_one_with_args::<i64>(
-                    &format!(
-                        "SELECT (SELECT id FROM audit.log
-                          WHERE {} AND (row_id OPERATOR(pg_catalog.=) $1 OR old_row_id OPERATOR(pg_catalog.=) $1)
-                            AND id OPERATOR(pg_catalog.>) $2 AND txid OPERATOR(pg_catalog.<>) $3
-                          ORDER BY id LIMIT 1)",
-                        t.log_filter()
-                    ),
-                    &[rid.clone().into(), s.id.into(), txid.into()],
-                )?)
-            })?;
-            if let Some(later) = later {
-                return Err(AuditError::UndoConflict(format!(
-                    "row {rid} of {} was changed again after transaction {txid} (audit row {later}); undo refused",
-                    t.qname
-                )));
-            }
-        }
-        let old_keys: Vec<String> = match &s.old {
-            Some(Value::Object(m)) => m.keys().cloned().collect(),
-            _ => vec![],
-        };
-        match s.op.as_str() {
-            "UPDATE" => {
-                if let Some(c) = old_keys.iter().find(|k| t.redact.contains(k)) {
-                    return Err(AuditError::UndoRefused(format!(
-                        "column {c} of {} is redacted: the log does not hold its previous value (audit row {})",
-                        t.qname, s.id
-                    )));
-                }
-            }
-            "DELETE" => {
-                for col in cols {
-                    let missing = t.exclude.contains(&col.name) || t.redact.contains(&col.name);
-                    if missing && col.not_null && !col.has_default {
-                        return Err(AuditError::UndoRefused(format!(
-                            "column {} of {} is {} and NOT NULL without a default: the log does not hold its value (audit row {})",
-                            col.name,
-                            t.qname,
-                            if t.exclude.contains(&col.name) { "excluded" } else { "redacted" },
-                            s.id
-                        )));
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    let mut restored = 0i64;
-    for s in &steps {
-        let (t, cols) = &tables[&(s.schema.clone(), s.table.clone())];
-        let rid = s.row_id.clone().unwrap_or_default();
-        let old = s.old.clone().unwrap_or(Value::Null);
-        match s.op.as_str() {
-            "INSERT" => {
-                Spi::run_with_args(
-                    &format!("DELETE FROM {} t WHERE {}", t.qname, t.key_predicate(1)),
-                    &[rid.into()],
-                )?;
-            }
-            "UPDATE" => {
-                let names: Vec<&String> = match &old {
-                    Value::Object(m) => m.keys().collect(),
-                    _ => vec![],
-                };
-                let writable: Vec<&&String> = names
-                    .iter()
-                    .filter(|n| cols.iter().any(|c| &c.name == **n && !c.generated))
-                    .collect();
-                if writable.is_empty() {
-                    continue;
-                }
-                let list = writable.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", ");
-                let src = writable
-                    .iter()
-                    .map(|n| format!("r.{}", quote_ident(n)))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                Spi::run_with_args(
-                    &format!(
-                        "UPDATE {tbl} t SET ({list}) = (SELECT {src} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, $2) r)
-                          WHERE {pred}",
-                        tbl = t.qname,
-                        pred = t.key_predicate(1)
-                    ),
-                    &[rid.into(), JsonB(old).into()],
-                )?;
-            }
-            "DELETE" => {
-                let present: Vec<&ColInfo> = cols
-                    .iter()
-                    .filter(|c| {
-                        !c.generated && !t.exclude.contains(&c.name) && !t.redact.contains(&c.name)
-                    })
-                    .collect();
-                let list =
-                    present.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-                let src = present
-                    .iter()
-                    .map(|c| format!("r.{}", quote_ident(&c.name)))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let overriding = if cols.iter().any(|c| c.identity_always) {
-                    "OVERRIDING SYSTEM VALUE"
-                } else {
-                    ""
-                };
-                // A row with the key, inserted since (perhaps not yet committed when we
-                // checked): ON CONFLICT waits for it, and finding it means a later change.
-                let on_conflict = if force { "" } else { "ON CONFLICT DO NOTHING" };
-                let inserted = Spi::connect_mut(|c| -> Result<u64> {
-                    Ok(c.update(
-                        &format!(
-                            "INSERT INTO {tbl} ({list}) {overriding}
-                             SELECT {src} FROM pg_catalog.jsonb_populate_record(NULL::{tbl}, $1) r {on_conflict} RETURNING 1",
-                            tbl = t.qname
-                        ),
-                        None,
-                        &[JsonB(old).into()],
-                    )?
-                    .len() as u64)
-                })?;
-                if inserted == 0 {
-                    return Err(AuditError::UndoConflict(format!(
-                        "row {rid} of {} was created again after transaction {txid}; undo refused",
-                        t.qname
-                    )));
-                }
-            }
-            _ => continue,
-        }
-        restored += 1;
-    }
-    Ok(restored)
-}
-
-struct ColInfo {
-    name: String,
-    not_null: bool,
-    has_default: bool,
-    generated: bool,
-    identity_always: bool,
-}
-
-fn columns(relid: pg_sys::Oid) -> Result<Vec<ColInfo>> {
-    Spi::connect(|c| -> Result<Vec<ColInfo>> {
-        let rows = c.select(
-            "SELECT attname::pg_catalog.text, attnotnull, atthasdef OR attidentity OPERATOR(pg_catalog.<>) '',
-                    attgenerated OPERATOR(pg_catalog.<>) '', attidentity OPERATOR(pg_catalog.=) 'a'
-               FROM pg_catalog.pg_attribute
-              WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped
-              ORDER BY attnum",
-            None,
-            &[relid.into()],
-        )?;
-        let mut v = Vec::new();
-        for r in rows {
-            v.push(ColInfo {
-                name: r.get::<String>(1)?.unwrap_or_default(),
-                not_null: r.get::<bool>(2)?.unwrap_or(false),
-                has_default: r.get::<bool>(3)?.unwrap_or(false),
-                generated: r.get::<bool>(4)?.unwrap_or(false),
-                identity_always: r.get::<bool>(5)?.unwrap_or(false),
-            });
-        }
-        Ok(v)
-    })
-}
-
-#[pg_extern(volatile, parallel_unsafe)]
-fn undo(txid: Option<i64>, force: default!(Option<bool>, false)) -> i64 {
-    undo_impl(txid, force).or_raise()
 }

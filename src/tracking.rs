@@ -173,14 +173,7 @@ pub fn track_impl(
     })?;
 
     // SAFETY: the relation is open.
-    let has_key = unsafe {
-        #[cfg(not(feature = "pg18"))]
-        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr());
-        #[cfg(feature = "pg18")]
-        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr(), true);
-        pk != pg_sys::InvalidOid
-            || pg_sys::RelationGetReplicaIndex(rel.as_ptr()) != pg_sys::InvalidOid
-    };
+    let has_key = !unsafe { crate::row_key::columns(rel.as_ptr()) }.is_empty();
     if !has_key {
         pgrx::notice!(
             "{name} has no primary key or replica identity index: its audit rows will have a NULL row_id, \

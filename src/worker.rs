@@ -31,9 +31,15 @@ pub fn register() {
         .set_function("audit_ext_launcher_main")
         .enable_spi_access()
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(5)))
+        .set_restart_time(Some(RESTART_AFTER))
         .load();
 }
+
+/// How soon the postmaster restarts a worker that exited with an error.
+const RESTART_AFTER: Duration = Duration::from_secs(5);
+/// With audit.naptime = 0 (paused) the launcher only waits for a reload or a
+/// shutdown; its latch wakes it for those, so this timeout is only a backstop.
+const PAUSED_WAKEUP: Duration = Duration::from_secs(3600);
 
 #[pg_guard]
 #[no_mangle]
@@ -48,7 +54,7 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
         }
         let Some(naptime) = settings::naptime() else {
             // Paused: wake up for a reload or shutdown only.
-            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(3600))) {
+            if !BackgroundWorker::wait_latch(Some(PAUSED_WAKEUP)) {
                 break;
             }
             continue;

@@ -67,25 +67,26 @@ fn client(
                 }
                 let q = &mut tx;
                 let rows = &mut pending_live[ti];
-                let done: Option<(&str, Option<i64>, bool)>; // (op, id, inserted)
-                match (rng.below(3), rows.is_empty()) {
+                // (op, id, inserted)
+                let done: Option<(&str, Option<i64>, bool)> = match (rng.below(3), rows.is_empty())
+                {
                     (0, _) | (_, true) => {
                         next_id += 1;
                         q.execute(&format!("INSERT INTO {t} VALUES ($1, 0, 'n')"), &[&next_id])?;
-                        done = Some(("INSERT", Some(next_id), true));
+                        Some(("INSERT", Some(next_id), true))
                     }
                     (1, false) => {
                         let id = rows[rng.below(rows.len() as u64) as usize];
                         q.execute(&format!("UPDATE {t} SET v = v + 1 WHERE id = $1"), &[&id])?;
-                        done = Some(("UPDATE", Some(id), false));
+                        Some(("UPDATE", Some(id), false))
                     }
                     _ => {
                         let k = rng.below(rows.len() as u64) as usize;
                         let id = rows[k];
                         q.execute(&format!("DELETE FROM {t} WHERE id = $1"), &[&id])?;
-                        done = Some(("DELETE", Some(id), false));
+                        Some(("DELETE", Some(id), false))
                     }
-                }
+                };
                 if in_savepoint {
                     tx.batch_execute("ROLLBACK TO SAVEPOINT sp")?; // undone: counts nothing
                     continue;
@@ -132,8 +133,11 @@ fn housekeeper(c: &Cluster, stop: Arc<AtomicBool>, tolerate_disconnect: bool) ->
     };
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let q =
-            if i % 4 == 0 { "SELECT audit.maintain()::text" } else { "SELECT audit.seal()::text" };
+        let q = if i.is_multiple_of(4) {
+            "SELECT audit.maintain()::text"
+        } else {
+            "SELECT audit.seal()::text"
+        };
         if let Err(e) = db.query_one(q, &[]) {
             if tolerate_disconnect && (e.is_closed() || e.code().is_none()) {
                 break;

@@ -666,3 +666,57 @@ fn reference_verifier_in_hashing_md_agrees_with_verify() {
     let _ = std::fs::remove_dir_all(&dir);
     s.c.assert_no_crash();
 }
+
+// ---- the redaction key follows the extension's incarnation ------------------------------
+
+/// The redaction marker the log holds for row `id` of table r.
+fn marker(db: &mut Client, id: i32) -> String {
+    db.query_one(
+        "SELECT new_values->>'v' FROM audit.log WHERE table_name = 'r' AND row_id = $1::text
+          ORDER BY id DESC LIMIT 1",
+        &[&id.to_string()],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn redaction_key_follows_recreation() {
+    let c = Cluster::start(ClusterOpts::new());
+    let setup = "CREATE EXTENSION audit_ext;
+                 CREATE TABLE IF NOT EXISTS r (id int PRIMARY KEY, v text);
+                 SELECT audit.track('r', redact => ARRAY['v']);";
+    let mut a = c.connect("postgres");
+    a.batch_execute(setup).unwrap();
+    a.batch_execute("INSERT INTO r VALUES (1, 'same')").unwrap();
+    // Another session caches the key too.
+    let mut b = c.connect("postgres");
+    b.batch_execute("INSERT INTO r VALUES (2, 'same')").unwrap();
+    let first = marker(&mut a, 1);
+    assert_eq!(marker(&mut a, 2), first, "one key, one marker per value");
+
+    // A new incarnation, made by session a: a new key.
+    a.batch_execute(
+        "SET audit.allow_drop = on; DROP EXTENSION audit_ext CASCADE; RESET audit.allow_drop",
+    )
+    .unwrap();
+    a.batch_execute(setup).unwrap();
+    a.batch_execute("INSERT INTO r VALUES (3, 'same')").unwrap();
+    b.batch_execute("INSERT INTO r VALUES (4, 'same')").unwrap();
+    let mut fresh = c.connect("postgres");
+    fresh.batch_execute("INSERT INTO r VALUES (5, 'same')").unwrap();
+    let second = marker(&mut fresh, 5);
+    assert_ne!(second, first, "a re-created extension has a new key");
+    assert_eq!(marker(&mut a, 3), second, "the session that re-created it uses the new key");
+    assert_eq!(marker(&mut b, 4), second, "another running session uses the new key");
+    // Time travel compares live rows through markers made with the same key.
+    let live: String = b
+        .query_one(
+            "SELECT s->>'v' FROM audit.table_at('r', now()) s WHERE (s->>'id')::int = 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(live, second, "time travel in a running session uses the new key");
+    c.assert_no_crash();
+}

@@ -46,6 +46,15 @@ impl SessionInfo {
     pub fn db_user(&self) -> &[u8] {
         &self.context.db_user
     }
+    /// The actor's columns of an audit row.
+    pub fn actor(&self) -> crate::log::Actor<'_> {
+        crate::log::Actor {
+            changed_by: &self.changed_by,
+            db_user: self.db_user(),
+            session_info: self.datum(),
+            session_text: self.text(),
+        }
+    }
 }
 
 thread_local! {
@@ -139,7 +148,7 @@ fn client_info() -> (Option<String>, Option<i64>) {
     // and background processes; the address is printed by inet's own output function.
     let c = unsafe {
         let addr = pgrx::direct_function_call_as_datum(pg_sys::inet_client_addr, &[]).map(|d| {
-            String::from_utf8_lossy(&encode::output_bytes(d, pg_sys::INETOID)).into_owned()
+            String::from_utf8_lossy(&crate::datum::output_bytes(d, pg_sys::INETOID)).into_owned()
         });
         let port = pgrx::direct_function_call::<i32>(pg_sys::inet_client_port, &[]).map(i64::from);
         (addr, port)
@@ -262,7 +271,7 @@ fn context(current_user: Option<&'static CStr>) -> Result<std::rc::Rc<Context>> 
         let mut items: Vec<encode::Item> = Vec::with_capacity(4 + names.len());
         let text_item = |key: &'static CStr, v: Option<&[u8]>| encode::Item {
             key,
-            value: v.map(|v| encode::text_datum(v)).unwrap_or(Datum::from(0)),
+            value: v.map(|v| crate::datum::text_datum(v)).unwrap_or(Datum::from(0)),
             isnull: v.is_none(),
             typid: pg_sys::TEXTOID,
         };
@@ -289,7 +298,7 @@ fn context(current_user: Option<&'static CStr>) -> Result<std::rc::Rc<Context>> 
                 .and_then(|obj| CString::new(obj.to_string()).ok());
             let (value, typid) = match parsed {
                 Some(json) => (encode::jsonb_from_str(&json), pg_sys::JSONBOID),
-                None => (encode::text_datum(v), pg_sys::TEXTOID),
+                None => (crate::datum::text_datum(v), pg_sys::TEXTOID),
             };
             items.push(encode::Item { key: n.as_c_str(), value, isnull: false, typid });
         }

@@ -1,6 +1,6 @@
-//! Per-backend caches for the trigger: the extension's own objects, and each
-//! tracked relation's configuration. Entries are dropped by a relcache
-//! invalidation callback, so no catalog is queried per row.
+//! The trigger's per-backend cache of each tracked relation's configuration.
+//! Entries are dropped by relcache (and schema) invalidation callbacks, so no
+//! catalog is queried per row. The extension's own objects are crate::ext's.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
 
-use crate::errors::{AuditError, Result};
+use crate::errors::Result;
 
 pub struct Column {
     pub attnum: i32,
@@ -30,8 +30,8 @@ pub struct RelConfig {
     pub table_name: CString,
     /// Tracked columns in column order: not dropped, not excluded.
     pub columns: Vec<Column>,
-    /// (attnum, type) of the primary key, else the replica identity index; empty if neither.
-    pub key: Vec<(i32, Oid)>,
+    /// The row key (crate::row_key); empty if the table has none.
+    pub key: Vec<crate::row_key::KeyColumn>,
     /// The output function of a one-column key: row_id is its text.
     pub key_output: Oid,
     pub natts: usize,
@@ -42,22 +42,8 @@ pub struct RelConfig {
     pub changed: RefCell<Option<(Vec<usize>, Rc<super::encode::ObjectBuilder>)>>,
 }
 
-/// The extension's objects, looked up once per backend.
-#[derive(Clone, Copy)]
-pub struct ExtState {
-    /// The pg_extension row's oid: transactions holding audit ids lock it (chain::writers).
-    pub ext: Oid,
-    pub owner: Oid,
-    pub log: Oid,
-    /// audit.log_default, which writers lock before they route a row (capture::sink).
-    pub log_default: Oid,
-    pub seq: Oid,
-    pub tracked: Oid,
-}
-
 thread_local! {
     static RELS: RefCell<HashMap<Oid, Rc<RelConfig>>> = RefCell::new(HashMap::new());
-    static EXT: Cell<Option<ExtState>> = const { Cell::new(None) };
     static FLUSH_ALL: Cell<bool> = const { Cell::new(false) };
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
@@ -65,17 +51,6 @@ thread_local! {
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: Oid) {
     // Runs inside invalidation processing: no allocation-heavy or erroring work here.
-    super::sink::invalidate(relid);
-    if let Some(ext) = EXT.with(|e| e.get()) {
-        if relid == pg_sys::InvalidOid
-            || relid == ext.log
-            || relid == ext.log_default
-            || relid == ext.seq
-            || relid == ext.tracked
-        {
-            EXT.with(|e| e.set(None));
-        }
-    }
     if relid == pg_sys::InvalidOid {
         FLUSH_ALL.with(|f| f.set(true));
         return;
@@ -127,37 +102,6 @@ pub fn forget(relid: Oid) {
     });
 }
 
-/// The extension's objects. Found by name without ACL checks, because the
-/// caller need not have USAGE on schema audit.
-pub fn ext_state() -> Result<ExtState> {
-    ensure_registered();
-    if let Some(e) = EXT.with(|e| e.get()) {
-        return Ok(e);
-    }
-    let owner = crate::privilege::extension_owner()?;
-    // SAFETY: plain syscache lookups by name; missing_ok returns InvalidOid.
-    let (ext, log, log_default, seq, tracked) = unsafe {
-        let ext = pg_sys::get_extension_oid(c"audit_ext".as_ptr(), true);
-        let ns = pg_sys::get_namespace_oid(c"audit".as_ptr(), true);
-        if ns == pg_sys::InvalidOid {
-            return Err(AuditError::NotInstalled);
-        }
-        (
-            ext,
-            pg_sys::get_relname_relid(c"log".as_ptr(), ns),
-            pg_sys::get_relname_relid(c"log_default".as_ptr(), ns),
-            pg_sys::get_relname_relid(c"log_id_seq".as_ptr(), ns),
-            pg_sys::get_relname_relid(c"tracked".as_ptr(), ns),
-        )
-    };
-    if [ext, log, log_default, seq, tracked].contains(&pg_sys::InvalidOid) {
-        return Err(AuditError::NotInstalled);
-    }
-    let st = ExtState { ext, owner, log, log_default, seq, tracked };
-    EXT.with(|e| e.set(Some(st)));
-    Ok(st)
-}
-
 /// The configuration of `rel`, built on a miss (as `owner`, who can read
 /// audit.tracked); a hit switches nothing.
 ///
@@ -181,10 +125,14 @@ pub unsafe fn rel_config(rel: pg_sys::Relation, owner: Oid) -> Result<Rc<RelConf
     Ok(cfg)
 }
 
+/// # Safety
+/// `rel` must be an open relation.
 unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
     // SAFETY: rel is open.
     let relid = unsafe { (*rel).rd_id };
-    let found = Spi::connect(|client| -> Result<Option<(Oid, Vec<String>, Vec<String>)>> {
+    /// The tracked relation whose name the rows carry, its excluded and redacted columns.
+    type Tracked = (Oid, Vec<String>, Vec<String>);
+    let found = Spi::connect(|client| -> Result<Option<Tracked>> {
         let mut rows = client.select(
             "SELECT a.relid::pg_catalog.oid, t.exclude, t.redact
                FROM (SELECT $1::pg_catalog.regclass, 0::pg_catalog.int8
@@ -246,12 +194,12 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
         });
     }
     // SAFETY: rel is open.
-    let key = unsafe { key_columns(rel, &tupdesc) };
+    let key = unsafe { crate::row_key::columns(rel) };
     let mut key_output = pg_sys::InvalidOid;
-    if let [(_, typid)] = key[..] {
+    if let [k] = &key[..] {
         let mut varlena = false;
         // SAFETY: a syscache lookup of an existing type (ERRORs otherwise).
-        unsafe { pg_sys::getTypeOutputInfo(typid, &mut key_output, &mut varlena) };
+        unsafe { pg_sys::getTypeOutputInfo(k.typid, &mut key_output, &mut varlena) };
     }
     let names: Vec<&std::ffi::CStr> = columns.iter().map(|c| c.name.as_c_str()).collect();
     let types: Vec<Oid> =
@@ -269,35 +217,4 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
         natts: tupdesc.len(),
         changed: RefCell::new(None),
     })
-}
-
-unsafe fn key_columns(rel: pg_sys::Relation, tupdesc: &PgTupleDesc) -> Vec<(i32, Oid)> {
-    // SAFETY: rel is open; the index is opened and closed here.
-    unsafe {
-        #[cfg(not(feature = "pg18"))]
-        let mut idx = pg_sys::RelationGetPrimaryKeyIndex(rel);
-        #[cfg(feature = "pg18")]
-        let mut idx = pg_sys::RelationGetPrimaryKeyIndex(rel, true);
-        if idx == pg_sys::InvalidOid {
-            idx = pg_sys::RelationGetReplicaIndex(rel);
-        }
-        if idx == pg_sys::InvalidOid {
-            return vec![];
-        }
-        let irel = pg_sys::index_open(idx, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let form = (*irel).rd_index;
-        let nkeys = (*form).indnkeyatts as usize;
-        let attnums = (*form).indkey.values.as_slice(nkeys).to_vec();
-        pg_sys::index_close(irel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        attnums
-            .into_iter()
-            .filter(|&a| a > 0)
-            .map(|a| {
-                (
-                    a as i32,
-                    tupdesc.get(a as usize - 1).map(|t| t.atttypid).unwrap_or(pg_sys::InvalidOid),
-                )
-            })
-            .collect()
-    }
 }

@@ -2,7 +2,7 @@
 //! `jsonb_build_object`/`jsonb_build_array` (the same per-type rules as `to_jsonb(row)`),
 //! called directly with a synthesized expression so it knows each argument's type.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::CStr;
 
 use pgrx::pg_sys::{self, Datum, Oid};
 
@@ -129,7 +129,7 @@ impl ObjectBuilder {
             let mut order: Vec<usize> = (0..keys.len()).collect();
             order.sort_by_key(|&i| jsonb_key_order(keys[i]));
             let key_datums: Vec<Datum> =
-                order.iter().map(|&i| text_datum(keys[i].to_bytes())).collect();
+                order.iter().map(|&i| crate::datum::text_datum(keys[i].to_bytes())).collect();
             let arg_types = order.iter().flat_map(|&i| [pg_sys::TEXTOID, types[i]]);
             let flinfo = variadic_flinfo(pg_sys::F_JSONB_BUILD_OBJECT_ANY, arg_types, cxt);
             pg_sys::MemoryContextSwitchTo(old);
@@ -187,51 +187,6 @@ pub unsafe fn jsonb_from_str(s: &CStr) -> Datum {
     unsafe {
         pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(Datum::from(s.as_ptr()))])
             .expect("jsonb_in never returns NULL")
-    }
-}
-
-/// The type's text output of a datum, as `::text` gives it: bytes in the database encoding.
-///
-/// # Safety
-/// `d` must be a valid, non-null datum of type `typid`.
-pub unsafe fn output_bytes(d: Datum, typid: Oid) -> Vec<u8> {
-    // SAFETY: standard output-function call sequence; the result is a palloc'd C string.
-    unsafe {
-        let mut func = pg_sys::InvalidOid;
-        let mut varlena = false;
-        pg_sys::getTypeOutputInfo(typid, &mut func, &mut varlena);
-        CStr::from_ptr(pg_sys::OidOutputFunctionCall(func, d)).to_bytes().to_vec()
-    }
-}
-
-/// A palloc'd varlena (text or bytea) holding `bytes`.
-///
-/// # Safety
-/// Allocates in CurrentMemoryContext.
-pub unsafe fn text_datum(bytes: &[u8]) -> Datum {
-    // SAFETY: cstring_to_text_with_len copies exactly len bytes.
-    unsafe {
-        Datum::from(pg_sys::cstring_to_text_with_len(bytes.as_ptr().cast(), bytes.len() as i32))
-    }
-}
-
-/// A text[] datum.
-///
-/// # Safety
-/// Allocates in CurrentMemoryContext.
-pub unsafe fn text_array(items: &[&CStr]) -> Datum {
-    // SAFETY: construct_array copies the element datums; text is varlena, int-aligned.
-    unsafe {
-        let mut elems: Vec<Datum> = items.iter().map(|s| text_datum(s.to_bytes())).collect();
-        let arr = pg_sys::construct_array(
-            elems.as_mut_ptr(),
-            elems.len() as i32,
-            pg_sys::TEXTOID,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as c_char,
-        );
-        Datum::from(arr)
     }
 }
 

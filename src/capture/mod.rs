@@ -3,52 +3,20 @@
 pub mod actor;
 pub mod cache;
 pub mod encode;
-pub mod sink;
 
-use std::cell::Cell;
-use std::ffi::{c_char, CStr};
+use std::ffi::CStr;
 use std::rc::Rc;
 
 use pgrx::pg_sys::{self, Datum};
 use pgrx::prelude::*;
 
-use crate::chain::hash::{self, RowFields};
-use crate::errors::Result as AResult;
-use crate::errors::{AuditError, OrRaise};
-use crate::privilege::AsOwner;
+use crate::chain::append::{append_row, jsonb_text};
+use crate::chain::hash;
+use crate::datum::{output_bytes, text_datum};
+// Not `Result`: #[pg_trigger] expands to code that names std's Result unqualified.
+use crate::errors::{self, AuditError, OrRaise};
+use crate::log::Row;
 use cache::{Column, RelConfig};
-
-/// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
-pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
-
-const INSERT_SQL: &CStr = c"INSERT INTO audit.log (id, changed_at, txid, schema_name, table_name, operation, \
-row_id, old_row_id, old_values, new_values, changed_fields, changed_by, db_user, session_info, row_hash) \
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
-const NPARAMS: usize = 15;
-
-/// The types of audit.log's columns, in column order (INSERT_SQL's order).
-pub const LOG_COLUMN_TYPES: [pg_sys::Oid; NPARAMS] = [
-    pg_sys::INT8OID,
-    pg_sys::TIMESTAMPTZOID,
-    pg_sys::INT8OID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::JSONBOID,
-    pg_sys::JSONBOID,
-    pg_sys::TEXTARRAYOID,
-    pg_sys::TEXTOID,
-    pg_sys::TEXTOID,
-    pg_sys::JSONBOID,
-    pg_sys::BYTEAOID,
-];
-
-thread_local! {
-    static PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
-    static SECRET: std::cell::RefCell<Option<Rc<[u8]>>> = const { std::cell::RefCell::new(None) };
-}
 
 #[pg_trigger]
 fn capture<'a>(
@@ -57,25 +25,6 @@ fn capture<'a>(
     // SAFETY: PostgreSQL hands us a valid TriggerData for the duration of the call.
     unsafe { capture_event(trigger.trigger_data()) }.or_raise();
     Ok(None)
-}
-
-/// The per-database redaction key, read once per backend as the extension owner.
-pub fn secret(owner: pg_sys::Oid) -> AResult<Rc<[u8]>> {
-    if let Some(s) = SECRET.with(|s| s.borrow().clone()) {
-        return Ok(s);
-    }
-    let key = {
-        let _owner = AsOwner::enter(owner);
-        crate::query::one::<Vec<u8>>("SELECT (SELECT key FROM audit.secret LIMIT 1)")?
-    }
-    .ok_or_else(|| AuditError::Internal("audit.secret is empty; run audit.track() again".into()))?;
-    let key: Rc<[u8]> = key.into();
-    SECRET.with(|s| *s.borrow_mut() = Some(key.clone()));
-    Ok(key)
-}
-
-pub fn forget_secret() {
-    SECRET.with(|s| *s.borrow_mut() = None);
 }
 
 /// A tuple's columns, deformed once: reading 15 columns one by one with
@@ -106,22 +55,32 @@ impl Deformed {
 
 /// The value stored for one column: redacted columns become their HMAC marker.
 /// Runs as the caller: output functions are user code.
-unsafe fn column_value(col: &Column, row: &Deformed, key: Option<&[u8]>) -> AResult<(Datum, bool)> {
+///
+/// # Safety
+/// `row` must be deformed from a tuple of the relation `col` describes, still alive.
+unsafe fn column_value(
+    col: &Column,
+    row: &Deformed,
+    key: Option<&[u8]>,
+) -> errors::Result<(Datum, bool)> {
     let (d, isnull) = row.get(col.attnum);
     if col.redacted && !isnull {
         let key =
             key.ok_or_else(|| AuditError::Internal("redacted column without a key".into()))?;
         // SAFETY: non-null datum of the column's type.
-        let text = unsafe { encode::output_bytes(d, col.typid) };
+        let text = unsafe { output_bytes(d, col.typid) };
         let marker = hash::redaction_marker(key, &text);
         // SAFETY: a fresh text datum in the current memory context.
-        return Ok((unsafe { encode::text_datum(marker.as_bytes()) }, false));
+        return Ok((unsafe { text_datum(marker.as_bytes()) }, false));
     }
     Ok((d, isnull))
 }
 
 /// The whole tracked row as jsonb, through the relation's prepared builder.
-unsafe fn encode_row(cfg: &RelConfig, row: &Deformed, key: Option<&[u8]>) -> AResult<Datum> {
+///
+/// # Safety
+/// `row` must be deformed from a tuple of the relation `cfg` describes, still alive.
+unsafe fn encode_row(cfg: &RelConfig, row: &Deformed, key: Option<&[u8]>) -> errors::Result<Datum> {
     let mut values = Vec::with_capacity(cfg.columns.len());
     for col in &cfg.columns {
         // SAFETY: forwarded from the caller.
@@ -132,12 +91,15 @@ unsafe fn encode_row(cfg: &RelConfig, row: &Deformed, key: Option<&[u8]>) -> ARe
 }
 
 /// An UPDATE's changed columns (indexes into `cfg.columns`) as jsonb.
+///
+/// # Safety
+/// `row` must be deformed from a tuple of the relation `cfg` describes, still alive.
 unsafe fn encode_changed(
     cfg: &RelConfig,
     diff: &[usize],
     row: &Deformed,
     key: Option<&[u8]>,
-) -> AResult<Datum> {
+) -> errors::Result<Datum> {
     let mut values = Vec::with_capacity(diff.len());
     for &i in diff {
         // SAFETY: forwarded from the caller.
@@ -166,12 +128,15 @@ unsafe fn encode_changed(
 }
 
 /// The key of a tuple as text: the value itself for one column, a JSON array for several.
-unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> AResult<Option<Vec<u8>>> {
+///
+/// # Safety
+/// `row` must be deformed from a tuple of the relation `cfg` describes, still alive.
+unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> errors::Result<Option<Vec<u8>>> {
     if cfg.key.is_empty() {
         return Ok(None);
     }
-    if let [(attnum, _)] = cfg.key[..] {
-        let (d, isnull) = row.get(attnum);
+    if let [k] = &cfg.key[..] {
+        let (d, isnull) = row.get(k.attnum);
         // SAFETY: a non-null datum of the type whose output function this is; a palloc'd C string.
         return Ok((!isnull).then(|| unsafe {
             CStr::from_ptr(pg_sys::OidOutputFunctionCall(cfg.key_output, d)).to_bytes().to_vec()
@@ -180,16 +145,18 @@ unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> AResult<Option<Vec<u8>>> {
     let vals: Vec<(Datum, bool, pg_sys::Oid)> = cfg
         .key
         .iter()
-        .map(|&(attnum, typid)| {
-            let (d, isnull) = row.get(attnum);
-            (d, isnull, typid)
+        .map(|k| {
+            let (d, isnull) = row.get(k.attnum);
+            (d, isnull, k.typid)
         })
         .collect();
     // SAFETY: valid datums of their types; the array is a fresh jsonb.
-    unsafe { hash_text(encode::jsonb_array(&vals)) }.map(Some)
+    unsafe { jsonb_text(encode::jsonb_array(&vals)) }.map(Some)
 }
 
-unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
+/// # Safety
+/// `td` must be the TriggerData PostgreSQL passed to this trigger call.
+unsafe fn capture_event(td: &pg_sys::TriggerData) -> errors::Result<()> {
     let event = td.tg_event;
     let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
     let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
@@ -206,13 +173,14 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
 
     let info = actor::current()?;
 
-    let ext = cache::ext_state()?;
+    let ext = crate::ext::ext_state()?;
     let rel = td.tg_relation;
     // SAFETY: the trigger's relation is open.
     let cfg = unsafe { cache::rel_config(rel, ext.owner)? };
-    let key = if cfg.columns.iter().any(|c| c.redacted) { Some(secret(ext.owner)?) } else { None };
+    let key =
+        if cfg.columns.iter().any(|c| c.redacted) { Some(crate::secret::key(&ext)?) } else { None };
     let key = key.as_deref();
-    // SAFETY: as above.
+    // SAFETY: an open relation's descriptor, valid while the trigger runs.
     let tupdesc = unsafe { (*rel).rd_att };
 
     let mut row_id = None;
@@ -275,139 +243,7 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> AResult<()> {
         changed,
     };
     // SAFETY: the datums were built above as valid jsonb in the current memory context.
-    unsafe { write_row(&ext, &info, row) }
-}
-
-/// One audit row, before ids, time and hash are added. Text is bytes in the
-/// database encoding: what is stored is exactly what the row hash covers.
-pub struct Row<'a> {
-    pub schema: &'a [u8],
-    pub table: &'a [u8],
-    pub operation: &'a str,
-    pub row_id: Option<Vec<u8>>,
-    pub old_row_id: Option<Vec<u8>>,
-    pub old_values: Option<Datum>,
-    pub new_values: Option<Datum>,
-    pub changed: Option<Vec<&'a CStr>>,
-}
-
-/// Adds id, time, txid and hash, and inserts the row as the extension owner.
-///
-/// # Safety
-/// `old_values` and `new_values` must be valid jsonb datums.
-pub unsafe fn write_row(ext: &cache::ExtState, info: &actor::SessionInfo, row: Row) -> AResult<()> {
-    let db_user = info.db_user();
-    let Row { schema, table, operation, row_id, old_row_id, old_values, new_values, changed } = row;
-    // SAFETY: plain accessors of transaction state.
-    let (txid, changed_at) = unsafe {
-        (
-            pg_sys::GetTopFullTransactionId().value as i64,
-            pg_sys::GetCurrentTransactionStartTimestamp(),
-        )
-    };
-    // From here on only the extension's own objects are touched, and no SQL is planned.
-    let _owner = AsOwner::enter_for_row_write(ext.owner);
-    // Before the id: the sealer must see that this transaction holds one.
-    crate::chain::writers::mark_current_transaction(ext.ext);
-    // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
-    let id = unsafe {
-        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))])
-    }
-    .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))?;
-
-    // SAFETY: the datums were just built as valid jsonb.
-    let old_text = old_values.map(|d| unsafe { hash_text(d) }).transpose()?;
-    let new_text = new_values.map(|d| unsafe { hash_text(d) }).transpose()?;
-    let fields = RowFields {
-        id,
-        changed_at_us: changed_at + PG_EPOCH_OFFSET_US,
-        txid,
-        schema_name: schema,
-        table_name: table,
-        operation: operation.as_bytes(),
-        row_id: row_id.as_deref(),
-        old_values: old_text.as_deref(),
-        new_values: new_text.as_deref(),
-        changed_fields: changed.as_ref().map(|v| v.iter().map(|c| Some(c.to_bytes())).collect()),
-        changed_by: &info.changed_by,
-        db_user,
-        session_info: Some(info.text()),
-        old_row_id: old_row_id.as_deref(),
-    };
-    let digest = hash::row_hash(&fields);
-
-    // SAFETY: builds fresh datums in the current memory context.
-    let (values, nulls) = unsafe {
-        let text = |s: Option<&[u8]>| s.map(|s| encode::text_datum(s));
-        let vals: [Option<Datum>; NPARAMS] = [
-            Some(Datum::from(id)),
-            Some(Datum::from(changed_at)),
-            Some(Datum::from(txid)),
-            text(Some(schema)),
-            text(Some(table)),
-            text(Some(operation.as_bytes())),
-            text(row_id.as_deref()),
-            text(old_row_id.as_deref()),
-            old_values,
-            new_values,
-            changed.as_ref().map(|v| encode::text_array(v)),
-            text(Some(&info.changed_by)),
-            text(Some(db_user)),
-            Some(info.datum()),
-            Some(encode::text_datum(&digest)),
-        ];
-        (vals.map(|v| v.unwrap_or(Datum::from(0))), vals.map(|v| v.is_none()))
-    };
-    // SAFETY: values match audit.log's columns (the INSERT_SQL order is the table's).
-    if unsafe { sink::insert(ext.log, ext.log_default, &values, &nulls) } {
-        return Ok(());
-    }
-    // The executor's INSERT routes the row itself: take the parent and the default
-    // partition first, in maintain()'s order, for the reason sink::open gives.
-    // SAFETY: plain lock acquisitions, held until the transaction ends.
-    unsafe {
-        pg_sys::LockRelationOid(ext.log, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-        pg_sys::LockRelationOid(ext.log_default, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-    }
-    // SAFETY: a standard SPI session around one execution of the kept plan.
-    unsafe { insert_row(&values, &nulls) }
-}
-
-/// The jsonb's text as `jsonb_out` writes it, which is what the row hash covers.
-///
-/// # Safety
-/// `d` must be a valid jsonb datum.
-unsafe fn hash_text(d: Datum) -> AResult<Vec<u8>> {
-    let mut buf = Vec::with_capacity(1024);
-    // SAFETY: forwarded.
-    unsafe { crate::chain::jsonb_text::datum_text(d, &mut buf) }.map_err(AuditError::Internal)?;
-    Ok(buf)
-}
-
-unsafe fn insert_row(values: &[Datum; NPARAMS], nulls: &[bool; NPARAMS]) -> AResult<()> {
-    let nulls: [c_char; NPARAMS] = nulls.map(|n| if n { b'n' as c_char } else { b' ' as c_char });
-    // SAFETY: SPI calls are balanced; on ERROR, transaction abort cleans up SPI state.
-    unsafe {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            return Err(AuditError::Internal("SPI_connect failed".into()));
-        }
-        let mut plan = PLAN.with(|p| p.get());
-        if plan.is_null() {
-            let mut types = LOG_COLUMN_TYPES;
-            plan = pg_sys::SPI_prepare(INSERT_SQL.as_ptr(), NPARAMS as i32, types.as_mut_ptr());
-            if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                return Err(AuditError::Internal("could not prepare the audit.log insert".into()));
-            }
-            PLAN.with(|p| p.set(plan));
-        }
-        let rc =
-            pg_sys::SPI_execute_plan(plan, values.as_ptr().cast_mut(), nulls.as_ptr(), false, 0);
-        if rc != pg_sys::SPI_OK_INSERT as i32 {
-            return Err(AuditError::Internal(format!("audit.log insert failed: SPI code {rc}")));
-        }
-        pg_sys::SPI_finish();
-    }
-    Ok(())
+    unsafe { append_row(&ext, &info.actor(), row) }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

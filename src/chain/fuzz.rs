@@ -59,7 +59,7 @@ fn edit(r: &Row, field: usize, seed: u64) -> Row {
     let mut m = r.clone();
     let flip = |s: &mut String| {
         let mut b: Vec<char> = s.chars().collect();
-        if b.is_empty() || seed % 3 == 0 {
+        if b.is_empty() || seed.is_multiple_of(3) {
             b.insert((seed as usize) % (b.len() + 1), 'x');
         } else {
             let i = (seed as usize) % b.len();
@@ -71,7 +71,7 @@ fn edit(r: &Row, field: usize, seed: u64) -> Row {
         0..=2 => m.ints[field] ^= 1 << (seed % 64),
         3..=7 => flip(&mut m.texts[field - 3]),
         8..=12 => match &mut m.opts[field - 8] {
-            Some(_) if seed % 4 == 0 => m.opts[field - 8] = None,
+            Some(_) if seed.is_multiple_of(4) => m.opts[field - 8] = None,
             Some(s) => flip(s),
             None => m.opts[field - 8] = Some(String::new()),
         },
@@ -81,7 +81,7 @@ fn edit(r: &Row, field: usize, seed: u64) -> Row {
             Some(v) => {
                 let i = (seed as usize) % v.len();
                 match &mut v[i] {
-                    Some(s) if seed % 2 == 0 => flip(s),
+                    Some(s) if seed.is_multiple_of(2) => flip(s),
                     Some(_) => v[i] = None,
                     None => v[i] = Some(String::new()),
                 }

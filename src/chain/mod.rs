@@ -1,4 +1,5 @@
 //! Tamper evidence: row hashes (computed by the trigger), sealed blocks, verify and digest.
+pub mod append;
 #[cfg(test)]
 mod fuzz;
 pub mod hash;

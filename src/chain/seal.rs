@@ -115,7 +115,7 @@ pub enum Wait {
 
 pub fn seal_impl(wait: Wait) -> Result<i64> {
     crate::query::refuse_during_recovery(c"audit.seal()");
-    let ext = crate::capture::cache::ext_state()?.ext;
+    let ext = crate::ext::ext_state()?.ext;
     as_extension_owner(|| {
         if wait == Wait::Yes {
             lock_chain()?;
@@ -208,7 +208,7 @@ pub fn append_block(kind: Kind, mut fields: BlockFields<'_>) -> Result<Vec<u8>> 
     let sealed_at =
         Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT pg_catalog.clock_timestamp()")?
             .ok_or_else(|| AuditError::Internal("clock_timestamp() returned NULL".into()))?;
-    fields.sealed_at_us = pg_sys::TimestampTz::from(sealed_at) + crate::capture::PG_EPOCH_OFFSET_US;
+    fields.sealed_at_us = pg_sys::TimestampTz::from(sealed_at) + crate::log::PG_EPOCH_OFFSET_US;
     let (bh, kind) = match kind {
         Kind::Rows => (hash::block_hash(&fields), "rows"),
         Kind::Prune => (hash::prune_block_hash(&fields), "prune"),

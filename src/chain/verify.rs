@@ -10,12 +10,12 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::{varlena, JsonB, PgMemoryContexts};
 
-use crate::capture::PG_EPOCH_OFFSET_US;
 use crate::chain::hash::{self, BlockFields, RootBuilder, RowFields};
 use crate::chain::jsonb_text;
 use crate::chain::prune::{self, ChainBlock, Removed};
 use crate::chain::seal::ZERO_HASH;
 use crate::errors::{AuditError, OrRaise, Result};
+use crate::log::{self, Col, PG_EPOCH_OFFSET_US};
 use crate::privilege::as_extension_owner;
 
 struct Block {
@@ -303,94 +303,44 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
             Ok(r) => r,
             Err((id, why)) => return fail(report, Failure(id, why)),
         };
-        // The walk below is over blocks of rows; retention records hold none.
+        // The walk is over blocks of rows; retention records hold none.
         let blocks: Vec<&Block> = blocks.iter().filter(|b| !b.is_prune).collect();
-        let mut bi = 0usize;
-        let mut bc = BlockCheck::new();
-        let mut last_pushed = blocks.first().map(|b| b.from_id).unwrap_or(0);
-        let mut unsealed = 0i64;
-        let outcome = Spi::connect(|_| -> Result<std::result::Result<(), Failure>> {
-            let (mut rows, mut ids) = open_log_cursors()?;
-            // Pass 1, in storage order: recompute every row's hash. The walk below stops at the
-            // first failure in id order, so only the lowest id whose hash differs matters.
-            let mut bad = BadRows::default();
-            let mut texts = JsonbText::new_set();
-            rows.for_each(&crate::capture::LOG_COLUMN_TYPES, |v, n| {
-                let f = row_fields(v, n, &mut texts)?;
-                let stored = or_empty(v, n, 14);
-                if hash::row_hash(&f).as_slice() != stored {
-                    bad.note(f.id, stored);
-                }
-                Ok(ControlFlow::Continue(()))
-            })?;
-            drop(rows);
-            // Pass 2, in id order over (id, row_hash) only: duplicates, hashes, blocks and roots.
-            let mut prev_id: Option<i64> = None;
-            let mut failure = None;
-            ids.for_each(&IDS_TYPES, |v, n| {
-                let id = int8(v, n, 0);
-                let stored = or_empty(v, n, 1);
-                if prev_id == Some(id) {
-                    failure =
-                        Some(Failure(Some(id), format!("row id {id} appears more than once")));
-                    return Ok(ControlFlow::Break(()));
-                }
-                prev_id = Some(id);
-                if bad.contains(id, stored) {
-                    failure = Some(Failure(
-                        Some(id),
-                        format!("row {id} was altered: its contents do not match its row_hash"),
-                    ));
-                    return Ok(ControlFlow::Break(()));
-                }
-                report.rows += 1;
-                while bi < blocks.len() && id > blocks[bi].through_id {
-                    if let Err(e) = finish_block(
-                        blocks[bi],
-                        std::mem::replace(&mut bc, BlockCheck::new()),
-                        &removed,
-                        last_pushed,
-                    ) {
-                        failure = Some(e);
-                        return Ok(ControlFlow::Break(()));
+        let (outcome, walked) =
+            Spi::connect(|_| -> Result<(std::result::Result<(), Failure>, IdWalk)> {
+                let (mut rows, mut ids) = open_log_cursors()?;
+                // Pass 1, in storage order: recompute every row's hash. The walk below stops at the
+                // first failure in id order, so only the lowest id whose hash differs matters.
+                let mut bad = BadRows::default();
+                let mut texts = JsonbText::new_set();
+                rows.for_each(&log::COLUMN_TYPES, |v, n| {
+                    let f = row_fields(v, n, &mut texts)?;
+                    let stored = or_empty(v, n, Col::RowHash.at());
+                    if hash::row_hash(&f).as_slice() != stored {
+                        bad.note(f.id, stored);
                     }
-                    last_pushed = blocks[bi].through_id;
-                    bi += 1;
-                }
-                if bi < blocks.len() && id > blocks[bi].from_id {
-                    for (pid, h) in pruned_between(&removed.pairs, last_pushed, id - 1) {
-                        bc.push(*pid, h);
+                    Ok(ControlFlow::Continue(()))
+                })?;
+                drop(rows);
+                // Pass 2, in id order over (id, row_hash) only: duplicates, hashes, blocks and roots.
+                let mut walk = IdWalk::new(&blocks, &removed, bad);
+                let mut failure = None;
+                ids.for_each(&IDS_TYPES, |v, n| {
+                    match walk.step(int8(v, n, 0), or_empty(v, n, 1)) {
+                        Ok(()) => Ok(ControlFlow::Continue(())),
+                        Err(f) => {
+                            failure = Some(f);
+                            Ok(ControlFlow::Break(()))
+                        }
                     }
-                    bc.push(id, stored);
-                    last_pushed = id;
-                } else if bi >= blocks.len() {
-                    unsealed += 1;
-                } else {
-                    failure = Some(Failure(
-                        Some(id),
-                        format!("row {id} lies outside every sealed block's range"),
-                    ));
-                    return Ok(ControlFlow::Break(()));
-                }
-                Ok(ControlFlow::Continue(()))
+                })?;
+                let outcome = match failure {
+                    Some(f) => Err(f),
+                    None => walk.finish(),
+                };
+                Ok((outcome, walk))
             })?;
-            if let Some(f) = failure {
-                return Ok(Err(f));
-            }
-            while bi < blocks.len() {
-                if let Err(e) = finish_block(
-                    blocks[bi],
-                    std::mem::replace(&mut bc, BlockCheck::new()),
-                    &removed,
-                    last_pushed,
-                ) {
-                    return Ok(Err(e));
-                }
-                last_pushed = blocks[bi].through_id;
-                bi += 1;
-            }
-            Ok(Ok(()))
-        })?;
+        report.rows = walked.rows;
+        let unsealed = walked.unsealed;
         if let Err(f) = outcome {
             return fail(report, f);
         }
@@ -406,17 +356,99 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
     })
 }
 
+/// Verify's second pass: audit.log's (id, row_hash) pairs in id order, against the
+/// blocks of rows. It finds duplicated ids, rows whose hash pass 1 found wrong, and
+/// rows outside every block, and rebuilds each block's root (retention's removed
+/// pairs filled back in where they were) for finish_block to compare.
+struct IdWalk<'a> {
+    blocks: &'a [&'a Block],
+    removed: &'a Removed,
+    bad: BadRows,
+    /// The block the walk is in, and the root being rebuilt for it.
+    bi: usize,
+    bc: BlockCheck,
+    /// The highest id pushed into a root so far (rows or removed pairs).
+    last_pushed: i64,
+    prev_id: Option<i64>,
+    rows: i64,
+    unsealed: i64,
+}
+
+impl<'a> IdWalk<'a> {
+    fn new(blocks: &'a [&'a Block], removed: &'a Removed, bad: BadRows) -> Self {
+        IdWalk {
+            blocks,
+            removed,
+            bad,
+            bi: 0,
+            bc: BlockCheck::new(),
+            last_pushed: blocks.first().map(|b| b.from_id).unwrap_or(0),
+            prev_id: None,
+            rows: 0,
+            unsealed: 0,
+        }
+    }
+
+    fn step(&mut self, id: i64, stored: &[u8]) -> std::result::Result<(), Failure> {
+        if self.prev_id == Some(id) {
+            return Err(Failure(Some(id), format!("row id {id} appears more than once")));
+        }
+        self.prev_id = Some(id);
+        if self.bad.contains(id, stored) {
+            return Err(Failure(
+                Some(id),
+                format!("row {id} was altered: its contents do not match its row_hash"),
+            ));
+        }
+        self.rows += 1;
+        while self.bi < self.blocks.len() && id > self.blocks[self.bi].through_id {
+            self.finish_current()?;
+        }
+        if self.bi >= self.blocks.len() {
+            self.unsealed += 1;
+        } else if id > self.blocks[self.bi].from_id {
+            for (pid, h) in pruned_between(&self.removed.pairs, self.last_pushed, id - 1) {
+                self.bc.push(*pid, h);
+            }
+            self.bc.push(id, stored);
+            self.last_pushed = id;
+        } else {
+            return Err(Failure(
+                Some(id),
+                format!("row {id} lies outside every sealed block's range"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the block the walk is in and moves to the next.
+    fn finish_current(&mut self) -> std::result::Result<(), Failure> {
+        let b = self.blocks[self.bi];
+        finish_block(
+            b,
+            std::mem::replace(&mut self.bc, BlockCheck::new()),
+            self.removed,
+            self.last_pushed,
+        )?;
+        self.last_pushed = b.through_id;
+        self.bi += 1;
+        Ok(())
+    }
+
+    /// After the last row: the blocks no row reached must check out too.
+    fn finish(&mut self) -> std::result::Result<(), Failure> {
+        while self.bi < self.blocks.len() {
+            self.finish_current()?;
+        }
+        Ok(())
+    }
+}
+
 // ---- Reading audit.log: raw tuples, no per-cell conversion ---------------------------------
 
 /// Rows per fetch from each cursor; each batch is freed before the next.
 const FETCH: i64 = 1_000;
 
-/// Pass 1: every column, in the table's own column order (then the scan hands each
-/// stored tuple over as it is, with no projection), in any row order.
-const ROWS_SQL: &CStr =
-    c"SELECT id, changed_at, txid, schema_name, table_name, operation, row_id, old_row_id,
-        old_values, new_values, changed_fields, changed_by, db_user, session_info, row_hash
-   FROM audit.log";
 /// Pass 2: the walk in id order needs only these, so the sort stays narrow.
 const IDS_SQL: &CStr = c"SELECT id, row_hash FROM audit.log ORDER BY id";
 const IDS_TYPES: [pg_sys::Oid; 2] = [pg_sys::INT8OID, pg_sys::BYTEAOID];
@@ -436,7 +468,7 @@ fn open_log_cursors() -> Result<(RawCursor, RawCursor)> {
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         }
     }
-    let rows = RawCursor::open(ROWS_SQL);
+    let rows = RawCursor::open(&log::select_all_sql());
     let ids = RawCursor::open(IDS_SQL);
     if wrote {
         // SAFETY: pops the snapshot pushed above; each portal holds its own registered copy.
@@ -736,28 +768,29 @@ fn text_array<'a>(v: &'a [pg_sys::Datum], n: &[bool], i: usize) -> Option<Vec<Op
         .into()
 }
 
-/// One ROWS_SQL row as the row hash sees it (its fields in hash order, old_row_id last).
+/// One row of audit.log (all columns, table order) as the row hash sees it.
 fn row_fields<'a>(
     v: &'a [pg_sys::Datum],
     n: &'a [bool],
     t: &'a mut [JsonbText; 3],
 ) -> Result<RowFields<'a>> {
     let [old, new, si] = t;
+    let at = Col::ChangedAt.at();
     Ok(RowFields {
-        id: int8(v, n, 0),
-        changed_at_us: if n[1] { i64::MIN } else { v[1].value() as i64 + PG_EPOCH_OFFSET_US },
-        txid: int8(v, n, 2),
-        schema_name: text(v, n, 3).unwrap_or_default(),
-        table_name: text(v, n, 4).unwrap_or_default(),
-        operation: text(v, n, 5).unwrap_or_default(),
-        row_id: text(v, n, 6),
-        old_values: old.of(v, n, 8)?,
-        new_values: new.of(v, n, 9)?,
-        changed_fields: text_array(v, n, 10),
-        changed_by: text(v, n, 11).unwrap_or_default(),
-        db_user: text(v, n, 12).unwrap_or_default(),
-        session_info: si.of(v, n, 13)?,
-        old_row_id: text(v, n, 7),
+        id: int8(v, n, Col::Id.at()),
+        changed_at_us: if n[at] { i64::MIN } else { v[at].value() as i64 + PG_EPOCH_OFFSET_US },
+        txid: int8(v, n, Col::Txid.at()),
+        schema_name: text(v, n, Col::SchemaName.at()).unwrap_or_default(),
+        table_name: text(v, n, Col::TableName.at()).unwrap_or_default(),
+        operation: text(v, n, Col::Operation.at()).unwrap_or_default(),
+        row_id: text(v, n, Col::RowId.at()),
+        old_values: old.of(v, n, Col::OldValues.at())?,
+        new_values: new.of(v, n, Col::NewValues.at())?,
+        changed_fields: text_array(v, n, Col::ChangedFields.at()),
+        changed_by: text(v, n, Col::ChangedBy.at()).unwrap_or_default(),
+        db_user: text(v, n, Col::DbUser.at()).unwrap_or_default(),
+        session_info: si.of(v, n, Col::SessionInfo.at())?,
+        old_row_id: text(v, n, Col::OldRowId.at()),
     })
 }
 

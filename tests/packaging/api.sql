@@ -28,7 +28,7 @@ SELECT pg_temp.check(false, 'functions not exercised by tests/packaging/api.sql:
          'track', 'untrack', 'state_at', 'table_at', 'history', 'undo', 'seal', 'verify', 'digest',
          'maintain', 'version', 'status',
          -- internal, exercised below through DML, DDL, DROP and TRUNCATE
-         'capture', '_on_ddl', '_on_drop', '_on_drop_start', '_guard_truncate', '_record_ddl', '_check_drop',
+         'capture', '_on_ddl', '_on_drop', '_on_drop_start', '_guard_truncate', '_guard_secret', '_record_ddl', '_check_drop',
          -- run by the upgrade script; a second call finds nothing left to adopt
          '_adopt_pruned')
 HAVING count(*) > 0;
@@ -80,6 +80,9 @@ DROP TABLE scratch;
 SELECT pg_temp.check(count(*) = 1, 'DROP TABLE of a tracked table recorded')
   FROM audit.log WHERE table_name = 'scratch' AND operation = 'DDL' AND new_values->>'command_tag' = 'DROP TABLE';
 SELECT pg_temp.refused('TRUNCATE audit.log', '55006');
+SELECT pg_temp.refused('UPDATE audit.secret SET key = key', '42501');
+SELECT pg_temp.refused('DELETE FROM audit.secret', '42501');
+SELECT pg_temp.refused('TRUNCATE audit.secret', '42501');
 SELECT pg_temp.refused('DROP EXTENSION audit_ext CASCADE', '55006');
 
 -- maintenance and sealing, then the whole chain again

@@ -33,6 +33,10 @@ unsafe extern "C-unwind" {
 }
 
 /// Runs `f` (a call into PostgreSQL not bound by pgrx) behind pgrx's longjmp guard.
+///
+/// # Safety
+/// `f` must be safe to call on the backend's main thread; a PostgreSQL ERROR
+/// inside it becomes a Rust panic, so it must hold nothing that a panic leaks.
 unsafe fn guarded<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: called on the backend's main thread, as every trigger is.
     unsafe { pg_sys::ffi::pg_guard_ffi_boundary(f) }
@@ -76,7 +80,8 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
 
 /// Relcache invalidation for `relid` (InvalidOid: all): the writer's routing or
 /// index lists may be out of date.
-pub fn invalidate(relid: Oid) {
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_callback(_arg: Datum, relid: Oid) {
     let hit = SINK.with(|s| match s.try_borrow() {
         Ok(s) => s.as_ref().is_some_and(|s| {
             relid == pg_sys::InvalidOid
@@ -101,6 +106,8 @@ pub fn release() {
     BUSY.with(|b| b.set(false));
 }
 
+/// # Safety
+/// `s` must have been opened by [`open`] in the current transaction.
 unsafe fn close(s: Sink) {
     // SAFETY: every pointer was created by open() in this transaction and is still owned by it;
     // references are given back to the owner that holds them.
@@ -116,10 +123,16 @@ unsafe fn close(s: Sink) {
     }
 }
 
+/// # Safety
+/// Must run inside a transaction, with `CurrentResourceOwner` set to the
+/// top transaction's (see [`insert`]); `log` and `log_default` are audit.log's oids.
 unsafe fn open(log: Oid, log_default: Oid) -> Sink {
     if !REGISTERED.with(|r| r.replace(true)) {
-        // SAFETY: a static callback, registered once per backend.
-        unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
+        // SAFETY: static callbacks, registered once per backend.
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+            pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), Datum::from(0));
+        }
     }
     // SAFETY: standard executor set-up, as CopyFrom does it, in the top transaction's memory.
     unsafe {
@@ -154,6 +167,9 @@ unsafe fn open(log: Oid, log_default: Oid) -> Sink {
 
 /// Whether rows can go straight into this partition: a plain table, no row
 /// triggers, no row-level security, and the parent's column layout.
+///
+/// # Safety
+/// Both must be open result relations of this transaction's writer.
 unsafe fn direct_ok(root: *mut pg_sys::ResultRelInfo, leaf: *mut pg_sys::ResultRelInfo) -> bool {
     // SAFETY: both are open result relations of this writer.
     unsafe {
@@ -223,6 +239,9 @@ pub unsafe fn insert(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool
     done
 }
 
+/// # Safety
+/// `s` must be this transaction's open writer; `values` and `nulls` must be
+/// audit.log's columns in table order.
 unsafe fn write(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> bool {
     // SAFETY: see insert(); every pointer belongs to this transaction's open writer.
     unsafe {

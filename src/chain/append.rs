@@ -1,0 +1,73 @@
+//! Appending a row to the chain: the row gets its id (after the writer is
+//! marked, so that seal() waits for this transaction), its time and
+//! transaction, and its hash over exactly the bytes that are stored.
+
+use pgrx::pg_sys::{self, Datum};
+
+use crate::chain::hash::{self, RowFields};
+use crate::errors::{AuditError, Result};
+use crate::ext::ExtState;
+use crate::log::{self, Actor, Row, Stamp, PG_EPOCH_OFFSET_US};
+use crate::privilege::AsOwner;
+
+/// Stamps `row` with id, time, txid and hash, and stores it as the extension owner.
+///
+/// # Safety
+/// `old_values`, `new_values` and `actor.session_info` must be valid jsonb datums.
+pub unsafe fn append_row(ext: &ExtState, actor: &Actor, row: Row) -> Result<()> {
+    // SAFETY: plain accessors of transaction state.
+    let (txid, changed_at) = unsafe {
+        (
+            pg_sys::GetTopFullTransactionId().value as i64,
+            pg_sys::GetCurrentTransactionStartTimestamp(),
+        )
+    };
+    // From here on only the extension's own objects are touched, and no SQL is planned.
+    let _owner = AsOwner::enter_for_row_write(ext.owner);
+    // Before the id: the sealer must see that this transaction holds one.
+    crate::chain::writers::mark_current_transaction(ext.ext);
+    // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
+    let id = unsafe {
+        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))])
+    }
+    .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))?;
+
+    // SAFETY: the caller passes valid jsonb datums.
+    let old_text = row.old_values.map(|d| unsafe { jsonb_text(d) }).transpose()?;
+    // SAFETY: as for old_text, the caller passes a valid jsonb datum.
+    let new_text = row.new_values.map(|d| unsafe { jsonb_text(d) }).transpose()?;
+    let fields = RowFields {
+        id,
+        changed_at_us: changed_at + PG_EPOCH_OFFSET_US,
+        txid,
+        schema_name: row.schema,
+        table_name: row.table,
+        operation: row.operation.as_bytes(),
+        row_id: row.row_id.as_deref(),
+        old_values: old_text.as_deref(),
+        new_values: new_text.as_deref(),
+        changed_fields: row
+            .changed
+            .as_ref()
+            .map(|v| v.iter().map(|c| Some(c.to_bytes())).collect()),
+        changed_by: actor.changed_by,
+        db_user: actor.db_user,
+        session_info: Some(actor.session_text),
+        old_row_id: row.old_row_id.as_deref(),
+    };
+    let row_hash = hash::row_hash(&fields);
+    let stamp = Stamp { id, changed_at, txid, row_hash: &row_hash };
+    // SAFETY: forwarded from the caller.
+    unsafe { log::store(ext, actor, &row, &stamp) }
+}
+
+/// The jsonb's text as `jsonb_out` writes it, which is what the row hash covers.
+///
+/// # Safety
+/// `d` must be a valid jsonb datum.
+pub unsafe fn jsonb_text(d: Datum) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(1024);
+    // SAFETY: d is a valid jsonb datum (caller's contract).
+    unsafe { crate::chain::jsonb_text::datum_text(d, &mut buf) }.map_err(AuditError::Internal)?;
+    Ok(buf)
+}

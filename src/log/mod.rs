@@ -1,0 +1,217 @@
+//! audit.log's layout and its writer. The columns, their types and their order
+//! are written down once, here (sql/schema.sql creates the table; a test holds
+//! the two together). The trigger and DDL recording build a [`Row`],
+//! chain::append stamps it with its id and hash, and [`store`] writes it;
+//! chain::verify reads the columns back by [`Col`].
+
+pub mod sink;
+
+use std::cell::Cell;
+use std::ffi::{c_char, CStr, CString};
+
+use pgrx::pg_sys::{self, Datum, Oid};
+
+use crate::datum::{text_array, text_datum};
+use crate::errors::{AuditError, Result};
+use crate::ext::ExtState;
+
+/// Microseconds between the Unix epoch (1970-01-01, the row hash's) and
+/// PostgreSQL's (2000-01-01, a timestamptz datum's).
+pub const PG_EPOCH_OFFSET_US: i64 =
+    (pg_sys::POSTGRES_EPOCH_JDATE - pg_sys::UNIX_EPOCH_JDATE) as i64 * 86_400 * 1_000_000;
+
+macro_rules! layout {
+    ($($col:ident = $name:literal : $typ:ident),* $(,)?) => {
+        /// audit.log's columns, in table order.
+        #[derive(Clone, Copy)]
+        pub enum Col { $($col),* }
+        /// How many columns audit.log has.
+        pub const NCOLS: usize = [$(Col::$col),*].len();
+        /// Their names, in table order.
+        pub const COLUMN_NAMES: [&str; NCOLS] = [$($name),*];
+        /// Their types, in table order.
+        pub const COLUMN_TYPES: [Oid; NCOLS] = [$(pg_sys::$typ),*];
+    };
+}
+
+layout! {
+    Id = "id": INT8OID,
+    ChangedAt = "changed_at": TIMESTAMPTZOID,
+    Txid = "txid": INT8OID,
+    SchemaName = "schema_name": TEXTOID,
+    TableName = "table_name": TEXTOID,
+    Operation = "operation": TEXTOID,
+    RowId = "row_id": TEXTOID,
+    OldRowId = "old_row_id": TEXTOID,
+    OldValues = "old_values": JSONBOID,
+    NewValues = "new_values": JSONBOID,
+    ChangedFields = "changed_fields": TEXTARRAYOID,
+    ChangedBy = "changed_by": TEXTOID,
+    DbUser = "db_user": TEXTOID,
+    SessionInfo = "session_info": JSONBOID,
+    RowHash = "row_hash": BYTEAOID,
+}
+
+impl Col {
+    /// The column's index in a row of [`NCOLS`] values.
+    pub const fn at(self) -> usize {
+        self as usize
+    }
+}
+
+/// `SELECT <every column, in table order> FROM audit.log`: a scan hands each
+/// stored tuple over as it is, with no projection.
+pub fn select_all_sql() -> CString {
+    CString::new(format!("SELECT {} FROM audit.log", COLUMN_NAMES.join(", ")))
+        .expect("column names hold no NUL")
+}
+
+/// The INSERT of one row with every column as a parameter, in table order.
+fn insert_sql() -> CString {
+    let params: Vec<String> = (1..=NCOLS).map(|i| format!("${i}")).collect();
+    CString::new(format!(
+        "INSERT INTO audit.log ({}) VALUES ({})",
+        COLUMN_NAMES.join(", "),
+        params.join(", ")
+    ))
+    .expect("column names hold no NUL")
+}
+
+/// Who made a change, as stored and hashed (bytes in the database encoding).
+pub struct Actor<'a> {
+    pub changed_by: &'a [u8],
+    pub db_user: &'a [u8],
+    /// session_info as a jsonb datum, and its text (which the hash covers).
+    pub session_info: Datum,
+    pub session_text: &'a [u8],
+}
+
+/// One audit row, before id, time, txid and hash are added. Text is bytes in
+/// the database encoding: what is stored is exactly what the row hash covers.
+pub struct Row<'a> {
+    pub schema: &'a [u8],
+    pub table: &'a [u8],
+    pub operation: &'a str,
+    pub row_id: Option<Vec<u8>>,
+    pub old_row_id: Option<Vec<u8>>,
+    pub old_values: Option<Datum>,
+    pub new_values: Option<Datum>,
+    pub changed: Option<Vec<&'a CStr>>,
+}
+
+thread_local! {
+    /// The kept plan of the INSERT fallback, prepared at its first use.
+    static PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// What chain::append adds to a [`Row`] before it is stored.
+pub struct Stamp<'a> {
+    pub id: i64,
+    pub changed_at: pg_sys::TimestampTz,
+    pub txid: i64,
+    pub row_hash: &'a [u8],
+}
+
+/// Stores one row. The caller runs as the extension owner.
+///
+/// # Safety
+/// `old_values`, `new_values` and `actor.session_info` must be valid jsonb datums.
+pub unsafe fn store(ext: &ExtState, actor: &Actor, row: &Row, stamp: &Stamp) -> Result<()> {
+    let mut vals: [Option<Datum>; NCOLS] = [None; NCOLS];
+    // SAFETY: text_datum and text_array build fresh datums in the current memory context.
+    unsafe {
+        let text = |s: Option<&[u8]>| s.map(|s| text_datum(s));
+        vals[Col::Id.at()] = Some(Datum::from(stamp.id));
+        vals[Col::ChangedAt.at()] = Some(Datum::from(stamp.changed_at));
+        vals[Col::Txid.at()] = Some(Datum::from(stamp.txid));
+        vals[Col::SchemaName.at()] = text(Some(row.schema));
+        vals[Col::TableName.at()] = text(Some(row.table));
+        vals[Col::Operation.at()] = text(Some(row.operation.as_bytes()));
+        vals[Col::RowId.at()] = text(row.row_id.as_deref());
+        vals[Col::OldRowId.at()] = text(row.old_row_id.as_deref());
+        vals[Col::ChangedFields.at()] = row.changed.as_ref().map(|v| text_array(v));
+        vals[Col::ChangedBy.at()] = text(Some(actor.changed_by));
+        vals[Col::DbUser.at()] = text(Some(actor.db_user));
+        vals[Col::RowHash.at()] = Some(text_datum(stamp.row_hash));
+    }
+    vals[Col::OldValues.at()] = row.old_values;
+    vals[Col::NewValues.at()] = row.new_values;
+    vals[Col::SessionInfo.at()] = Some(actor.session_info);
+    let values = vals.map(|v| v.unwrap_or(Datum::from(0)));
+    let nulls = vals.map(|v| v.is_none());
+
+    // SAFETY: values hold audit.log's columns in table order, of COLUMN_TYPES.
+    if unsafe { sink::insert(ext.log, ext.log_default, &values, &nulls) } {
+        return Ok(());
+    }
+    // The executor's INSERT routes the row itself: take the parent and the default
+    // partition first, in maintain()'s order, for the reason sink::open gives.
+    // SAFETY: plain lock acquisitions, held until the transaction ends.
+    unsafe {
+        pg_sys::LockRelationOid(ext.log, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        pg_sys::LockRelationOid(ext.log_default, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    }
+    // SAFETY: values hold audit.log's columns in table order, of COLUMN_TYPES.
+    unsafe { insert_row(&values, &nulls) }
+}
+
+/// The plain INSERT, for a partition the sink cannot write directly.
+///
+/// # Safety
+/// `values` must be audit.log's columns in table order, of COLUMN_TYPES.
+unsafe fn insert_row(values: &[Datum; NCOLS], nulls: &[bool; NCOLS]) -> Result<()> {
+    let nulls: [c_char; NCOLS] = nulls.map(|n| if n { b'n' as c_char } else { b' ' as c_char });
+    // SAFETY: SPI calls are balanced; on ERROR, transaction abort cleans up SPI state.
+    // The plan's parameter types are COLUMN_TYPES, which the values match.
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            return Err(AuditError::Internal("SPI_connect failed".into()));
+        }
+        let mut plan = PLAN.with(|p| p.get());
+        if plan.is_null() {
+            let mut types = COLUMN_TYPES;
+            plan = pg_sys::SPI_prepare(insert_sql().as_ptr(), NCOLS as i32, types.as_mut_ptr());
+            if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
+                return Err(AuditError::Internal("could not prepare the audit.log insert".into()));
+            }
+            PLAN.with(|p| p.set(plan));
+        }
+        let rc =
+            pg_sys::SPI_execute_plan(plan, values.as_ptr().cast_mut(), nulls.as_ptr(), false, 0);
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            return Err(AuditError::Internal(format!("audit.log insert failed: SPI code {rc}")));
+        }
+        pg_sys::SPI_finish();
+    }
+    Ok(())
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// sql/schema.sql creates audit.log; this module describes it. They must agree.
+    #[pg_test]
+    fn the_layout_is_the_table() {
+        Spi::run("CREATE EXTENSION IF NOT EXISTS audit_ext").unwrap();
+        let table = Spi::connect(|c| {
+            c.select(
+                "SELECT attname::text, atttypid FROM pg_attribute
+                  WHERE attrelid = 'audit.log'::regclass AND attnum > 0 AND NOT attisdropped
+                  ORDER BY attnum",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| {
+                (r.get::<String>(1).unwrap().unwrap(), r.get::<pg_sys::Oid>(2).unwrap().unwrap())
+            })
+            .collect::<Vec<_>>()
+        });
+        let ours: Vec<(String, pg_sys::Oid)> =
+            super::COLUMN_NAMES.iter().map(|n| n.to_string()).zip(super::COLUMN_TYPES).collect();
+        assert_eq!(table, ours);
+        assert_eq!(super::PG_EPOCH_OFFSET_US, 946_684_800_000_000);
+    }
+}
