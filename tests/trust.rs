@@ -86,6 +86,15 @@ fn plant_shadows(db: &mut Client, owner: &str) {
 }
 
 /// Rows waiting in audit.log_default: every premade partition dropped (they are empty).
+/// What the planted shadows recorded: each call as "who: what".
+fn shadow_calls(db: &mut Client) -> Vec<String> {
+    db.query("SELECT who || ': ' || what FROM evil.calls", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 fn rows_in_default(db: &mut Client) {
     common::drop_premade_partitions(db);
     db.batch_execute(
@@ -126,12 +135,7 @@ fn worker_ignores_a_database_owners_search_path() {
     });
     let mut db = c.connect("evildb");
     db.batch_execute("RESET search_path").unwrap();
-    let calls: Vec<String> = db
-        .query("SELECT who || ': ' || what FROM evil.calls", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let calls = shadow_calls(&mut db);
     assert!(calls.is_empty(), "the worker ran the owner's code: {calls:?}");
     let su_eve: bool =
         su.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'eve'", &[]).unwrap().get(0);
@@ -164,12 +168,7 @@ fn maintain_by_a_granted_role_runs_no_user_code() {
     assert!(report["moved_from_default"].as_i64().unwrap_or(0) >= 20, "{report}");
     db.query_one("SELECT audit.seal()", &[]).unwrap();
     db.batch_execute("RESET search_path; RESET SESSION AUTHORIZATION;").unwrap();
-    let calls: Vec<String> = db
-        .query("SELECT who || ': ' || what FROM evil.calls", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let calls = shadow_calls(&mut db);
     assert!(calls.is_empty(), "maintain ran eve's code as another role: {calls:?}");
     let su: bool =
         db.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'eve'", &[]).unwrap().get(0);

@@ -284,27 +284,13 @@ unsafe fn write(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> bool {
         (*estate).es_output_cid = cid;
         pg_sys::table_tuple_insert(rel, slot, cid, 0, std::ptr::null_mut());
         if (*leaf).ri_NumIndices > 0 {
+            // No speculative-conflict flag, no arbiter indexes: a plain insert, as COPY does.
+            let (spec, arbiters) = (std::ptr::null_mut(), std::ptr::null_mut());
+            // PostgreSQL 16 added the onlySummarizing argument.
             #[cfg(feature = "pg15")]
-            pg_sys::ExecInsertIndexTuples(
-                leaf,
-                slot,
-                estate,
-                false,
-                false,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            );
+            pg_sys::ExecInsertIndexTuples(leaf, slot, estate, false, false, spec, arbiters);
             #[cfg(not(feature = "pg15"))]
-            pg_sys::ExecInsertIndexTuples(
-                leaf,
-                slot,
-                estate,
-                false,
-                false,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                false,
-            );
+            pg_sys::ExecInsertIndexTuples(leaf, slot, estate, false, false, spec, arbiters, false);
         }
         let econtext = (*estate).es_per_tuple_exprcontext;
         if !econtext.is_null() {
