@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import lzma
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,10 @@ class Mirror:
             self.server.server_close()
             self.server = None
 
+    def remove(self):
+        self.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
 
 class FetchTest(unittest.TestCase):
     def setUp(self):
@@ -69,7 +74,8 @@ class FetchTest(unittest.TestCase):
         self.dest = tempfile.mkdtemp(prefix="audit_ext_src.")
 
     def tearDown(self):
-        self.mirror.close()
+        self.mirror.remove()
+        shutil.rmtree(self.dest, ignore_errors=True)
 
     def run_fetch(self, major, version, pin_sha, suite="trixie"):
         env = dict(os.environ, AUDIT_EXT_DEBIAN_MIRROR=self.mirror.url)

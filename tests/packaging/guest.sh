@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs as root inside the throw-away Debian 12 root that scripts/package-test
 # makes (Debian's postgresql-15 installed, no cluster, no cargo, no pgrx).
-# This directory is copied to /pkgtest there, with the .deb files.
+# This directory is copied to /pkgtest there, with the .deb files and
+# scripts/lib.sh.
 #
 #   guest.sh install NEW.deb            dpkg -i, clusters without and with
 #                                       shared_preload_libraries, dpkg --purge
@@ -12,35 +13,33 @@
 set -euo pipefail
 
 T=/pkgtest
-BIN=/usr/lib/postgresql/15/bin
-SOCK=/tmp/pgtest
+# shellcheck source=scripts/lib.sh
+. "$T/lib.sh"
+CLUSTER_LOCALE=C.UTF-8   # what pg_createcluster would pick here (LANG=C.UTF-8)
+BIN=$("$(pg_config_for 15)" --bindir)
 EXT=audit_ext
 
 say() { printf 'guest: %s\n' "$*"; }
 fail() { printf 'guest: FAIL: %s\n' "$*" >&2; exit 1; }
-as_pg() { runuser -u postgres -- "$@"; }
-psql_() { as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$SOCK" -p 5432 "$@"; }
+psql_() { as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$CLUSTER_SOCK" -p "$CLUSTER_PORT" "$@"; }
 deb_field() { dpkg-deb --field "$1" "$2"; }
 # dpkg_ ARGS: dpkg, its chatter (postgresql-common's triggers) shown only on failure.
 dpkg_() { dpkg "$@" > /tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; fail "dpkg $*"; }; }
 
-DATA=
-# start_cluster NAME [postgresql.conf line...]: a new cluster, on a Unix socket only.
+# start_cluster NAME [postgresql.conf line...]: a new cluster (scripts/lib.sh's),
+# on a Unix socket only.
 start_cluster() {
   local name=$1; shift
-  DATA=$SOCK/$name
-  mkdir -p "$SOCK"; chown postgres: "$SOCK"
-  as_pg "$BIN/initdb" -D "$DATA" -A trust -U postgres --no-sync -E UTF8 --locale C.UTF-8 >/dev/null
-  { echo "listen_addresses = ''"; echo "unix_socket_directories = '$SOCK'"; echo "port = 5432"
-    local l; for l in "$@"; do echo "$l"; done; } >> "$DATA/postgresql.conf"
-  as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DATA.log" -w -t 60 start >/dev/null || { cat "$DATA.log"; fail "cluster $name did not start"; }
+  cluster_new "$BIN" "pgtest-$name" || fail "cluster $name: no free port"
+  cluster_init "$@" || fail "cluster $name: initdb failed"
+  cluster_start || fail "cluster $name did not start"
 }
 restart_cluster() {
-  as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DATA.log" -m fast -w -t 60 restart >/dev/null || { cat "$DATA.log"; fail "restart failed"; }
+  { cluster_stop fast && cluster_start; } || fail "restart failed"
 }
 stop_cluster() {
-  as_pg "$BIN/pg_ctl" -D "$DATA" -m fast -w -t 60 stop >/dev/null
-  rm -rf "$DATA" "$DATA.log"
+  cluster_stop fast || fail "the cluster did not stop"
+  cluster_cleanup
 }
 
 # What the package may touch: the whole file system's names, and the contents
@@ -107,7 +106,7 @@ cmd_install() {
     [ "$sealed" = t ] && break
     sleep 1
   done
-  [ "$sealed" = t ] || { tail -20 "$DATA.log"; fail "the background worker did not seal within 60 s"; }
+  [ "$sealed" = t ] || { tail -20 "$CLUSTER_LOG"; fail "the background worker did not seal within 60 s"; }
   say "the background worker sealed after about ${i} s"
   stop_cluster
 
