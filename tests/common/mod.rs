@@ -409,14 +409,20 @@ impl Rng {
 
 /// Drops every partition of audit.log but the default one, so that new audit rows
 /// land in audit.log_default (as after a restore, or a long pause of the worker).
+/// The parent is locked first, in the order maintain() and the sealer take them:
+/// dropping a partition first and then waiting for the parent deadlocks with a
+/// running worker.
 pub fn drop_premade_partitions(db: &mut Client) {
     db.batch_execute(
         "SET audit.allow_drop = on;
+         BEGIN;
+         LOCK TABLE audit.log IN ACCESS EXCLUSIVE MODE;
          DO $$ DECLARE p text; BEGIN
            FOR p IN SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
                      WHERE i.inhparent = 'audit.log'::regclass AND c.relname <> 'log_default' LOOP
              EXECUTE format('DROP TABLE audit.%I', p);
            END LOOP; END $$;
+         COMMIT;
          RESET audit.allow_drop;",
     )
     .unwrap();
