@@ -467,25 +467,19 @@ fn table_at(
     SetOfIterator::new(table_at_impl(tbl, at).or_raise().into_iter().map(JsonB))
 }
 
-type HistoryRow = (
-    name!(id, i64),
-    name!(changed_at, TimestampWithTimeZone),
-    name!(txid, i64),
-    name!(operation, String),
-    name!(changed_by, String),
-    name!(changed_fields, Option<Vec<String>>),
-    name!(old_values, Option<JsonB>),
-    name!(new_values, Option<JsonB>),
-    name!(state, Option<JsonB>),
-);
-
-fn history_impl(rel: Option<PgRelation>, row_id: Option<String>) -> Result<Vec<HistoryRow>> {
+/// A row's history, each log row made into `T` by `row` (the pg_extern's own
+/// column list, so that the columns are written down once).
+fn history_impl<T>(
+    rel: Option<PgRelation>,
+    row_id: Option<String>,
+    row: impl Fn(&pgrx::spi::SpiHeapTupleData) -> Result<T>,
+) -> Result<Vec<T>> {
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
     let row_id = row_id.ok_or(AuditError::NullArgument("row_id"))?;
     let t = Table::load(&rel)?;
     t.need_key()?;
     as_extension_owner(|| {
-        Spi::connect(|c| -> Result<Vec<HistoryRow>> {
+        Spi::connect(|c| -> Result<Vec<T>> {
             let rows = c.select(
                 &format!(
                     "SELECT id, changed_at, txid, operation, changed_by, changed_fields, old_values, new_values,
@@ -500,22 +494,7 @@ fn history_impl(rel: Option<PgRelation>, row_id: Option<String>) -> Result<Vec<H
                 None,
                 &[row_id.clone().into()],
             )?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push((
-                    r.get::<i64>(1)?.unwrap_or_default(),
-                    r.get::<TimestampWithTimeZone>(2)?
-                        .ok_or(AuditError::Internal("null changed_at".into()))?,
-                    r.get::<i64>(3)?.unwrap_or_default(),
-                    r.get::<String>(4)?.unwrap_or_default(),
-                    r.get::<String>(5)?.unwrap_or_default(),
-                    r.get::<Vec<String>>(6)?,
-                    r.get::<JsonB>(7)?,
-                    r.get::<JsonB>(8)?,
-                    r.get::<JsonB>(9)?,
-                ));
-            }
-            Ok(out)
+            rows.map(|r| row(&r)).collect()
         })
     })
 }
@@ -539,5 +518,18 @@ fn history(
         name!(state, Option<JsonB>),
     ),
 > {
-    TableIterator::new(history_impl(tbl, row_id).or_raise())
+    let rows = history_impl(tbl, row_id, |r| {
+        Ok((
+            r.get(1)?.unwrap_or_default(),
+            r.get(2)?.ok_or(AuditError::Internal("null changed_at".into()))?,
+            r.get(3)?.unwrap_or_default(),
+            r.get(4)?.unwrap_or_default(),
+            r.get(5)?.unwrap_or_default(),
+            r.get(6)?,
+            r.get(7)?,
+            r.get(8)?,
+            r.get(9)?,
+        ))
+    });
+    TableIterator::new(rows.or_raise())
 }
