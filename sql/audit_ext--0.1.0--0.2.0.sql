@@ -195,7 +195,8 @@ BEGIN
       DELETE FROM audit.table_names n WHERE n.relid::pg_catalog.oid OPERATOR(pg_catalog.=) r.objid;
     END IF;
     IF r.object_type = 'table' AND r.schema_name = 'audit'
-          AND (r.object_name IN ('log', 'blocks') OR r.object_name LIKE 'log\_%') THEN
+          AND (r.object_name IN ('log', 'blocks', 'access_log') OR r.object_name LIKE 'log\_%'
+               OR r.object_name LIKE 'access\_log\_%') THEN
       PERFORM audit._check_drop('table ' || r.object_identity);
     ELSIF r.object_type = 'table' AND EXISTS (SELECT FROM audit.tracked t WHERE t.relid::oid = r.objid) THEN
       PERFORM audit._record_ddl(r.schema_name, r.object_name, 'DROP TABLE', r.object_identity, pg_catalog.current_query());
@@ -224,3 +225,68 @@ CREATE TRIGGER audit_guard_secret BEFORE UPDATE OR DELETE ON audit.secret
 CREATE TRIGGER audit_guard_secret_truncate BEFORE TRUNCATE ON audit.secret
   FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_secret();
 REVOKE ALL ON FUNCTION audit._guard_secret() FROM PUBLIC;
+
+-- Access auditing (src/access/): what each tracked table records, and the reads.
+ALTER TABLE audit.tracked ADD COLUMN writes boolean NOT NULL DEFAULT true,
+                          ADD COLUMN reads  boolean NOT NULL DEFAULT false;
+CREATE OR REPLACE VIEW audit.tracked_tables AS
+SELECT t.relid         AS tbl,
+       n.nspname::text AS schema_name,
+       c.relname::text AS table_name,
+       t.exclude,
+       t.redact,
+       t.tracked_since,
+       t.writes,
+       t.reads
+  FROM audit.tracked t
+  JOIN pg_catalog.pg_class c ON c.oid = t.relid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;
+
+-- One row per statement that read a read-tracked table (src/access/). Its ids come
+-- from audit.log's sequence, so one hash chain covers both tables.
+CREATE TABLE audit.access_log (
+    id           bigint      NOT NULL,
+    accessed_at  timestamptz NOT NULL,
+    schema_name  text        NOT NULL,
+    table_name   text        NOT NULL,
+    command      text        NOT NULL,
+    columns      text[],
+    rows         bigint,
+    outcome      text        NOT NULL,
+    sqlstate     text,
+    accessed_by  text        NOT NULL,
+    db_user      text        NOT NULL,
+    role         text        NOT NULL,
+    txid         bigint,
+    session_info jsonb,
+    query_id     bigint,
+    statement    text,
+    parameters   jsonb,
+    backend_pid  integer     NOT NULL,
+    row_hash     bytea       NOT NULL
+) PARTITION BY RANGE (accessed_at);
+
+COMMENT ON TABLE audit.access_log IS 'One row per statement that read a read-tracked table, and per loss of such rows (audit_ext).';
+
+CREATE TABLE audit.access_log_default PARTITION OF audit.access_log DEFAULT;
+-- Who read this table, and when: one index probe.
+CREATE INDEX access_log_default_table_idx ON audit.access_log_default (table_name, accessed_at, id);
+-- Sealing and verification walk ids.
+CREATE INDEX access_log_default_brin ON audit.access_log_default USING brin (id);
+SELECT pg_catalog.pg_extension_config_dump('audit.access_log_default', '');
+CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.access_log FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
+CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.access_log_default FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
+REVOKE ALL ON audit.access_log, audit.access_log_default FROM PUBLIC;
+
+DROP FUNCTION audit.track(regclass, text[], text[]);
+CREATE FUNCTION audit."track"(
+	"tbl" regclass,
+	"exclude" TEXT[] DEFAULT '{}',
+	"redact" TEXT[] DEFAULT '{}',
+	"reads" bool DEFAULT false,
+	"writes" bool DEFAULT true
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'track_wrapper';
+REVOKE ALL ON FUNCTION audit.track(regclass, text[], text[], bool, bool) FROM PUBLIC;

@@ -79,7 +79,8 @@ BEGIN
       DELETE FROM audit.table_names n WHERE n.relid::pg_catalog.oid OPERATOR(pg_catalog.=) r.objid;
     END IF;
     IF r.object_type = 'table' AND r.schema_name = 'audit'
-          AND (r.object_name IN ('log', 'blocks') OR r.object_name LIKE 'log\_%') THEN
+          AND (r.object_name IN ('log', 'blocks', 'access_log') OR r.object_name LIKE 'log\_%'
+               OR r.object_name LIKE 'access\_log\_%') THEN
       PERFORM audit._check_drop('table ' || r.object_identity);
     ELSIF r.object_type = 'table' AND EXISTS (SELECT FROM audit.tracked t WHERE t.relid::oid = r.objid) THEN
       PERFORM audit._record_ddl(r.schema_name, r.object_name, 'DROP TABLE', r.object_identity, pg_catalog.current_query());
@@ -109,6 +110,8 @@ CREATE EVENT TRIGGER audit_ddl ON ddl_command_end EXECUTE FUNCTION audit._on_ddl
 CREATE EVENT TRIGGER audit_drop ON sql_drop EXECUTE FUNCTION audit._on_drop();
 CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.log FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
 CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.log_default FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
+CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.access_log FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
+CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.access_log_default FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
 CREATE TRIGGER audit_guard_truncate BEFORE TRUNCATE ON audit.blocks FOR EACH STATEMENT EXECUTE FUNCTION audit._guard_truncate();
 
 -- The redaction key is write-once: markers already in the log are comparable

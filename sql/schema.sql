@@ -42,7 +42,10 @@ CREATE TABLE audit.tracked (
     relid         regclass    PRIMARY KEY,
     exclude       text[]      NOT NULL DEFAULT '{}',
     redact        text[]      NOT NULL DEFAULT '{}',
-    tracked_since timestamptz NOT NULL DEFAULT now()
+    tracked_since timestamptz NOT NULL DEFAULT now(),
+    -- What is recorded: changes (audit.log), reads (audit.access_log), or both.
+    writes        boolean     NOT NULL DEFAULT true,
+    reads         boolean     NOT NULL DEFAULT false
 );
 
 CREATE VIEW audit.tracked_tables AS
@@ -51,7 +54,9 @@ SELECT t.relid         AS tbl,
        c.relname::text AS table_name,
        t.exclude,
        t.redact,
-       t.tracked_since
+       t.tracked_since,
+       t.writes,
+       t.reads
   FROM audit.tracked t
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;
@@ -73,6 +78,38 @@ CREATE TABLE audit.secret (
     id  int   PRIMARY KEY DEFAULT 1 CHECK (id = 1),
     key bytea NOT NULL CHECK (length(key) >= 32)
 );
+
+-- One row per statement that read a read-tracked table (src/access/). Its ids come
+-- from audit.log's sequence, so one hash chain covers both tables.
+CREATE TABLE audit.access_log (
+    id           bigint      NOT NULL,
+    accessed_at  timestamptz NOT NULL,
+    schema_name  text        NOT NULL,
+    table_name   text        NOT NULL,
+    command      text        NOT NULL,
+    columns      text[],
+    rows         bigint,
+    outcome      text        NOT NULL,
+    sqlstate     text,
+    accessed_by  text        NOT NULL,
+    db_user      text        NOT NULL,
+    role         text        NOT NULL,
+    txid         bigint,
+    session_info jsonb,
+    query_id     bigint,
+    statement    text,
+    parameters   jsonb,
+    backend_pid  integer     NOT NULL,
+    row_hash     bytea       NOT NULL
+) PARTITION BY RANGE (accessed_at);
+
+COMMENT ON TABLE audit.access_log IS 'One row per statement that read a read-tracked table, and per loss of such rows (audit_ext).';
+
+CREATE TABLE audit.access_log_default PARTITION OF audit.access_log DEFAULT;
+-- Who read this table, and when: one index probe.
+CREATE INDEX access_log_default_table_idx ON audit.access_log_default (table_name, accessed_at, id);
+-- Sealing and verification walk ids.
+CREATE INDEX access_log_default_brin ON audit.access_log_default USING brin (id);
 
 CREATE TABLE audit.blocks (
     block_id   bigint      PRIMARY KEY,
@@ -131,6 +168,7 @@ CREATE TABLE audit.pruned (
 
 -- pg_dump carries these (with the rows) even though they belong to the extension.
 SELECT pg_catalog.pg_extension_config_dump('audit.log_default', '');
+SELECT pg_catalog.pg_extension_config_dump('audit.access_log_default', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.tracked', '');
 SELECT pg_catalog.pg_extension_config_dump('audit.table_names', '');

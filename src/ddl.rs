@@ -60,7 +60,12 @@ fn check(what: &str) -> Result<()> {
     }
     if what == "extension audit_ext" {
         // An empty log holds nothing to lose.
-        let rows = Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM audit.log)")?.unwrap_or(false);
+        let sql = if crate::version::schema_is_current()? {
+            "SELECT EXISTS (SELECT FROM audit.log) OR EXISTS (SELECT FROM audit.access_log)"
+        } else {
+            "SELECT EXISTS (SELECT FROM audit.log)"
+        };
+        let rows = Spi::get_one::<bool>(sql)?.unwrap_or(false);
         if !rows {
             return Ok(());
         }

@@ -39,6 +39,12 @@ pub enum AuditError {
     UndoConflict(String),
     #[error("no audit rows for transaction {0}")]
     UndoNothing(i64),
+    #[error("reads of {table} cannot be recorded: audit_ext is not in shared_preload_libraries")]
+    ReadsNeedPreload { table: String },
+    #[error("nothing to record for {table}: reads and writes are both false")]
+    NothingToRecord { table: String },
+    #[error("{0}: run ALTER EXTENSION audit_ext UPDATE first")]
+    NeedsUpdate(&'static str),
     #[error("nothing is sealed yet: run audit.seal() first")]
     NothingSealed,
     #[error("audit.seal() gave up waiting for a transaction that holds unsealed audit ids (lock_timeout or statement_timeout)")]
@@ -75,6 +81,9 @@ impl AuditError {
             AuditError::UndoNothing(_) => ERRCODE_NO_DATA_FOUND,
             AuditError::NotInstalled => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::NothingSealed => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::ReadsNeedPreload { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::NothingToRecord { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            AuditError::NeedsUpdate(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::SealWaitTimedOut => ERRCODE_LOCK_NOT_AVAILABLE,
             AuditError::BadDigest(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             AuditError::Internal(_) | AuditError::Spi(_) => ERRCODE_INTERNAL_ERROR,
@@ -91,6 +100,10 @@ impl AuditError {
             AuditError::SealWaitTimedOut => Some(
                 "Nothing was sealed. Find the transaction in pg_locks (a lock on the audit_ext extension object) and end it, or raise lock_timeout.",
             ),
+            AuditError::ReadsNeedPreload { .. } => Some(
+                "Add audit_ext to shared_preload_libraries and restart the server: reads are seen by executor hooks, which only a preloaded library can install.",
+            ),
+            AuditError::NothingToRecord { .. } => Some("To stop recording the table, call audit.untrack()."),
             _ => None,
         }
     }

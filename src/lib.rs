@@ -5,6 +5,7 @@
 
 use pgrx::prelude::*;
 
+mod access;
 mod capture;
 mod chain;
 mod datum;
@@ -35,6 +36,10 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::init();
+    // SAFETY: a plain read of whether this is the preload pass.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        access::init();
+    }
     worker::register();
 }
 

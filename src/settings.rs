@@ -20,6 +20,27 @@ pub static RETENTION_MODE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"drop"));
 pub static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static ACCESS_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(2048);
+pub static ACCESS_OVERFLOW: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"block"));
+pub static ACCESS_BLOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static ACCESS_LOG_SELF: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static ACCESS_PARAMETERS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// What a reading backend does when the access-audit queue is full.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Overflow {
+    /// Wait up to audit.access_block_timeout, then drop (and count) the record.
+    Block,
+    /// Drop (and count) the record at once.
+    Drop,
+    /// Fail the reading statement.
+    Error,
+}
+
+/// The queue's size in records: fixed at server start (shared memory).
+const MAX_ACCESS_QUEUE: i32 = 1 << 20;
+const MIN_ACCESS_QUEUE: i32 = 16;
 
 pub fn init() {
     GucRegistry::define_bool_guc(
@@ -106,6 +127,60 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"audit.access_log_self",
+        c"Record reads of audit.log and audit.access_log themselves.",
+        c"",
+        &ACCESS_LOG_SELF,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"audit.access_parameters",
+        c"Record the parameters of statements that read read-tracked tables.",
+        c"",
+        &ACCESS_PARAMETERS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"audit.access_block_timeout",
+        c"With audit.access_overflow = block, how long a reader waits for room in the queue.",
+        c"",
+        &ACCESS_BLOCK_TIMEOUT,
+        0,
+        60_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    // SAFETY: the hook is a plain extern fn guarded by #[pg_guard]; the setting is 'static.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"audit.access_overflow",
+            c"When the access-audit queue is full: block (wait, then drop), drop, or error.",
+            c"",
+            &ACCESS_OVERFLOW,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_access_overflow),
+            None,
+            None,
+        );
+    }
+    // Shared memory is sized once, when the server starts.
+    // SAFETY: a plain read of whether this is the preload pass.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_int_guc(
+            c"audit.access_queue_size",
+            c"Records the access-audit queue holds (shared memory; set at server start).",
+            c"",
+            &ACCESS_QUEUE_SIZE,
+            MIN_ACCESS_QUEUE,
+            MAX_ACCESS_QUEUE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_int_guc(
         c"audit.naptime",
         c"How often the background worker runs maintenance and sealing; 0 pauses it.",
@@ -133,6 +208,14 @@ pub fn retention_detach() -> bool {
 }
 pub fn databases() -> Vec<String> {
     split_list(&guc_string(&DATABASES))
+}
+
+pub fn access_overflow() -> Overflow {
+    match guc_string(&ACCESS_OVERFLOW).trim().to_ascii_lowercase().as_str() {
+        "drop" => Overflow::Drop,
+        "error" => Overflow::Error,
+        _ => Overflow::Block,
+    }
 }
 
 /// None when the worker is paused (`audit.naptime = 0`).
@@ -268,6 +351,20 @@ unsafe extern "C-unwind" fn check_retention_mode(
     match value.trim().to_ascii_lowercase().as_str() {
         "drop" | "detach" => true,
         _ => check_fail("audit.retention_mode must be \"drop\" or \"detach\".".into()),
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_access_overflow(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: the GUC machinery's own pointer, as new_value requires.
+    let value = unsafe { new_value(newval) };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "block" | "drop" | "error" => true,
+        _ => check_fail("audit.access_overflow must be \"block\", \"drop\" or \"error\".".into()),
     }
 }
 

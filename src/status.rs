@@ -66,8 +66,10 @@ fn status() -> TableIterator<
             let mut rows = c.select(
                 "WITH s AS (SELECT * FROM audit.status_state WHERE id OPERATOR(pg_catalog.=) 1),
                       h AS (SELECT COALESCE(pg_catalog.max(through_id), 0) AS through FROM audit.blocks),
-                      u AS (SELECT pg_catalog.count(*) AS n, pg_catalog.min(l.changed_at) AS oldest
-                              FROM audit.log l, h WHERE l.id OPERATOR(pg_catalog.>) h.through)
+                      u AS (SELECT pg_catalog.count(*) AS n, pg_catalog.min(l.at) AS oldest
+                              FROM (SELECT id, changed_at AS at FROM audit.log
+                                    UNION ALL SELECT id, accessed_at FROM audit.access_log) AS l, h
+                             WHERE l.id OPERATOR(pg_catalog.>) h.through)
                  SELECT s.maintain_at, s.maintain_ok, s.maintain_detail, s.seal_at, s.seal_ok, s.seal_detail,
                         u.n, pg_catalog.now() OPERATOR(pg_catalog.-) u.oldest
                    FROM u LEFT JOIN s ON true",

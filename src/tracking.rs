@@ -96,10 +96,17 @@ fn clean_list(v: Option<Vec<Option<String>>>) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// What audit.track() records for a table.
+pub struct Record {
+    pub writes: bool,
+    pub reads: bool,
+}
+
 pub fn track_impl(
     rel: Option<PgRelation>,
     exclude: Option<Vec<Option<String>>>,
     redact: Option<Vec<Option<String>>>,
+    what: Record,
 ) -> Result<()> {
     crate::query::refuse_during_recovery(c"audit.track()");
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
@@ -107,6 +114,12 @@ pub fn track_impl(
     let redact = clean_list(redact)?;
     check_trackable(&rel)?;
     let name = qualified_name(&rel);
+    if !what.writes && !what.reads {
+        return Err(AuditError::NothingToRecord { table: name });
+    }
+    if what.reads && !crate::access::preloaded() {
+        return Err(AuditError::ReadsNeedPreload { table: name });
+    }
 
     let tupdesc = rel.tuple_desc();
     let live: Vec<String> =
@@ -144,11 +157,29 @@ pub fn track_impl(
                     OPERATOR(pg_catalog.||) pg_catalog.gen_random_uuid()::pg_catalog.text, '-', ''), 'hex')
              ON CONFLICT (id) DO NOTHING",
         )?;
-        Spi::run_with_args(
-            "INSERT INTO audit.tracked (relid, exclude, redact) VALUES ($1, $2, $3)
-             ON CONFLICT (relid) DO UPDATE SET exclude = EXCLUDED.exclude, redact = EXCLUDED.redact",
-            &[relid.into(), exclude.clone().into(), redact.clone().into()],
-        )?;
+        if crate::version::schema_is_current()? {
+            Spi::run_with_args(
+                "INSERT INTO audit.tracked (relid, exclude, redact, writes, reads) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (relid) DO UPDATE
+                   SET exclude = EXCLUDED.exclude, redact = EXCLUDED.redact,
+                       writes = EXCLUDED.writes, reads = EXCLUDED.reads",
+                &[
+                    relid.into(),
+                    exclude.clone().into(),
+                    redact.clone().into(),
+                    what.writes.into(),
+                    what.reads.into(),
+                ],
+            )?;
+        } else if what.reads || !what.writes {
+            return Err(AuditError::NeedsUpdate("recording reads"));
+        } else {
+            Spi::run_with_args(
+                "INSERT INTO audit.tracked (relid, exclude, redact) VALUES ($1, $2, $3)
+                 ON CONFLICT (relid) DO UPDATE SET exclude = EXCLUDED.exclude, redact = EXCLUDED.redact",
+                &[relid.into(), exclude.clone().into(), redact.clone().into()],
+            )?;
+        }
         // Its name from now on (unless it is the name audit_ext already knows it by).
         // Not "since always": a table dropped earlier may have had this name.
         Spi::run_with_args(
@@ -161,14 +192,18 @@ pub fn track_impl(
              ON CONFLICT (relid, valid_from) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name",
             &[relid.into(), rel.namespace().into(), rel.name().into()],
         )?;
-        Spi::run(&format!(
-            "CREATE OR REPLACE TRIGGER {ROW_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {name} \
-             FOR EACH ROW EXECUTE FUNCTION audit.capture()"
-        ))?;
-        Spi::run(&format!(
-            "CREATE OR REPLACE TRIGGER {TRUNCATE_TRIGGER} AFTER TRUNCATE ON {name} \
-             FOR EACH STATEMENT EXECUTE FUNCTION audit.capture()"
-        ))?;
+        if what.writes {
+            Spi::run(&format!(
+                "CREATE OR REPLACE TRIGGER {ROW_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {name} \
+                 FOR EACH ROW EXECUTE FUNCTION audit.capture()"
+            ))?;
+            Spi::run(&format!(
+                "CREATE OR REPLACE TRIGGER {TRUNCATE_TRIGGER} AFTER TRUNCATE ON {name} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION audit.capture()"
+            ))?;
+        } else {
+            drop_capture_triggers(relid, &name)?;
+        }
         invalidate_tree(relid)
     })?;
 
@@ -179,6 +214,23 @@ pub fn track_impl(
             "{name} has no primary key or replica identity index: its audit rows will have a NULL row_id, \
              and audit.state_at, audit.history and audit.undo cannot address its rows"
         );
+    }
+    Ok(())
+}
+
+/// Removes the capture triggers audit.track() made on the table itself (its
+/// partitions' clones go with them).
+fn drop_capture_triggers(relid: Oid, name: &str) -> Result<()> {
+    for trigger in [ROW_TRIGGER, TRUNCATE_TRIGGER] {
+        let own = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) $1
+                AND tgname OPERATOR(pg_catalog.=) $2 AND tgparentid OPERATOR(pg_catalog.=) 0)",
+            &[relid.into(), trigger.into()],
+        )?
+        .unwrap_or(false);
+        if own {
+            Spi::run(&format!("DROP TRIGGER {trigger} ON {name}"))?;
+        }
     }
     Ok(())
 }
@@ -215,17 +267,7 @@ pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
             "DELETE FROM audit.tracked WHERE relid OPERATOR(pg_catalog.=) $1",
             &[relid.into()],
         )?;
-        for trigger in [ROW_TRIGGER, TRUNCATE_TRIGGER] {
-            let own = Spi::get_one_with_args::<bool>(
-                "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) $1
-                    AND tgname OPERATOR(pg_catalog.=) $2 AND tgparentid OPERATOR(pg_catalog.=) 0)",
-                &[relid.into(), trigger.into()],
-            )?
-            .unwrap_or(false);
-            if own {
-                Spi::run(&format!("DROP TRIGGER {trigger} ON {name}"))?;
-            }
-        }
+        drop_capture_triggers(relid, &name)?;
         invalidate_tree(relid)?;
         let statement =
             Spi::get_one::<String>("SELECT pg_catalog.current_query()")?.unwrap_or_default();
@@ -238,8 +280,14 @@ fn track(
     tbl: Option<PgRelation>,
     exclude: default!(Option<Vec<Option<String>>>, "'{}'"),
     redact: default!(Option<Vec<Option<String>>>, "'{}'"),
+    reads: default!(Option<bool>, false),
+    writes: default!(Option<bool>, true),
 ) {
-    track_impl(tbl, exclude, redact).or_raise()
+    let what = Record {
+        reads: reads.ok_or(AuditError::NullArgument("reads")).or_raise(),
+        writes: writes.ok_or(AuditError::NullArgument("writes")).or_raise(),
+    };
+    track_impl(tbl, exclude, redact, what).or_raise()
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

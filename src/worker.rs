@@ -6,6 +6,10 @@
 //! holds a database open (DROP DATABASE and CREATE DATABASE are not blocked).
 //! The launcher starts only once recovery has finished, so a standby runs
 //! nothing.
+//!
+//! Between those rounds, a backend that queues a read record (crate::access)
+//! sets the launcher's latch, and the launcher starts a worker that only writes
+//! the queued records of that database into audit.access_log.
 
 use std::time::Duration;
 
@@ -35,6 +39,15 @@ pub fn register() {
         .load();
 }
 
+/// The worker's bgw_extra: what it does, then the database's name.
+const ROUND_PREFIX: &str = "round:";
+const READS_PREFIX: &str = "reads:";
+/// Batches of read records one worker writes before it makes room for the next round.
+const MAX_READ_BATCHES: usize = 1_000;
+/// After starting read workers, the launcher waits at least this long before it
+/// looks again: records that arrive meanwhile are written together.
+const READS_LINGER: Duration = Duration::from_millis(100);
+
 /// How soon the postmaster restarts a worker that exited with an error.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
 /// With audit.naptime = 0 (paused) the launcher only waits for a reload or a
@@ -47,6 +60,9 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
     log!("audit_ext launcher started");
+    // SAFETY: this process's own latch, in its PGPROC, valid for its life.
+    crate::access::set_launcher_latch(unsafe { pg_sys::MyLatch });
+    let mut last_round: Option<std::time::Instant> = None;
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the standard reload in a background worker's main loop.
@@ -60,15 +76,25 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
             continue;
         };
         let wanted = Some(settings::databases()).filter(|w| !w.is_empty());
-        for db in database_list() {
-            if BackgroundWorker::sigterm_received() {
-                break;
+        let served = |db: &str| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == db));
+        let due = last_round.is_none_or(|t| t.elapsed() >= naptime);
+        let dbs = database_list();
+        if due {
+            last_round = Some(std::time::Instant::now());
+            for (_, db) in dbs.iter().filter(|(_, db)| served(db)) {
+                if BackgroundWorker::sigterm_received() {
+                    break;
+                }
+                run_in(db, Mode::Round);
             }
-            if wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == &db)) {
-                run_in(&db);
+        } else {
+            let waiting = crate::access::waiting_databases();
+            for (_, db) in dbs.iter().filter(|(oid, db)| waiting.contains(oid) && served(db)) {
+                run_in(db, Mode::Reads);
             }
         }
-        if !BackgroundWorker::wait_latch(Some(naptime)) {
+        let left = last_round.map(|t| naptime.saturating_sub(t.elapsed())).unwrap_or(naptime);
+        if !BackgroundWorker::wait_latch(Some(left.max(READS_LINGER))) {
             break;
         }
     }
@@ -78,8 +104,8 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-/// Every database that accepts connections, read from the shared catalog pg_database.
-fn database_list() -> Vec<String> {
+/// Every database that accepts connections (oid, name), read from the shared catalog pg_database.
+fn database_list() -> Vec<(pg_sys::Oid, String)> {
     BackgroundWorker::transaction(|| {
         let mut names = Vec::new();
         // SAFETY: a catalog heap scan inside a transaction, as autovacuum's get_database_list does.
@@ -97,7 +123,7 @@ fn database_list() -> Vec<String> {
                 let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tup);
                 if (*form).datallowconn && !(*form).datistemplate {
                     let name = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr());
-                    names.push(name.to_string_lossy().into_owned());
+                    names.push(((*form).oid, name.to_string_lossy().into_owned()));
                 }
             }
             pg_sys::table_endscan(scan);
@@ -115,14 +141,24 @@ fn now() -> pgrx::datum::TimestampWithTimeZone {
         .unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::positive_infinity())
 }
 
+/// What a database's worker does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The round every audit.naptime: read records, maintenance, sealing.
+    Round,
+    /// Only the read records queued for this database.
+    Reads,
+}
+
 /// Runs one database's worker and waits for it to finish.
-fn run_in(db: &str) {
+fn run_in(db: &str, mode: Mode) {
+    let extra = format!("{}{db}", if mode == Mode::Round { ROUND_PREFIX } else { READS_PREFIX });
     let started = BackgroundWorkerBuilder::new(&format!("audit_ext worker {db}"))
         .set_type("audit_ext worker")
         .set_library(LIBRARY)
         .set_function("audit_ext_db_main")
         .enable_spi_access()
-        .set_extra(db)
+        .set_extra(&extra)
         // SAFETY: a plain read of this process's pid.
         .set_notify_pid(unsafe { pg_sys::MyProcPid })
         .load_dynamic();
@@ -140,7 +176,11 @@ fn run_in(db: &str) {
 #[no_mangle]
 pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let db = BackgroundWorker::get_extra().to_string();
+    let extra = BackgroundWorker::get_extra().to_string();
+    let (mode, db) = match extra.strip_prefix(READS_PREFIX) {
+        Some(db) => (Mode::Reads, db.to_string()),
+        None => (Mode::Round, extra.strip_prefix(ROUND_PREFIX).unwrap_or(&extra).to_string()),
+    };
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
     BackgroundWorker::transaction(ignore_database_and_role_settings);
     let installed = BackgroundWorker::transaction(|| {
@@ -150,6 +190,10 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
             .unwrap_or(false)
     });
     if !installed {
+        return;
+    }
+    write_reads(&db);
+    if mode == Mode::Reads {
         return;
     }
     // Two transactions: partitions made by maintain are committed even if sealing fails.
@@ -210,6 +254,29 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
         log!("{summary}");
     } else {
         debug1!("{summary}");
+    }
+}
+
+/// Writes this database's queued read records, a batch per transaction, until
+/// none are left (or a batch fails: it is logged, and its records are lost).
+fn write_reads(db: &str) {
+    use crate::errors::OrRaise;
+    for _ in 0..MAX_READ_BATCHES {
+        let n = BackgroundWorker::transaction(|| {
+            match crate::subxact::run(|| crate::access::drain().or_raise(), |_| true) {
+                Ok(n) => n,
+                Err(e) => {
+                    warning!(
+                        "audit_ext worker in database \"{db}\": writing read records failed: {}",
+                        e.message
+                    );
+                    0
+                }
+            }
+        });
+        if n == 0 {
+            break;
+        }
     }
 }
 

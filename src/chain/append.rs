@@ -71,3 +71,46 @@ pub unsafe fn jsonb_text(d: Datum) -> Result<Vec<u8>> {
     unsafe { crate::chain::jsonb_text::datum_text(d, &mut buf) }.map_err(AuditError::Internal)?;
     Ok(buf)
 }
+
+/// Stamps a read record's row with its id and hash, and stores it (the worker,
+/// as the extension owner).
+///
+/// # Safety
+/// The jsonb datums of `row` must be valid.
+pub unsafe fn append_access(ext: &ExtState, row: &crate::log::access::AccessRow) -> Result<i64> {
+    let _owner = AsOwner::enter_for_row_write(ext.owner);
+    crate::chain::writers::mark_current_transaction(ext.ext);
+    // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
+    let id = unsafe {
+        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))])
+    }
+    .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))?;
+    // SAFETY: the caller passes valid jsonb datums.
+    let session = row.session_info.map(|d| unsafe { jsonb_text(d) }).transpose()?;
+    // SAFETY: as for session.
+    let params = row.parameters.map(|d| unsafe { jsonb_text(d) }).transpose()?;
+    let fields = hash::AccessFields {
+        id,
+        accessed_at_us: row.accessed_at + PG_EPOCH_OFFSET_US,
+        schema_name: row.schema,
+        table_name: row.table,
+        command: row.command,
+        columns: row.columns.as_ref().map(|c| c.iter().map(|n| Some(n.as_slice())).collect()),
+        rows: row.rows,
+        outcome: row.outcome,
+        sqlstate: row.sqlstate.as_deref(),
+        accessed_by: row.accessed_by,
+        db_user: row.db_user,
+        role: row.role,
+        txid: row.txid,
+        session_info: session.as_deref(),
+        query_id: row.query_id,
+        statement: row.statement.as_deref(),
+        parameters: params.as_deref(),
+        backend_pid: i64::from(row.backend_pid),
+    };
+    let row_hash = hash::access_hash(&fields);
+    // SAFETY: forwarded from the caller.
+    unsafe { crate::log::access::store(row, id, &row_hash) }?;
+    Ok(id)
+}

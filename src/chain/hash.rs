@@ -5,6 +5,8 @@
 use sha2::{Digest, Sha256};
 
 pub const ROW_DOMAIN: &[u8] = b"audit_ext:row:v1";
+/// A row of audit.access_log: its own domain, so it can never pass for a change.
+pub const ACCESS_DOMAIN: &[u8] = b"audit_ext:access:v1";
 pub const ROOT_DOMAIN: &[u8] = b"audit_ext:root:v1";
 pub const BLOCK_DOMAIN: &[u8] = b"audit_ext:block:v1";
 /// A retention record: a block that covers no new ids but commits what retention removed.
@@ -41,6 +43,29 @@ pub struct RowFields<'a> {
     pub old_row_id: Option<&'a [u8]>,
 }
 
+/// One `audit.access_log` row as the hash sees it, with the conventions of [`RowFields`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AccessFields<'a> {
+    pub id: i64,
+    pub accessed_at_us: i64,
+    pub schema_name: &'a [u8],
+    pub table_name: &'a [u8],
+    pub command: &'a [u8],
+    pub columns: Option<Vec<Option<&'a [u8]>>>,
+    pub rows: Option<i64>,
+    pub outcome: &'a [u8],
+    pub sqlstate: Option<&'a [u8]>,
+    pub accessed_by: &'a [u8],
+    pub db_user: &'a [u8],
+    pub role: &'a [u8],
+    pub txid: Option<i64>,
+    pub session_info: Option<&'a [u8]>,
+    pub query_id: Option<i64>,
+    pub statement: Option<&'a [u8]>,
+    pub parameters: Option<&'a [u8]>,
+    pub backend_pid: i64,
+}
+
 struct Enc(Sha256);
 
 impl Enc {
@@ -66,6 +91,24 @@ impl Enc {
             }
         }
     }
+    fn opt_int(&mut self, v: Option<i64>) {
+        match v {
+            Some(v) => self.int(v),
+            None => self.0.update([TAG_NULL]),
+        }
+    }
+    fn text_array(&mut self, v: &Option<Vec<Option<&[u8]>>>) {
+        match v {
+            None => self.0.update([TAG_NULL]),
+            Some(items) => {
+                self.0.update([TAG_TEXT_ARRAY]);
+                self.0.update((items.len() as u32).to_be_bytes());
+                for item in items {
+                    self.text(*item);
+                }
+            }
+        }
+    }
     fn text(&mut self, v: Option<&[u8]>) {
         self.tagged(TAG_TEXT, v)
     }
@@ -88,20 +131,34 @@ pub fn row_hash(r: &RowFields<'_>) -> [u8; 32] {
     e.text(r.row_id);
     e.tagged(TAG_JSONB, r.old_values);
     e.tagged(TAG_JSONB, r.new_values);
-    match &r.changed_fields {
-        None => e.0.update([TAG_NULL]),
-        Some(items) => {
-            e.0.update([TAG_TEXT_ARRAY]);
-            e.0.update((items.len() as u32).to_be_bytes());
-            for item in items {
-                e.text(*item);
-            }
-        }
-    }
+    e.text_array(&r.changed_fields);
     e.text(Some(r.changed_by));
     e.text(Some(r.db_user));
     e.tagged(TAG_JSONB, r.session_info);
     e.text(r.old_row_id);
+    e.finish()
+}
+
+pub fn access_hash(r: &AccessFields<'_>) -> [u8; 32] {
+    let mut e = Enc::new(ACCESS_DOMAIN);
+    e.int(r.id);
+    e.int(r.accessed_at_us);
+    e.text(Some(r.schema_name));
+    e.text(Some(r.table_name));
+    e.text(Some(r.command));
+    e.text_array(&r.columns);
+    e.opt_int(r.rows);
+    e.text(Some(r.outcome));
+    e.text(r.sqlstate);
+    e.text(Some(r.accessed_by));
+    e.text(Some(r.db_user));
+    e.text(Some(r.role));
+    e.opt_int(r.txid);
+    e.tagged(TAG_JSONB, r.session_info);
+    e.opt_int(r.query_id);
+    e.text(r.statement);
+    e.tagged(TAG_JSONB, r.parameters);
+    e.int(r.backend_pid);
     e.finish()
 }
 
@@ -189,14 +246,8 @@ fn block_hash_in(domain: &[u8], b: &BlockFields<'_>) -> [u8; 32] {
     e.int(b.block_id);
     e.int(b.from_id);
     e.int(b.through_id);
-    match b.first_id {
-        Some(v) => e.int(v),
-        None => e.0.update([TAG_NULL]),
-    }
-    match b.last_id {
-        Some(v) => e.int(v),
-        None => e.0.update([TAG_NULL]),
-    }
+    e.opt_int(b.first_id);
+    e.opt_int(b.last_id);
     e.int(b.row_count);
     e.bytes(Some(b.root));
     e.bytes(Some(b.prev_hash));

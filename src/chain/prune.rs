@@ -110,8 +110,11 @@ fn record_rows(rows: &[(i64, Vec<u8>)], emptied: &[i64], still_in_log: bool) -> 
         )?
         .unwrap_or(0);
         let live_after = Spi::get_one_with_args::<i64>(
-            "SELECT pg_catalog.count(*) FROM audit.log
-              WHERE id OPERATOR(pg_catalog.>) $1 AND id OPERATOR(pg_catalog.<=) $2",
+            &format!(
+                "SELECT pg_catalog.count(*) FROM {}
+                  WHERE id OPERATOR(pg_catalog.>) $1 AND id OPERATOR(pg_catalog.<=) $2",
+                crate::log::chained_rows(crate::version::schema_is_current()?)
+            ),
             &[b.from_id.into(), b.through_id.into()],
         )?
         .unwrap_or(0)

@@ -136,6 +136,7 @@ pub fn seal_impl(wait: Wait) -> Result<i64> {
                 None => return Ok(0),
             },
         };
+        let current = crate::version::schema_is_current()?;
         let (mut block_id, mut from, mut prev) = chain_head()?;
         let mut total = 0i64;
         while from < horizon {
@@ -143,9 +144,12 @@ pub fn seal_impl(wait: Wait) -> Result<i64> {
             let (mut first, mut last) = (None, None);
             Spi::connect(|c| -> Result<()> {
                 let rows = c.select(
-                    "SELECT id, row_hash FROM audit.log
-                      WHERE id OPERATOR(pg_catalog.>) $1 AND id OPERATOR(pg_catalog.<=) $2
-                      ORDER BY id LIMIT $3",
+                    &format!(
+                        "SELECT id, row_hash FROM {}
+                          WHERE id OPERATOR(pg_catalog.>) $1 AND id OPERATOR(pg_catalog.<=) $2
+                          ORDER BY id LIMIT $3",
+                        crate::log::chained_rows(current)
+                    ),
                     None,
                     &[from.into(), horizon.into(), BLOCK_MAX_ROWS.into()],
                 )?;

@@ -15,6 +15,7 @@ use crate::chain::jsonb_text;
 use crate::chain::prune::{self, ChainBlock, Removed};
 use crate::chain::seal::ZERO_HASH;
 use crate::errors::{AuditError, OrRaise, Result};
+use crate::log::access::Col as AccessCol;
 use crate::log::{self, Col, PG_EPOCH_OFFSET_US};
 use crate::privilege::as_extension_owner;
 
@@ -307,7 +308,7 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
         let blocks: Vec<&Block> = blocks.iter().filter(|b| !b.is_prune).collect();
         let (outcome, walked) =
             Spi::connect(|_| -> Result<(std::result::Result<(), Failure>, IdWalk)> {
-                let (mut rows, mut ids) = open_log_cursors()?;
+                let (mut rows, reads, mut ids) = open_log_cursors(current)?;
                 // Pass 1, in storage order: recompute every row's hash. The walk below stops at the
                 // first failure in id order, so only the lowest id whose hash differs matters.
                 let mut bad = BadRows::default();
@@ -321,6 +322,17 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                     Ok(ControlFlow::Continue(()))
                 })?;
                 drop(rows);
+                if let Some(mut reads) = reads {
+                    let [si, params, _] = &mut texts;
+                    reads.for_each(&log::access::COLUMN_TYPES, |v, n| {
+                        let f = access_fields(v, n, si, params)?;
+                        let stored = or_empty(v, n, AccessCol::RowHash.at());
+                        if hash::access_hash(&f).as_slice() != stored {
+                            bad.note(f.id, stored);
+                        }
+                        Ok(ControlFlow::Continue(()))
+                    })?;
+                }
                 // Pass 2, in id order over (id, row_hash) only: duplicates, hashes, blocks and roots.
                 let mut walk = IdWalk::new(&blocks, &removed, bad);
                 let mut failure = None;
@@ -450,14 +462,20 @@ impl<'a> IdWalk<'a> {
 const FETCH: i64 = 1_000;
 
 /// Pass 2: the walk in id order needs only these, so the sort stays narrow.
-const IDS_SQL: &CStr = c"SELECT id, row_hash FROM audit.log ORDER BY id";
+fn ids_sql(current: bool) -> std::ffi::CString {
+    std::ffi::CString::new(format!(
+        "SELECT id, row_hash FROM {} ORDER BY id",
+        log::chained_rows(current)
+    ))
+    .expect("no NUL")
+}
 const IDS_TYPES: [pg_sys::Oid; 2] = [pg_sys::INT8OID, pg_sys::BYTEAOID];
 
 /// Opens both passes over audit.log on one snapshot, so that the rows pass 1 hashes
 /// are exactly the rows pass 2 walks. It is the snapshot a single SPI cursor opened
 /// here would get: pgrx opens read-only (the active snapshot) until the transaction
 /// has written, and read-write (a fresh snapshot) after.
-fn open_log_cursors() -> Result<(RawCursor, RawCursor)> {
+fn open_log_cursors(current: bool) -> Result<(RawCursor, Option<RawCursor>, RawCursor)> {
     // SAFETY: reads this backend's own transaction state.
     let wrote = unsafe { pg_sys::GetCurrentTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
     if wrote {
@@ -469,12 +487,13 @@ fn open_log_cursors() -> Result<(RawCursor, RawCursor)> {
         }
     }
     let rows = RawCursor::open(&log::select_all_sql());
-    let ids = RawCursor::open(IDS_SQL);
+    let reads = current.then(|| RawCursor::open(&log::access::select_all_sql()));
+    let ids = RawCursor::open(&ids_sql(current));
     if wrote {
         // SAFETY: pops the snapshot pushed above; each portal holds its own registered copy.
         unsafe { pg_sys::PopActiveSnapshot() };
     }
-    Ok((rows?, ids?))
+    Ok((rows?, reads.transpose()?, ids?))
 }
 
 /// A read-only SPI cursor, read as raw tuples.
@@ -919,4 +938,39 @@ mod tests {
         }
         assert_eq!(t.of(&[pg_sys::Datum::from(0usize)], &[true], 0).unwrap(), None);
     }
+}
+
+/// One row of audit.access_log (all columns, table order) as its hash sees it.
+fn access_fields<'a>(
+    v: &'a [pg_sys::Datum],
+    n: &'a [bool],
+    si: &'a mut JsonbText,
+    params: &'a mut JsonbText,
+) -> Result<hash::AccessFields<'a>> {
+    let at = AccessCol::AccessedAt.at();
+    let opt_int = |i: usize| (!n[i]).then(|| int8(v, n, i));
+    Ok(hash::AccessFields {
+        id: int8(v, n, AccessCol::Id.at()),
+        accessed_at_us: if n[at] { i64::MIN } else { v[at].value() as i64 + PG_EPOCH_OFFSET_US },
+        schema_name: text(v, n, AccessCol::SchemaName.at()).unwrap_or_default(),
+        table_name: text(v, n, AccessCol::TableName.at()).unwrap_or_default(),
+        command: text(v, n, AccessCol::Command.at()).unwrap_or_default(),
+        columns: text_array(v, n, AccessCol::Columns.at()),
+        rows: opt_int(AccessCol::Rows.at()),
+        outcome: text(v, n, AccessCol::Outcome.at()).unwrap_or_default(),
+        sqlstate: text(v, n, AccessCol::Sqlstate.at()),
+        accessed_by: text(v, n, AccessCol::AccessedBy.at()).unwrap_or_default(),
+        db_user: text(v, n, AccessCol::DbUser.at()).unwrap_or_default(),
+        role: text(v, n, AccessCol::Role.at()).unwrap_or_default(),
+        txid: opt_int(AccessCol::Txid.at()),
+        session_info: si.of(v, n, AccessCol::SessionInfo.at())?,
+        query_id: opt_int(AccessCol::QueryId.at()),
+        statement: text(v, n, AccessCol::Statement.at()),
+        parameters: params.of(v, n, AccessCol::Parameters.at())?,
+        backend_pid: if n[AccessCol::BackendPid.at()] {
+            0
+        } else {
+            i64::from(v[AccessCol::BackendPid.at()].value() as i32)
+        },
+    })
 }

@@ -4,6 +4,7 @@
 //! chain::append stamps it with its id and hash, and [`store`] writes it;
 //! chain::verify reads the columns back by [`Col`].
 
+pub mod access;
 pub mod sink;
 
 use std::cell::Cell;
@@ -56,6 +57,16 @@ impl Col {
     /// The column's index in a row of [`NCOLS`] values.
     pub const fn at(self) -> usize {
         self as usize
+    }
+}
+
+/// Every chained row's (id, row_hash), as a relation for a FROM clause: the
+/// changes, and the reads once the schema has audit.access_log (`current`).
+pub fn chained_rows(current: bool) -> &'static str {
+    if current {
+        "(SELECT id, row_hash FROM audit.log UNION ALL SELECT id, row_hash FROM audit.access_log) AS chained"
+    } else {
+        "audit.log"
     }
 }
 

@@ -316,6 +316,18 @@ impl Cluster {
         })
     }
 
+    /// Connect as role `user` to database `db`; panics on failure.
+    pub fn connect_as(&self, db: &str, user: &str) -> Client {
+        postgres::Config::new()
+            .host_path(&self.sock)
+            .port(self.port)
+            .user(user)
+            .dbname(db)
+            .connect_timeout(Duration::from_secs(30))
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to {db} as {user}: {e}"))
+    }
+
     /// `CREATE DATABASE name`.
     pub fn create_db(&self, name: &str) {
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));

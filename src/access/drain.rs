@@ -1,0 +1,102 @@
+//! The worker's side of the queue: it takes its database's records and writes
+//! them to audit.access_log, each with its id from audit.log's sequence and its
+//! row hash, so sealing covers them like changes.
+
+use std::ffi::CString;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use super::queue;
+use super::record::{Kind, Record, Text};
+use crate::errors::{AuditError, Result};
+use crate::log::access::AccessRow;
+
+/// Records written per transaction: a failed batch loses no more than this.
+pub const BATCH: usize = 1_000;
+
+/// Writes up to one batch of this database's queued records; returns how many.
+pub fn drain() -> Result<usize> {
+    let ext = crate::ext::ext_state()?;
+    if !crate::version::schema_is_current()? {
+        return Ok(0); // 0.1.0's tables have no audit.access_log
+    }
+    // SAFETY: a plain read of the database this worker is connected to.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    let batch = queue::take(db, BATCH);
+    for rec in &batch {
+        write(&ext, rec)?;
+    }
+    Ok(batch.len())
+}
+
+/// The five characters of a packed SQLSTATE.
+fn sqlstate(code: i32) -> Vec<u8> {
+    (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8) + b'0').collect()
+}
+
+/// A jsonb datum from its text (session_info as the backend built it).
+fn jsonb(text: &[u8]) -> Option<pg_sys::Datum> {
+    if text.is_empty() {
+        return None;
+    }
+    let c = CString::new(text).ok()?;
+    // SAFETY: jsonb_in takes a cstring datum; the text is jsonb_out's own output.
+    unsafe { pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(c.as_ptr().into())]) }
+}
+
+/// The names of the columns a record says were read (all of them when unknown).
+fn column_names(rec: &Record) -> Result<Vec<Vec<u8>>> {
+    let wanted: Vec<i32> = rec.column_numbers().collect();
+    let names = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT pg_catalog.array_agg(attname::pg_catalog.text ORDER BY attnum) FROM pg_catalog.pg_attribute
+          WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped
+            AND (NOT $2 OR attnum OPERATOR(pg_catalog.=) ANY ($3))",
+        &[rec.h.relid.into(), rec.h.has_columns.into(), wanted.into()],
+    )?;
+    Ok(names.unwrap_or_default().into_iter().map(String::into_bytes).collect())
+}
+
+fn write(ext: &crate::ext::ExtState, rec: &Record) -> Result<()> {
+    let lost = rec.h.kind == Kind::Lost;
+    let statement = if lost {
+        Some(
+            format!(
+                "{} read record(s) of backend {} were not recorded: the access-audit queue was full",
+                rec.h.rows, rec.h.pid
+            )
+            .into_bytes(),
+        )
+    } else {
+        let mut s = rec.text(Text::Statement).to_vec();
+        if rec.truncated(Text::Statement) {
+            s.extend_from_slice(b" /* audit_ext: statement cut here */");
+        }
+        Some(s)
+    };
+    let columns = if lost { None } else { Some(column_names(rec)?) };
+    let row = AccessRow {
+        accessed_at: rec.h.accessed_at,
+        schema: rec.text(Text::Schema),
+        table: rec.text(Text::Table),
+        command: rec.text(Text::Command),
+        columns,
+        rows: (rec.h.rows >= 0).then_some(rec.h.rows),
+        outcome: if lost { b"lost" } else { rec.h.outcome.as_str().as_bytes() },
+        sqlstate: (rec.h.sqlstate != 0).then(|| sqlstate(rec.h.sqlstate)),
+        accessed_by: rec.text(Text::AccessedBy),
+        db_user: rec.text(Text::DbUser),
+        role: rec.text(Text::Role),
+        txid: (rec.h.txid != 0).then_some(rec.h.txid as i64),
+        session_info: jsonb(rec.text(Text::SessionInfo)),
+        query_id: (rec.h.query_id != 0).then_some(rec.h.query_id),
+        statement,
+        parameters: jsonb(rec.text(Text::Parameters)),
+        backend_pid: rec.h.pid,
+    };
+    if lost && rec.h.until == 0 {
+        return Err(AuditError::Internal("a loss record without its time range".into()));
+    }
+    // SAFETY: the jsonb datums were just made by jsonb_in.
+    unsafe { crate::chain::append::append_access(ext, &row) }.map(|_| ())
+}

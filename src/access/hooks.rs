@@ -1,0 +1,591 @@
+//! The executor and utility hooks that see reads of read-tracked tables.
+//!
+//! ExecutorStart finds the tracked tables a statement reads (from its
+//! permission info, before PostgreSQL checks it, so a denied read is seen too)
+//! and prepares one record per table while the transaction is sound. Run adds
+//! up the rows; End queues the records with outcome `ok`. A statement that
+//! fails marks its records with the error's SQLSTATE, and the (sub)transaction
+//! abort that follows every ERROR queues them: a reader cannot hide a read by
+//! failing or rolling back. COPY of a table to a file or client goes through
+//! the utility hook, since it bypasses the executor.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::{c_char, c_void, CStr};
+
+use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
+use pgrx::PgList;
+
+use super::record::{Kind, Outcome, Record, NTEXT};
+use super::{enqueue, quiet, targets};
+
+static mut PREV_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREV_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+static mut PREV_END: pg_sys::ExecutorEnd_hook_type = None;
+static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+/// Records prepared for one running statement.
+struct Pending {
+    /// The executor's QueryDesc (null for a COPY of a table).
+    qd: *mut pg_sys::QueryDesc,
+    subxact: pg_sys::SubTransactionId,
+    records: Vec<Box<Record>>,
+    rows: u64,
+    /// Set when the statement failed: the SQLSTATE (packed).
+    failed: Option<i32>,
+}
+
+thread_local! {
+    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
+    /// Inside `COPY (query) TO`: the executor's records say COPY.
+    static IN_COPY: Cell<bool> = const { Cell::new(false) };
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Installs the hooks (from _PG_init, when preloaded).
+pub fn install() {
+    // SAFETY: _PG_init runs once per process before any query; hooks are chained.
+    unsafe {
+        PREV_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
+        PREV_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        PREV_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
+        PREV_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+fn ensure_callbacks() {
+    if !REGISTERED.with(|r| r.replace(true)) {
+        // SAFETY: static callbacks, registered once per backend.
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+        }
+    }
+}
+
+/// Only client backends are audited: the worker, parallel workers (their leader
+/// is) and other background processes are not.
+fn audited_process() -> bool {
+    // SAFETY: a plain read of this process's type.
+    unsafe { pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND }
+}
+
+// ---- finding the reads --------------------------------------------------------------------
+
+/// One relation a statement reads: its oid, the role whose rights are checked,
+/// and the columns it reads (None: every column).
+struct Read {
+    relid: Oid,
+    check_as: Oid,
+    columns: Vec<i32>,
+}
+
+/// Column numbers of a permission bitmap (offset as PostgreSQL stores them);
+/// a whole-row reference (0) reads every column.
+///
+/// # Safety
+/// `set` must be null or a valid Bitmapset.
+unsafe fn columns_of(set: *const pg_sys::Bitmapset) -> Vec<i32> {
+    let mut v = Vec::new();
+    let mut m = -1;
+    loop {
+        // SAFETY: bms_next_member accepts null and any valid set.
+        m = unsafe { pg_sys::bms_next_member(set, m) };
+        if m < 0 {
+            return v;
+        }
+        v.push(m + pg_sys::FirstLowInvalidHeapAttributeNumber);
+    }
+}
+
+/// The relations `pstmt` reads (SELECT privilege required), as the permission check sees them.
+///
+/// # Safety
+/// `pstmt` must be a valid PlannedStmt.
+unsafe fn reads_of(pstmt: *mut pg_sys::PlannedStmt) -> Vec<Read> {
+    let mut out = Vec::new();
+    let select = pg_sys::ACL_SELECT as pg_sys::AclMode;
+    // SAFETY: the plan's lists hold the node types named (caller's contract).
+    unsafe {
+        #[cfg(feature = "pg15")]
+        {
+            let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*pstmt).rtable);
+            for rte in rtable.iter_ptr() {
+                if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION
+                    && (*rte).requiredPerms & select != 0
+                {
+                    out.push(Read {
+                        relid: (*rte).relid,
+                        check_as: (*rte).checkAsUser,
+                        columns: columns_of((*rte).selectedCols),
+                    });
+                }
+            }
+        }
+        #[cfg(not(feature = "pg15"))]
+        {
+            let perms = PgList::<pg_sys::RTEPermissionInfo>::from_pg((*pstmt).permInfos);
+            for p in perms.iter_ptr() {
+                if (*p).requiredPerms & select != 0 {
+                    out.push(Read {
+                        relid: (*p).relid,
+                        check_as: (*p).checkAsUser,
+                        columns: columns_of((*p).selectedCols),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+fn command_of(op: pg_sys::CmdType::Type) -> &'static str {
+    if IN_COPY.with(|c| c.get()) {
+        return "COPY";
+    }
+    match op {
+        pg_sys::CmdType::CMD_SELECT => "SELECT",
+        pg_sys::CmdType::CMD_UPDATE => "UPDATE",
+        pg_sys::CmdType::CMD_INSERT => "INSERT",
+        pg_sys::CmdType::CMD_DELETE => "DELETE",
+        pg_sys::CmdType::CMD_MERGE => "MERGE",
+        _ => "OTHER",
+    }
+}
+
+/// A role's name (empty if it is gone).
+fn role_name(role: Oid) -> Vec<u8> {
+    // SAFETY: a syscache lookup; noerr returns NULL for an unknown role.
+    unsafe {
+        let p = pg_sys::GetUserNameFromId(role, true);
+        if p.is_null() {
+            Vec::new()
+        } else {
+            CStr::from_ptr(p).to_bytes().to_vec()
+        }
+    }
+}
+
+/// The longest prefix of `b`, at most `n` bytes, that ends on a character boundary
+/// in the database encoding.
+fn clip(b: &[u8], n: usize) -> usize {
+    if n >= b.len() {
+        return b.len();
+    }
+    // SAFETY: pg_mbcliplen reads at most `len` bytes of the buffer.
+    unsafe { pg_sys::pg_mbcliplen(b.as_ptr().cast::<c_char>(), b.len() as i32, n as i32) as usize }
+}
+
+/// Prepares the records of one statement: one per tracked table it reads.
+fn prepare(
+    reads: Vec<Read>,
+    command: &str,
+    statement: &[u8],
+    query_id: i64,
+) -> Option<Vec<Box<Record>>> {
+    let mut targets_read: Vec<(std::rc::Rc<targets::Target>, Oid, Vec<i32>)> = Vec::new();
+    for r in reads {
+        let Some(t) = targets::lookup(r.relid) else { continue };
+        // Partitions read through their parent are one read of the parent.
+        match targets_read.iter_mut().find(|f| f.0.named == t.named) {
+            Some(f) => f.2.extend(r.columns),
+            None => targets_read.push((t, r.check_as, r.columns)),
+        }
+    }
+    if targets_read.is_empty() {
+        return None;
+    }
+    let info = crate::capture::actor::current_for_ddl().ok()?;
+    // SAFETY: plain reads of this backend's session and transaction state.
+    let (db, pid, at, txid, user) = unsafe {
+        (
+            pg_sys::MyDatabaseId,
+            pg_sys::MyProcPid,
+            pg_sys::GetCurrentStatementStartTimestamp(),
+            u64::from(u32::from(pg_sys::GetTopTransactionIdIfAny())),
+            pg_sys::GetUserId(),
+        )
+    };
+    let mut out = Vec::with_capacity(targets_read.len());
+    for (t, check_as, columns) in targets_read {
+        let mut rec = Record::new(Kind::Read);
+        rec.h.db = db;
+        rec.h.relid = t.named;
+        rec.h.pid = pid;
+        rec.h.accessed_at = at;
+        rec.h.txid = txid;
+        rec.h.query_id = query_id;
+        // A whole-row reference (0) reads every column: leave the list to the worker.
+        rec.h.has_columns = !columns.contains(&0);
+        for c in columns {
+            rec.set_column(c);
+        }
+        let role = role_name(if check_as != pg_sys::InvalidOid { check_as } else { user });
+        let fields: [&[u8]; NTEXT] = [
+            t.schema.to_bytes(),
+            t.table.to_bytes(),
+            command.as_bytes(),
+            &info.changed_by,
+            info.db_user(),
+            &role,
+            info.text(),
+            statement,
+            b"",
+        ];
+        rec.set_texts(fields, clip);
+        out.push(rec);
+    }
+    Some(out)
+}
+
+// ---- the statement's life -----------------------------------------------------------------
+
+fn begin(qd: *mut pg_sys::QueryDesc, records: Vec<Box<Record>>) {
+    ensure_callbacks();
+    // SAFETY: reads the current subtransaction id.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    PENDING.with(|p| p.borrow_mut().push(Pending { qd, subxact, records, rows: 0, failed: None }));
+}
+
+fn with_pending(qd: *mut pg_sys::QueryDesc, f: impl FnOnce(&mut Pending)) {
+    PENDING.with(|p| {
+        if let Some(e) = p.borrow_mut().iter_mut().rev().find(|e| e.qd == qd) {
+            f(e);
+        }
+    });
+}
+
+/// Marks the statement's records failed with the error being raised.
+fn fail(qd: *mut pg_sys::QueryDesc, e: &pgrx::pg_sys::panic::CaughtError) {
+    use pgrx::pg_sys::panic::CaughtError::*;
+    let code = match e {
+        PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r.sql_error_code(),
+    };
+    with_pending(qd, |p| p.failed = Some(code as i32));
+}
+
+/// Queues the statement's records: `ok`, or the error it failed with.
+fn finish(qd: *mut pg_sys::QueryDesc, may_raise: bool) {
+    let done = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let i = p.iter().rposition(|e| e.qd == qd)?;
+        Some(p.remove(i))
+    });
+    if let Some(p) = done {
+        queue_all(p, may_raise);
+    }
+}
+
+fn queue_all(p: Pending, may_raise: bool) {
+    let denied = PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32;
+    for mut rec in p.records {
+        rec.h.rows = p.rows as i64;
+        match p.failed {
+            None => rec.h.outcome = Outcome::Ok,
+            Some(code) => {
+                rec.h.outcome = if code == denied { Outcome::Denied } else { Outcome::Error };
+                rec.h.sqlstate = code;
+                if code == denied {
+                    rec.h.rows = 0;
+                }
+            }
+        }
+        enqueue(&rec, may_raise);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    use pg_sys::XactEvent::*;
+    if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
+        let all = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        for mut p in all {
+            p.failed.get_or_insert(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR as i32);
+            queue_all(p, false);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        let gone: Vec<Pending> = PENDING.with(|p| {
+            let mut p = p.borrow_mut();
+            let (gone, kept) =
+                std::mem::take(&mut *p).into_iter().partition(|e| e.subxact >= my_subid);
+            *p = kept;
+            gone
+        });
+        for mut p in gone {
+            p.failed.get_or_insert(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR as i32);
+            queue_all(p, false);
+        }
+    }
+}
+
+// ---- the hooks ----------------------------------------------------------------------------
+
+/// Runs `f` (a call into PostgreSQL); if it raises, marks `qd`'s records failed first.
+fn watched<R>(qd: *mut pg_sys::QueryDesc, f: impl FnOnce() -> R + std::panic::UnwindSafe) -> R {
+    PgTryBuilder::new(f)
+        .catch_others(|e| {
+            fail(qd, &e);
+            e.rethrow()
+        })
+        .execute()
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
+    if !explain_only && audited_process() && !quiet::active() {
+        // SAFETY: the executor hands us a valid QueryDesc with its plan and text.
+        let found = unsafe {
+            let pstmt = (*qd).plannedstmt;
+            let reads = reads_of(pstmt);
+            if reads.is_empty() {
+                None
+            } else {
+                let text = if (*qd).sourceText.is_null() {
+                    &[][..]
+                } else {
+                    CStr::from_ptr((*qd).sourceText).to_bytes()
+                };
+                prepare(reads, command_of((*qd).operation), text, (*pstmt).queryId as i64)
+            }
+        };
+        if let Some(records) = found {
+            begin(qd, records);
+        }
+    }
+    // SAFETY: the previous hook or the standard function, with the executor's arguments.
+    watched(qd, || unsafe {
+        match PREV_START {
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd, eflags)),
+            None => pg_sys::standard_ExecutorStart(qd, eflags),
+        }
+    });
+}
+
+/// Adds what this run processed to the statement's rows.
+///
+/// # Safety
+/// `qd` must be a started QueryDesc.
+unsafe fn count_rows(qd: *mut pg_sys::QueryDesc) {
+    // SAFETY: a started QueryDesc has its EState.
+    let n = unsafe {
+        if (*qd).estate.is_null() {
+            0
+        } else {
+            (*(*qd).estate).es_processed
+        }
+    };
+    with_pending(qd, |p| p.rows += n);
+}
+
+#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    qd: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    // SAFETY: the previous hook or the standard function, with the executor's arguments.
+    watched(qd, || unsafe {
+        match PREV_RUN {
+            Some(prev) => {
+                pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd, direction, count, execute_once))
+            }
+            None => pg_sys::standard_ExecutorRun(qd, direction, count, execute_once),
+        }
+    });
+    // SAFETY: the QueryDesc ran.
+    unsafe { count_rows(qd) };
+}
+
+#[cfg(feature = "pg18")]
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    qd: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+) {
+    // SAFETY: the previous hook or the standard function, with the executor's arguments.
+    watched(qd, || unsafe {
+        match PREV_RUN {
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd, direction, count)),
+            None => pg_sys::standard_ExecutorRun(qd, direction, count),
+        }
+    });
+    // SAFETY: the QueryDesc ran.
+    unsafe { count_rows(qd) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
+    // SAFETY: the previous hook or the standard function, with the executor's argument.
+    watched(qd, || unsafe {
+        match PREV_FINISH {
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd)),
+            None => pg_sys::standard_ExecutorFinish(qd),
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
+    // SAFETY: the previous hook or the standard function, with the executor's argument.
+    watched(qd, || unsafe {
+        match PREV_END {
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd)),
+            None => pg_sys::standard_ExecutorEnd(qd),
+        }
+    });
+    finish(qd, true);
+}
+
+/// The relation a `COPY … TO` of a table reads, and its column list (None: all).
+///
+/// # Safety
+/// `stmt` must be a valid utility statement node.
+unsafe fn copy_to_table(stmt: *mut pg_sys::Node) -> Option<(Oid, Option<Vec<String>>)> {
+    // SAFETY: the node tag is checked before the cast; the RangeVar is looked up
+    // without a lock and without an error for a missing table (COPY reports that).
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_CopyStmt {
+            return None;
+        }
+        let copy = stmt.cast::<pg_sys::CopyStmt>();
+        if (*copy).is_from || (*copy).relation.is_null() {
+            return None;
+        }
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            (*copy).relation,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        if relid == pg_sys::InvalidOid {
+            return None;
+        }
+        let cols = if (*copy).attlist.is_null() {
+            None
+        } else {
+            let list = PgList::<pg_sys::String>::from_pg((*copy).attlist);
+            Some(
+                list.iter_ptr()
+                    .map(|s| CStr::from_ptr((*s).sval).to_string_lossy().into_owned())
+                    .collect(),
+            )
+        };
+        Some((relid, cols))
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // PostgreSQL's hook signature
+#[pg_guard]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: the utility statement of a valid PlannedStmt.
+    let stmt = unsafe { (*pstmt).utilityStmt };
+    // SAFETY: a node of the plan.
+    let is_copy = unsafe { !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_CopyStmt };
+    // A COPY of a table: the key is the statement node (it has no QueryDesc).
+    let key = stmt.cast::<pg_sys::QueryDesc>();
+    let mut watching = false;
+    if is_copy && audited_process() && !quiet::active() {
+        // SAFETY: stmt is the statement being run.
+        if let Some((relid, cols)) = unsafe { copy_to_table(stmt) } {
+            let columns = cols.map(|c| attnums(relid, &c)).unwrap_or_else(|| vec![0]);
+            // SAFETY: reads this backend's current role and the statement text.
+            let (user, text) = unsafe {
+                (
+                    pg_sys::GetUserId(),
+                    if query.is_null() { &[][..] } else { CStr::from_ptr(query).to_bytes() },
+                )
+            };
+            let reads = vec![Read { relid, check_as: user, columns }];
+            // SAFETY: the plan's query id.
+            let qid = unsafe { (*pstmt).queryId as i64 };
+            if let Some(records) = prepare(reads, "COPY", text, qid) {
+                begin(key, records);
+                watching = true;
+            }
+        }
+    }
+    let was = IN_COPY.with(|c| c.replace(is_copy || c.get()));
+    let run = || {
+        // SAFETY: the previous hook or the standard function, with PostgreSQL's arguments.
+        watched(key, || unsafe {
+            match PREV_UTILITY {
+                Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                    prev(pstmt, query, read_only_tree, context, params, env, dest, qc)
+                }),
+                None => pg_sys::standard_ProcessUtility(
+                    pstmt,
+                    query,
+                    read_only_tree,
+                    context,
+                    params,
+                    env,
+                    dest,
+                    qc,
+                ),
+            }
+        })
+    };
+    PgTryBuilder::new(run)
+        .catch_others(|e| {
+            IN_COPY.with(|c| c.set(was));
+            e.rethrow()
+        })
+        .execute();
+    IN_COPY.with(|c| c.set(was));
+    if watching {
+        // SAFETY: COPY filled in the completion tag's row count.
+        let n = unsafe {
+            if qc.is_null() {
+                0
+            } else {
+                (*qc).nprocessed
+            }
+        };
+        with_pending(key, |p| p.rows = n);
+        finish(key, true);
+    }
+}
+
+/// The column numbers of `names` in `relid` (unknown names are COPY's to refuse).
+fn attnums(relid: Oid, names: &[String]) -> Vec<i32> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let n = std::ffi::CString::new(n.as_str()).ok()?;
+            // SAFETY: a syscache lookup by name.
+            let a = unsafe { pg_sys::get_attnum(relid, n.as_ptr()) };
+            (a > 0).then_some(a as i32)
+        })
+        .collect()
+}

@@ -1,0 +1,191 @@
+//! The shared queue between reading backends and the worker: a fixed array of
+//! record slots in shared memory, sized by `audit.access_queue_size` at server
+//! start, under one LWLock. A backend copies its record into a free slot and
+//! wakes the launcher; each database's worker takes its own database's records
+//! in the order they were queued. Nothing here allocates or runs SQL.
+
+use std::ffi::CStr;
+use std::ptr;
+
+use pgrx::pg_sys::{self, Oid};
+
+use super::record::Record;
+
+const TRANCHE: &CStr = c"audit_ext access queue";
+const SHMEM_NAME: &CStr = c"audit_ext access queue";
+/// AddinShmemInitLock's index in MainLWLockArray (lwlocknames.h, the same in 15 to 18).
+const ADDIN_SHMEM_INIT_LOCK: usize = 21;
+
+#[repr(C)]
+struct Slot {
+    /// 0 while the slot is free.
+    seq: u64,
+    rec: Record,
+}
+
+#[repr(C)]
+struct Shared {
+    capacity: usize,
+    used: usize,
+    next_seq: u64,
+    /// Where the next free-slot search starts.
+    hint: usize,
+    /// The launcher's latch, set when a record is queued (null before it runs).
+    launcher_latch: *mut pg_sys::Latch,
+    slots: [Slot; 0],
+}
+
+static mut SHARED: *mut Shared = ptr::null_mut();
+static mut LOCK: *mut pg_sys::LWLock = ptr::null_mut();
+
+fn bytes_for(capacity: usize) -> usize {
+    std::mem::size_of::<Shared>() + capacity * std::mem::size_of::<Slot>()
+}
+
+/// From the shmem_request hook: the queue's memory and its lock.
+pub fn request(capacity: usize) {
+    // SAFETY: called from shmem_request_hook in the postmaster, where these are allowed.
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(bytes_for(capacity));
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
+}
+
+/// From the shmem_startup hook (postmaster and, under EXEC_BACKEND, each backend).
+pub fn attach(capacity: usize) {
+    // SAFETY: the standard add-in start-up sequence under AddinShmemInitLock; the
+    // struct is initialized once, by whoever finds it new.
+    unsafe {
+        // AddinShmemInitLock is MainLWLockArray[21] (lwlocknames.h), which pgrx does not name.
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let p = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), bytes_for(capacity), &mut found)
+            .cast::<Shared>();
+        if !found {
+            ptr::write_bytes(p.cast::<u8>(), 0, bytes_for(capacity));
+            (*p).capacity = capacity;
+            (*p).next_seq = 1;
+        }
+        SHARED = p;
+        LOCK = &mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// Whether the queue exists in this server (the library was preloaded).
+pub fn ready() -> bool {
+    // SAFETY: a plain read of a pointer set once at start-up.
+    unsafe { !SHARED.is_null() }
+}
+
+/// Holds the queue's lock; released on drop, and by LWLockReleaseAll on ERROR.
+struct Locked(*mut Shared);
+
+impl Locked {
+    fn take() -> Option<Locked> {
+        if !ready() {
+            return None;
+        }
+        // SAFETY: LOCK was set with SHARED; an LWLock wait is interruptible only by
+        // process death, and the critical sections below neither fail nor allocate.
+        unsafe {
+            pg_sys::LWLockAcquire(LOCK, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            Some(Locked(SHARED))
+        }
+    }
+    fn slot(&self, i: usize) -> *mut Slot {
+        // SAFETY: i < capacity (callers iterate below it); the slots follow the header.
+        unsafe { (*self.0).slots.as_mut_ptr().add(i) }
+    }
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        // SAFETY: we hold the lock (take() acquired it).
+        unsafe { pg_sys::LWLockRelease(LOCK) };
+    }
+}
+
+/// Queues a copy of `rec`. False when the queue is full (nothing was queued).
+pub fn push(rec: &Record) -> bool {
+    let latch = {
+        let Some(q) = Locked::take() else { return false };
+        // SAFETY: we hold the lock; every index is below capacity.
+        unsafe {
+            let s = &mut *q.0;
+            if s.used >= s.capacity {
+                return false;
+            }
+            let mut i = s.hint % s.capacity;
+            while (*q.slot(i)).seq != 0 {
+                i = (i + 1) % s.capacity;
+            }
+            let slot = q.slot(i);
+            ptr::copy_nonoverlapping(rec, &mut (*slot).rec, 1);
+            (*slot).seq = s.next_seq;
+            s.next_seq += 1;
+            s.used += 1;
+            s.hint = i + 1;
+            s.launcher_latch
+        }
+    };
+    if !latch.is_null() {
+        // SAFETY: the launcher's latch lives in its PGPROC, in shared memory, for the
+        // server's life; SetLatch may be called on another process's latch.
+        unsafe { pg_sys::SetLatch(latch) };
+    }
+    true
+}
+
+/// Takes up to `max` of `db`'s records, oldest first.
+pub fn take(db: Oid, max: usize) -> Vec<Box<Record>> {
+    let Some(q) = Locked::take() else { return Vec::new() };
+    let mut found: Vec<(u64, usize)> = Vec::new();
+    // SAFETY: we hold the lock; every index is below capacity.
+    unsafe {
+        let s = &mut *q.0;
+        for i in 0..s.capacity {
+            let slot = q.slot(i);
+            if (*slot).seq != 0 && (*slot).rec.h.db == db {
+                found.push(((*slot).seq, i));
+            }
+        }
+        found.sort_unstable();
+        found.truncate(max);
+        let mut out = Vec::with_capacity(found.len());
+        for &(_, i) in &found {
+            let slot = q.slot(i);
+            let mut r = super::record::Record::new((*slot).rec.h.kind);
+            ptr::copy_nonoverlapping(&(*slot).rec, &mut *r, 1);
+            (*slot).seq = 0;
+            out.push(r);
+        }
+        s.used -= found.len();
+        out
+    }
+}
+
+/// The databases that have records waiting.
+pub fn waiting_databases() -> Vec<Oid> {
+    let Some(q) = Locked::take() else { return Vec::new() };
+    let mut dbs = Vec::new();
+    // SAFETY: we hold the lock; every index is below capacity.
+    unsafe {
+        for i in 0..(*q.0).capacity {
+            let slot = q.slot(i);
+            if (*slot).seq != 0 && !dbs.contains(&(*slot).rec.h.db) {
+                dbs.push((*slot).rec.h.db);
+            }
+        }
+    }
+    dbs
+}
+
+/// Called by the launcher: where to wake it when records arrive.
+pub fn set_launcher_latch(latch: *mut pg_sys::Latch) {
+    if let Some(q) = Locked::take() {
+        // SAFETY: we hold the lock.
+        unsafe { (*q.0).launcher_latch = latch };
+    }
+}

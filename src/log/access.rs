@@ -1,0 +1,187 @@
+//! audit.access_log's layout: its columns, in table order, with their types
+//! (sql/schema.sql creates the table; a test holds the two together).
+
+use std::ffi::CString;
+
+use pgrx::pg_sys::{self, Oid};
+
+macro_rules! layout {
+    ($($col:ident = $name:literal : $typ:ident),* $(,)?) => {
+        /// audit.access_log's columns, in table order.
+        #[derive(Clone, Copy)]
+        pub enum Col { $($col),* }
+        pub const NCOLS: usize = [$(Col::$col),*].len();
+        pub const COLUMN_NAMES: [&str; NCOLS] = [$($name),*];
+        pub const COLUMN_TYPES: [Oid; NCOLS] = [$(pg_sys::$typ),*];
+    };
+}
+
+layout! {
+    Id = "id": INT8OID,
+    AccessedAt = "accessed_at": TIMESTAMPTZOID,
+    SchemaName = "schema_name": TEXTOID,
+    TableName = "table_name": TEXTOID,
+    Command = "command": TEXTOID,
+    Columns = "columns": TEXTARRAYOID,
+    Rows = "rows": INT8OID,
+    Outcome = "outcome": TEXTOID,
+    Sqlstate = "sqlstate": TEXTOID,
+    AccessedBy = "accessed_by": TEXTOID,
+    DbUser = "db_user": TEXTOID,
+    Role = "role": TEXTOID,
+    Txid = "txid": INT8OID,
+    SessionInfo = "session_info": JSONBOID,
+    QueryId = "query_id": INT8OID,
+    Statement = "statement": TEXTOID,
+    Parameters = "parameters": JSONBOID,
+    BackendPid = "backend_pid": INT4OID,
+    RowHash = "row_hash": BYTEAOID,
+}
+
+impl Col {
+    pub const fn at(self) -> usize {
+        self as usize
+    }
+}
+
+/// `SELECT <every column, in table order> FROM audit.access_log`.
+pub fn select_all_sql() -> CString {
+    CString::new(format!("SELECT {} FROM audit.access_log", COLUMN_NAMES.join(", ")))
+        .expect("column names hold no NUL")
+}
+
+/// The INSERT of one row, every column a parameter, in table order.
+pub fn insert_sql() -> String {
+    let params: Vec<String> = (1..=NCOLS).map(|i| format!("${i}")).collect();
+    format!(
+        "INSERT INTO audit.access_log ({}) VALUES ({})",
+        COLUMN_NAMES.join(", "),
+        params.join(", ")
+    )
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// sql/schema.sql creates audit.access_log; this module describes it.
+    #[pg_test]
+    fn the_layout_is_the_table() {
+        Spi::run("CREATE EXTENSION IF NOT EXISTS audit_ext").unwrap();
+        let table = Spi::connect(|c| {
+            c.select(
+                "SELECT attname::text, atttypid FROM pg_attribute
+                  WHERE attrelid = 'audit.access_log'::regclass AND attnum > 0 AND NOT attisdropped
+                  ORDER BY attnum",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| {
+                (r.get::<String>(1).unwrap().unwrap(), r.get::<pg_sys::Oid>(2).unwrap().unwrap())
+            })
+            .collect::<Vec<_>>()
+        });
+        let ours: Vec<(String, pg_sys::Oid)> =
+            super::COLUMN_NAMES.iter().map(|n| n.to_string()).zip(super::COLUMN_TYPES).collect();
+        assert_eq!(table, ours);
+    }
+}
+
+/// One audit.access_log row, before its id and hash. Text is bytes in the
+/// database encoding; jsonb values are datums.
+pub struct AccessRow<'a> {
+    pub accessed_at: pg_sys::TimestampTz,
+    pub schema: &'a [u8],
+    pub table: &'a [u8],
+    pub command: &'a [u8],
+    pub columns: Option<Vec<Vec<u8>>>,
+    pub rows: Option<i64>,
+    pub outcome: &'a [u8],
+    pub sqlstate: Option<Vec<u8>>,
+    pub accessed_by: &'a [u8],
+    pub db_user: &'a [u8],
+    pub role: &'a [u8],
+    pub txid: Option<i64>,
+    pub session_info: Option<pg_sys::Datum>,
+    pub query_id: Option<i64>,
+    pub statement: Option<Vec<u8>>,
+    pub parameters: Option<pg_sys::Datum>,
+    pub backend_pid: i32,
+}
+
+thread_local! {
+    static PLAN: std::cell::Cell<pg_sys::SPIPlanPtr> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// Inserts one row (the caller runs as the extension owner, inside SPI-less code).
+///
+/// # Safety
+/// The jsonb datums of `row` must be valid.
+pub unsafe fn store(row: &AccessRow, id: i64, row_hash: &[u8]) -> crate::errors::Result<()> {
+    use crate::datum::text_datum;
+    use crate::errors::AuditError;
+    use pg_sys::Datum;
+    let mut vals: [Option<Datum>; NCOLS] = [None; NCOLS];
+    // SAFETY: fresh datums in the current memory context.
+    unsafe {
+        let text = |s: Option<&[u8]>| s.map(|s| text_datum(s));
+        vals[Col::Id.at()] = Some(Datum::from(id));
+        vals[Col::AccessedAt.at()] = Some(Datum::from(row.accessed_at));
+        vals[Col::SchemaName.at()] = text(Some(row.schema));
+        vals[Col::TableName.at()] = text(Some(row.table));
+        vals[Col::Command.at()] = text(Some(row.command));
+        vals[Col::Columns.at()] = row.columns.as_ref().map(|cols| {
+            let names: Vec<std::ffi::CString> = cols
+                .iter()
+                .map(|c| std::ffi::CString::new(c.clone()).unwrap_or_default())
+                .collect();
+            let refs: Vec<&std::ffi::CStr> = names.iter().map(|c| c.as_c_str()).collect();
+            crate::datum::text_array(&refs)
+        });
+        vals[Col::Rows.at()] = row.rows.map(Datum::from);
+        vals[Col::Outcome.at()] = text(Some(row.outcome));
+        vals[Col::Sqlstate.at()] = text(row.sqlstate.as_deref());
+        vals[Col::AccessedBy.at()] = text(Some(row.accessed_by));
+        vals[Col::DbUser.at()] = text(Some(row.db_user));
+        vals[Col::Role.at()] = text(Some(row.role));
+        vals[Col::Txid.at()] = row.txid.map(Datum::from);
+        vals[Col::SessionInfo.at()] = row.session_info;
+        vals[Col::QueryId.at()] = row.query_id.map(Datum::from);
+        vals[Col::Statement.at()] = text(row.statement.as_deref());
+        vals[Col::Parameters.at()] = row.parameters;
+        vals[Col::BackendPid.at()] = Some(Datum::from(row.backend_pid));
+        vals[Col::RowHash.at()] = Some(text_datum(row_hash));
+    }
+    let values = vals.map(|v| v.unwrap_or(Datum::from(0)));
+    let nulls: [std::ffi::c_char; NCOLS] =
+        vals.map(|v| if v.is_none() { b'n' as std::ffi::c_char } else { b' ' as std::ffi::c_char });
+    // SAFETY: balanced SPI calls; the plan's parameter types are COLUMN_TYPES.
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            return Err(AuditError::Internal("SPI_connect failed".into()));
+        }
+        let mut plan = PLAN.with(|p| p.get());
+        if plan.is_null() {
+            let mut types = COLUMN_TYPES;
+            let sql = CString::new(insert_sql()).expect("no NUL");
+            plan = pg_sys::SPI_prepare(sql.as_ptr(), NCOLS as i32, types.as_mut_ptr());
+            if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
+                return Err(AuditError::Internal(
+                    "could not prepare the audit.access_log insert".into(),
+                ));
+            }
+            PLAN.with(|p| p.set(plan));
+        }
+        let rc =
+            pg_sys::SPI_execute_plan(plan, values.as_ptr().cast_mut(), nulls.as_ptr(), false, 0);
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            return Err(AuditError::Internal(format!(
+                "audit.access_log insert failed: SPI code {rc}"
+            )));
+        }
+        pg_sys::SPI_finish();
+    }
+    Ok(())
+}

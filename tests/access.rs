@@ -1,0 +1,157 @@
+//! Access auditing on real connections: reads of read-tracked tables become rows
+//! of audit.access_log, written by the background worker, in the same hash chain
+//! as audit.log; reads that fail or roll back are recorded too.
+#![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Client, Cluster, ClusterOpts};
+
+fn cluster() -> Cluster {
+    Cluster::start(ClusterOpts::new().conf("audit.naptime = 3600"))
+}
+
+fn setup(db: &mut Client) {
+    db.batch_execute(
+        "CREATE EXTENSION audit_ext;
+         CREATE TABLE customers (id int PRIMARY KEY, name text, card text);
+         INSERT INTO customers SELECT g, 'name ' || g, 'card ' || g FROM generate_series(1, 10) g;
+         CREATE TABLE other (id int);
+         SELECT audit.track('customers', reads => true);",
+    )
+    .unwrap();
+}
+
+/// Waits until audit.access_log holds `n` reads of customers (the worker writes them soon after).
+fn wait_rows(db: &mut Client, n: i64) -> i64 {
+    let t = Instant::now();
+    loop {
+        let got: i64 = db
+            .query_one("SELECT count(*) FROM audit.access_log WHERE table_name = 'customers'", &[])
+            .unwrap()
+            .get(0);
+        if got >= n || t.elapsed() > Duration::from_secs(30) {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn verify(db: &mut Client) -> (bool, String) {
+    let r = db.query_one("SELECT ok, detail FROM audit.verify()", &[]).unwrap();
+    (r.get(0), r.get(1))
+}
+
+type Row = (String, String, Option<i64>, String, Option<String>, Vec<String>);
+
+fn rows(db: &mut Client) -> Vec<Row> {
+    db.query(
+        "SELECT command, outcome, rows, accessed_by, sqlstate, coalesce(columns, '{}')
+           FROM audit.access_log WHERE table_name = 'customers' ORDER BY id",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+    .collect()
+}
+
+#[test]
+fn reads_are_recorded_with_actor_columns_rows_and_outcome() {
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    let mut app = c.connect("postgres");
+    app.batch_execute(
+        "SET \"app.current_user\" = 'alice@corp';
+         SELECT name FROM customers WHERE id = 2;
+         SELECT count(*) FROM other;
+         BEGIN READ ONLY; SELECT * FROM customers WHERE id < 4; ROLLBACK;",
+    )
+    .unwrap();
+    // A failing statement is recorded with its SQLSTATE.
+    let err = app.batch_execute("SELECT 1 / (id - 5) FROM customers").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "22012");
+    // EXPLAIN without ANALYZE reads nothing.
+    app.batch_execute("EXPLAIN SELECT * FROM customers").unwrap();
+    assert_eq!(wait_rows(&mut db, 3), 3);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = rows(&mut db);
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert_eq!(
+        r[0],
+        (
+            "SELECT".into(),
+            "ok".into(),
+            Some(1),
+            "alice@corp".into(),
+            None,
+            vec!["id".to_string(), "name".to_string()]
+        )
+    );
+    assert_eq!((r[1].1.as_str(), r[1].2), ("ok", Some(3)), "read-only, rolled back: {r:?}");
+    assert_eq!(r[1].5, vec!["id", "name", "card"]);
+    assert_eq!((r[2].1.as_str(), r[2].4.as_deref()), ("error", Some("22012")), "{r:?}");
+
+    // In one chain with the changes: sealed and verified.
+    db.batch_execute("UPDATE customers SET name = 'x' WHERE id = 1").unwrap();
+    let sealed: i64 = db.query_one("SELECT audit.seal()", &[]).unwrap().get(0);
+    assert!(sealed >= 4, "sealed {sealed}");
+    let (ok, detail) = verify(&mut db);
+    assert!(ok, "{detail}");
+    // Tampering with a read record is caught.
+    db.batch_execute(
+        "SET audit.allow_drop = on;
+         UPDATE audit.access_log SET accessed_by = 'mallory' WHERE accessed_by = 'alice@corp' AND rows = 1;",
+    )
+    .unwrap();
+    let (ok, detail) = verify(&mut db);
+    assert!(!ok && detail.contains("altered"), "{detail}");
+    c.assert_no_crash();
+}
+
+#[test]
+fn denied_copy_and_dml_reads() {
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute("CREATE ROLE clerk LOGIN; GRANT SELECT (id) ON customers TO clerk;").unwrap();
+    let mut clerk = c.connect_as("postgres", "clerk");
+    let err = clerk.batch_execute("SELECT card FROM customers").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "42501");
+    db.batch_execute(
+        "COPY customers (id, card) TO '/dev/null';
+         COPY (SELECT name FROM customers WHERE id = 3) TO '/dev/null';
+         UPDATE other SET id = 1 FROM customers WHERE customers.id = other.id;",
+    )
+    .unwrap();
+    assert_eq!(wait_rows(&mut db, 4), 4);
+    let r = rows(&mut db);
+    assert_eq!(
+        (r[0].0.as_str(), r[0].1.as_str(), r[0].4.as_deref()),
+        ("SELECT", "denied", Some("42501"))
+    );
+    assert_eq!(
+        (r[1].0.as_str(), r[1].2, r[1].5.clone()),
+        ("COPY", Some(10), vec!["id".into(), "card".into()])
+    );
+    assert_eq!((r[2].0.as_str(), r[2].2), ("COPY", Some(1)));
+    assert_eq!(r[3].0, "UPDATE");
+    // The role that only reads cannot see or change the record of its reads.
+    let err = clerk.batch_execute("SELECT * FROM audit.access_log").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "42501");
+    c.assert_no_crash();
+}
+
+#[test]
+fn reads_need_preload() {
+    let c = Cluster::start(ClusterOpts::new().preload(false));
+    let mut db = c.connect("postgres");
+    db.batch_execute("CREATE EXTENSION audit_ext; CREATE TABLE t (id int PRIMARY KEY);").unwrap();
+    let err = db.batch_execute("SELECT audit.track('t', reads => true)").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "55000");
+    let err = db.batch_execute("SELECT audit.track('t', writes => false)").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "22023");
+    c.assert_no_crash();
+}
