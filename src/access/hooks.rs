@@ -4,9 +4,9 @@
 //! permission info, before PostgreSQL checks it, so a denied read is seen too)
 //! and prepares one record per table while the transaction is sound. Run adds
 //! up the rows; End queues the records with outcome `ok`. A statement that
-//! fails marks its records with the error's SQLSTATE, and the (sub)transaction
-//! abort that follows every ERROR queues them: a reader cannot hide a read by
-//! failing or rolling back. COPY of a table to a file or client goes through
+//! fails never reaches End: the (sub)transaction abort that follows every ERROR
+//! queues its records with the SQLSTATE that emit_log_hook saw reported, so a
+//! reader cannot hide a read by failing or rolling back. COPY of a table to a file or client goes through
 //! the utility hook, since it bypasses the executor.
 
 use std::cell::{Cell, RefCell};
@@ -57,6 +57,8 @@ pub fn install() {
         pg_sys::ExecutorEnd_hook = Some(executor_end);
         PREV_UTILITY = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREV_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(emit_log);
     }
 }
 
@@ -262,15 +264,6 @@ fn with_pending(qd: *mut pg_sys::QueryDesc, f: impl FnOnce(&mut Pending)) {
     });
 }
 
-/// Marks the statement's records failed with the error being raised.
-fn fail(qd: *mut pg_sys::QueryDesc, e: &pgrx::pg_sys::panic::CaughtError) {
-    use pgrx::pg_sys::panic::CaughtError::*;
-    let code = match e {
-        PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r.sql_error_code(),
-    };
-    with_pending(qd, |p| p.failed = Some(code as i32));
-}
-
 /// Queues the statement's records: `ok`, or the error it failed with.
 fn finish(qd: *mut pg_sys::QueryDesc, may_raise: bool) {
     let done = PENDING.with(|p| {
@@ -290,6 +283,7 @@ fn queue_all(p: Pending, may_raise: bool) {
         match p.failed {
             None => rec.h.outcome = Outcome::Ok,
             Some(code) => {
+                // 0: the error's SQLSTATE was not seen (the record says error, without one).
                 rec.h.outcome = if code == denied { Outcome::Denied } else { Outcome::Error };
                 rec.h.sqlstate = code;
                 if code == denied {
@@ -305,11 +299,15 @@ fn queue_all(p: Pending, may_raise: bool) {
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
     if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
+        IN_COPY.with(|c| c.set(false));
+        let code = LAST_ERROR.with(|e| e.take());
         let all = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
         for mut p in all {
-            p.failed.get_or_insert(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR as i32);
+            p.failed = Some(code.unwrap_or(0));
             queue_all(p, false);
         }
+    } else if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE) {
+        LAST_ERROR.with(|e| e.set(None));
     }
 }
 
@@ -328,62 +326,122 @@ unsafe extern "C-unwind" fn subxact_callback(
             *p = kept;
             gone
         });
+        // An error caught inside the statement (PL/pgSQL EXCEPTION) was never
+        // reported, so its SQLSTATE is unknown here unless emit_log_hook saw it.
+        let code = LAST_ERROR.with(|e| e.take());
         for mut p in gone {
-            p.failed.get_or_insert(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR as i32);
+            p.failed = Some(code.unwrap_or(0));
             queue_all(p, false);
         }
     }
 }
 
 // ---- the hooks ----------------------------------------------------------------------------
+//
+// Each hook is a plain frame around a call of the previous hook (or PostgreSQL's
+// standard function) through an unguarded declaration: an ERROR raised below
+// passes through it exactly as through C, with every field of the error intact
+// (pgrx's guard would rebuild the error and lose its constraint, table and
+// context fields, for every statement of the server). Such a frame holds nothing
+// that needs dropping; the Rust work happens before and after, in guarded helpers.
 
-/// Runs `f` (a call into PostgreSQL); if it raises, marks `qd`'s records failed first.
-fn watched<R>(qd: *mut pg_sys::QueryDesc, f: impl FnOnce() -> R + std::panic::UnwindSafe) -> R {
-    PgTryBuilder::new(f)
-        .catch_others(|e| {
-            fail(qd, &e);
-            e.rethrow()
-        })
-        .execute()
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ExecutorStart"]
+    fn raw_standard_executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32);
+    #[cfg(not(feature = "pg18"))]
+    #[link_name = "standard_ExecutorRun"]
+    fn raw_standard_executor_run(
+        qd: *mut pg_sys::QueryDesc,
+        direction: pg_sys::ScanDirection::Type,
+        count: u64,
+        execute_once: bool,
+    );
+    #[cfg(feature = "pg18")]
+    #[link_name = "standard_ExecutorRun"]
+    fn raw_standard_executor_run(
+        qd: *mut pg_sys::QueryDesc,
+        direction: pg_sys::ScanDirection::Type,
+        count: u64,
+    );
+    #[link_name = "standard_ExecutorFinish"]
+    fn raw_standard_executor_finish(qd: *mut pg_sys::QueryDesc);
+    #[link_name = "standard_ExecutorEnd"]
+    fn raw_standard_executor_end(qd: *mut pg_sys::QueryDesc);
+    #[link_name = "standard_ProcessUtility"]
+    fn raw_standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query: *const c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+
+thread_local! {
+    /// The SQLSTATE of the last ERROR this backend reported, for the abort that follows.
+    static LAST_ERROR: Cell<Option<i32>> = const { Cell::new(None) };
+}
+
+/// Notes each reported ERROR's SQLSTATE: the (sub)transaction abort that follows
+/// stamps it on the records of the statements it ended.
+#[pg_guard]
+unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: PostgreSQL passes the error being reported.
+    unsafe {
+        if !edata.is_null() && (*edata).elevel >= PgLogLevel::ERROR as i32 {
+            LAST_ERROR.with(|e| e.set(Some((*edata).sqlerrcode)));
+        }
+        if let Some(prev) = PREV_EMIT_LOG {
+            prev(edata);
+        }
+    }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+unsafe extern "C-unwind" fn before_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
-    if !explain_only && audited_process() && !quiet::active() {
-        // SAFETY: the executor hands us a valid QueryDesc with its plan and text.
-        let found = unsafe {
-            let pstmt = (*qd).plannedstmt;
-            let reads = reads_of(pstmt);
-            if reads.is_empty() {
-                None
-            } else {
-                let text = if (*qd).sourceText.is_null() {
-                    &[][..]
-                } else {
-                    CStr::from_ptr((*qd).sourceText).to_bytes()
-                };
-                prepare(reads, command_of((*qd).operation), text, (*pstmt).queryId as i64)
-            }
+    if explain_only || !audited_process() || quiet::active() {
+        return;
+    }
+    // SAFETY: the executor hands us a valid QueryDesc with its plan and text.
+    let found = unsafe {
+        let pstmt = (*qd).plannedstmt;
+        let reads = reads_of(pstmt);
+        if reads.is_empty() {
+            return;
+        }
+        let text = if (*qd).sourceText.is_null() {
+            &[][..]
+        } else {
+            CStr::from_ptr((*qd).sourceText).to_bytes()
         };
-        if let Some(records) = found {
-            begin(qd, records);
+        prepare(reads, command_of((*qd).operation), text, (*pstmt).queryId as i64)
+    };
+    if let Some(records) = found {
+        begin(qd, records);
+    }
+}
+
+unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    // SAFETY: a guarded helper, then the previous hook or the standard function
+    // with the executor's own arguments (see the section's comment).
+    unsafe {
+        before_start(qd, eflags);
+        match PREV_START {
+            Some(prev) => prev(qd, eflags),
+            None => raw_standard_executor_start(qd, eflags),
         }
     }
-    // SAFETY: the previous hook or the standard function, with the executor's arguments.
-    watched(qd, || unsafe {
-        match PREV_START {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd, eflags)),
-            None => pg_sys::standard_ExecutorStart(qd, eflags),
-        }
-    });
 }
 
 /// Adds what this run processed to the statement's rows.
-///
-/// # Safety
-/// `qd` must be a started QueryDesc.
-unsafe fn count_rows(qd: *mut pg_sys::QueryDesc) {
+#[pg_guard]
+unsafe extern "C-unwind" fn after_run(qd: *mut pg_sys::QueryDesc) {
     // SAFETY: a started QueryDesc has its EState.
     let n = unsafe {
         if (*qd).estate.is_null() {
@@ -395,66 +453,67 @@ unsafe fn count_rows(qd: *mut pg_sys::QueryDesc) {
     with_pending(qd, |p| p.rows += n);
 }
 
-#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
-#[pg_guard]
+#[cfg(not(feature = "pg18"))]
 unsafe extern "C-unwind" fn executor_run(
     qd: *mut pg_sys::QueryDesc,
     direction: pg_sys::ScanDirection::Type,
     count: u64,
     execute_once: bool,
 ) {
-    // SAFETY: the previous hook or the standard function, with the executor's arguments.
-    watched(qd, || unsafe {
+    // SAFETY: as executor_start.
+    unsafe {
         match PREV_RUN {
-            Some(prev) => {
-                pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd, direction, count, execute_once))
-            }
-            None => pg_sys::standard_ExecutorRun(qd, direction, count, execute_once),
+            Some(prev) => prev(qd, direction, count, execute_once),
+            None => raw_standard_executor_run(qd, direction, count, execute_once),
         }
-    });
-    // SAFETY: the QueryDesc ran.
-    unsafe { count_rows(qd) };
+        after_run(qd);
+    }
 }
 
 #[cfg(feature = "pg18")]
-#[pg_guard]
 unsafe extern "C-unwind" fn executor_run(
     qd: *mut pg_sys::QueryDesc,
     direction: pg_sys::ScanDirection::Type,
     count: u64,
 ) {
-    // SAFETY: the previous hook or the standard function, with the executor's arguments.
-    watched(qd, || unsafe {
+    // SAFETY: as executor_start.
+    unsafe {
         match PREV_RUN {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd, direction, count)),
-            None => pg_sys::standard_ExecutorRun(qd, direction, count),
+            Some(prev) => prev(qd, direction, count),
+            None => raw_standard_executor_run(qd, direction, count),
         }
-    });
-    // SAFETY: the QueryDesc ran.
-    unsafe { count_rows(qd) };
+        after_run(qd);
+    }
 }
 
-#[pg_guard]
 unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
-    // SAFETY: the previous hook or the standard function, with the executor's argument.
-    watched(qd, || unsafe {
+    // SAFETY: as executor_start.
+    unsafe {
         match PREV_FINISH {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd)),
-            None => pg_sys::standard_ExecutorFinish(qd),
+            Some(prev) => prev(qd),
+            None => raw_standard_executor_finish(qd),
         }
-    });
+    }
 }
 
+/// Queues the statement's records once it has ended well.
 #[pg_guard]
+unsafe extern "C-unwind" fn after_end(qd: *mut pg_sys::QueryDesc) {
+    // During an abort (a cursor closed by ROLLBACK) the policy `error` cannot fail anything.
+    // SAFETY: a plain read of transaction state.
+    let may_raise = unsafe { pg_sys::IsTransactionState() };
+    finish(qd, may_raise);
+}
+
 unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
-    // SAFETY: the previous hook or the standard function, with the executor's argument.
-    watched(qd, || unsafe {
+    // SAFETY: as executor_start.
+    unsafe {
         match PREV_END {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(qd)),
-            None => pg_sys::standard_ExecutorEnd(qd),
+            Some(prev) => prev(qd),
+            None => raw_standard_executor_end(qd),
         }
-    });
-    finish(qd, true);
+        after_end(qd);
+    }
 }
 
 /// The relation a `COPY … TO` of a table reads, and its column list (None: all).
@@ -496,8 +555,66 @@ unsafe fn copy_to_table(stmt: *mut pg_sys::Node) -> Option<(Oid, Option<Vec<Stri
     }
 }
 
-#[allow(clippy::too_many_arguments)] // PostgreSQL's hook signature
+/// Before a utility statement: a COPY of a read-tracked table to a file or
+/// client prepares its records (keyed by the statement node: it has no
+/// QueryDesc). Returns whether the statement is a COPY.
 #[pg_guard]
+unsafe extern "C-unwind" fn before_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const c_char,
+) -> bool {
+    // SAFETY: the utility statement of a valid PlannedStmt.
+    let stmt = unsafe { (*pstmt).utilityStmt };
+    // SAFETY: a node of the plan.
+    let is_copy = unsafe { !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_CopyStmt };
+    if is_copy && audited_process() && !quiet::active() {
+        // SAFETY: stmt is the statement being run.
+        if let Some((relid, cols)) = unsafe { copy_to_table(stmt) } {
+            let columns = cols.map(|c| attnums(relid, &c)).unwrap_or_else(|| vec![0]);
+            // SAFETY: reads this backend's current role, the statement text and the query id.
+            let (user, text, qid) = unsafe {
+                (
+                    pg_sys::GetUserId(),
+                    if query.is_null() { &[][..] } else { CStr::from_ptr(query).to_bytes() },
+                    (*pstmt).queryId as i64,
+                )
+            };
+            let reads = vec![Read { relid, check_as: user, columns }];
+            if let Some(records) = prepare(reads, "COPY", text, qid) {
+                begin(stmt.cast(), records);
+            }
+        }
+    }
+    if is_copy {
+        IN_COPY.with(|c| c.set(true));
+    }
+    is_copy
+}
+
+/// After a utility statement that ended well: a COPY's records get its row count.
+#[pg_guard]
+unsafe extern "C-unwind" fn after_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    qc: *mut pg_sys::QueryCompletion,
+    was_in_copy: bool,
+) {
+    IN_COPY.with(|c| c.set(was_in_copy));
+    // SAFETY: the statement that just ran, and its completion tag.
+    let (key, n) = unsafe {
+        (
+            (*pstmt).utilityStmt.cast::<pg_sys::QueryDesc>(),
+            if qc.is_null() { 0 } else { (*qc).nprocessed },
+        )
+    };
+    with_pending(key, |p| p.rows = n);
+    finish(key, true);
+}
+
+fn in_copy() -> bool {
+    IN_COPY.with(|c| c.get())
+}
+
+#[allow(clippy::too_many_arguments)] // PostgreSQL's hook signature
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
     query: *const c_char,
@@ -508,72 +625,26 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    // SAFETY: the utility statement of a valid PlannedStmt.
-    let stmt = unsafe { (*pstmt).utilityStmt };
-    // SAFETY: a node of the plan.
-    let is_copy = unsafe { !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_CopyStmt };
-    // A COPY of a table: the key is the statement node (it has no QueryDesc).
-    let key = stmt.cast::<pg_sys::QueryDesc>();
-    let mut watching = false;
-    if is_copy && audited_process() && !quiet::active() {
-        // SAFETY: stmt is the statement being run.
-        if let Some((relid, cols)) = unsafe { copy_to_table(stmt) } {
-            let columns = cols.map(|c| attnums(relid, &c)).unwrap_or_else(|| vec![0]);
-            // SAFETY: reads this backend's current role and the statement text.
-            let (user, text) = unsafe {
-                (
-                    pg_sys::GetUserId(),
-                    if query.is_null() { &[][..] } else { CStr::from_ptr(query).to_bytes() },
-                )
-            };
-            let reads = vec![Read { relid, check_as: user, columns }];
-            // SAFETY: the plan's query id.
-            let qid = unsafe { (*pstmt).queryId as i64 };
-            if let Some(records) = prepare(reads, "COPY", text, qid) {
-                begin(key, records);
-                watching = true;
-            }
+    // SAFETY: as executor_start, with PostgreSQL's utility arguments.
+    unsafe {
+        let was_in_copy = in_copy();
+        let is_copy = before_utility(pstmt, query);
+        match PREV_UTILITY {
+            Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            None => raw_standard_process_utility(
+                pstmt,
+                query,
+                read_only_tree,
+                context,
+                params,
+                env,
+                dest,
+                qc,
+            ),
         }
-    }
-    let was = IN_COPY.with(|c| c.replace(is_copy || c.get()));
-    let run = || {
-        // SAFETY: the previous hook or the standard function, with PostgreSQL's arguments.
-        watched(key, || unsafe {
-            match PREV_UTILITY {
-                Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
-                    prev(pstmt, query, read_only_tree, context, params, env, dest, qc)
-                }),
-                None => pg_sys::standard_ProcessUtility(
-                    pstmt,
-                    query,
-                    read_only_tree,
-                    context,
-                    params,
-                    env,
-                    dest,
-                    qc,
-                ),
-            }
-        })
-    };
-    PgTryBuilder::new(run)
-        .catch_others(|e| {
-            IN_COPY.with(|c| c.set(was));
-            e.rethrow()
-        })
-        .execute();
-    IN_COPY.with(|c| c.set(was));
-    if watching {
-        // SAFETY: COPY filled in the completion tag's row count.
-        let n = unsafe {
-            if qc.is_null() {
-                0
-            } else {
-                (*qc).nprocessed
-            }
-        };
-        with_pending(key, |p| p.rows = n);
-        finish(key, true);
+        if is_copy {
+            after_utility(pstmt, qc, was_in_copy);
+        }
     }
 }
 
