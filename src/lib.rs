@@ -16,6 +16,7 @@ mod log;
 mod partitions;
 mod privilege;
 mod query;
+mod quiet;
 mod quote;
 mod row_key;
 mod secret;

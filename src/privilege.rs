@@ -20,6 +20,8 @@ pub const FIXED_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
 /// `SET search_path` clause does (a GUC nest level, closed on drop and by abort),
 /// so no code path can forget to.
 pub struct AsOwner {
+    /// What the extension reads as its owner is not a read to audit.
+    _quiet: crate::quiet::Quiet,
     uid: Oid,
     ctx: i32,
     /// The GUC nest level opened for the fixed search_path; 0 when none was.
@@ -57,7 +59,7 @@ impl AsOwner {
             pg_sys::SetUserIdAndSecContext(owner, ctx | flags);
         }
         let guc_level = if pin_search_path { pin_fixed_search_path() } else { 0 };
-        AsOwner { uid, ctx, guc_level }
+        AsOwner { _quiet: crate::quiet::Quiet::enter(), uid, ctx, guc_level }
     }
 }
 

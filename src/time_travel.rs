@@ -403,6 +403,7 @@ fn state_at(
     row_id: Option<String>,
     at: Option<TimestampWithTimeZone>,
 ) -> Option<JsonB> {
+    let _q = crate::quiet::Quiet::enter();
     state_at_impl(tbl, row_id, at).or_raise().map(JsonB)
 }
 
@@ -464,6 +465,7 @@ fn table_at(
     tbl: Option<PgRelation>,
     at: Option<TimestampWithTimeZone>,
 ) -> SetOfIterator<'static, JsonB> {
+    let _q = crate::quiet::Quiet::enter();
     SetOfIterator::new(table_at_impl(tbl, at).or_raise().into_iter().map(JsonB))
 }
 
@@ -518,6 +520,7 @@ fn history(
         name!(state, Option<JsonB>),
     ),
 > {
+    let _q = crate::quiet::Quiet::enter();
     let rows = history_impl(tbl, row_id, |r| {
         Ok((
             r.get(1)?.unwrap_or_default(),

@@ -304,5 +304,6 @@ fn columns(relid: pg_sys::Oid) -> Result<Vec<ColInfo>> {
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn undo(txid: Option<i64>, force: default!(Option<bool>, false)) -> i64 {
+    let _q = crate::quiet::Quiet::enter();
     undo_impl(txid, force).or_raise()
 }

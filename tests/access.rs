@@ -120,6 +120,8 @@ fn denied_copy_and_dml_reads() {
     let mut clerk = c.connect_as("postgres", "clerk");
     let err = clerk.batch_execute("SELECT card FROM customers").unwrap_err();
     assert_eq!(err.code().unwrap().code(), "42501");
+    // The clerk's abort, which queues the record, follows the error the client got.
+    assert_eq!(wait_rows(&mut db, 1), 1);
     db.batch_execute(
         "COPY customers (id, card) TO '/dev/null';
          COPY (SELECT name FROM customers WHERE id = 3) TO '/dev/null';
@@ -129,8 +131,8 @@ fn denied_copy_and_dml_reads() {
     assert_eq!(wait_rows(&mut db, 4), 4);
     let r = rows(&mut db);
     assert_eq!(
-        (r[0].0.as_str(), r[0].1.as_str(), r[0].4.as_deref()),
-        ("SELECT", "denied", Some("42501"))
+        (r[0].0.as_str(), r[0].1.as_str(), r[0].4.as_deref(), r[0].2),
+        ("SELECT", "denied", Some("42501"), Some(0))
     );
     assert_eq!(
         (r[1].0.as_str(), r[1].2, r[1].5.clone()),
@@ -153,5 +155,97 @@ fn reads_need_preload() {
     assert_eq!(err.code().unwrap().code(), "55000");
     let err = db.batch_execute("SELECT audit.track('t', writes => false)").unwrap_err();
     assert_eq!(err.code().unwrap().code(), "22023");
+    c.assert_no_crash();
+}
+
+/// Pauses or resumes the worker (audit.naptime, reloaded).
+fn set_naptime(db: &mut Client, secs: u32) {
+    db.batch_execute(&format!("ALTER SYSTEM SET audit.naptime = {secs}")).unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn a_full_queue_loses_nothing_silently() {
+    let c = Cluster::start(
+        ClusterOpts::new().conf("audit.naptime = 0").conf("audit.access_queue_size = 16"),
+    );
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute("SET audit.access_log_self = off").unwrap();
+    let mut app = c.connect("postgres");
+    app.batch_execute("SET audit.access_overflow = 'drop'").unwrap();
+    for _ in 0..20 {
+        app.batch_execute("SELECT * FROM customers WHERE id = 1").unwrap();
+    }
+    // `error` refuses a read it cannot record (and counts it too).
+    app.batch_execute("SET audit.access_overflow = 'error'").unwrap();
+    let err = app.batch_execute("SELECT * FROM customers WHERE id = 2").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "53000");
+    // `block` waits, then drops.
+    app.batch_execute("SET audit.access_overflow = 'block'; SET audit.access_block_timeout = 50")
+        .unwrap();
+    let t = Instant::now();
+    app.batch_execute("SELECT * FROM customers WHERE id = 3").unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(50));
+    set_naptime(&mut db, 3600);
+    assert_eq!(wait_rows(&mut db, 16), 16);
+    // The next read reports the 6 that were lost before it.
+    app.batch_execute("SELECT * FROM customers WHERE id = 4").unwrap();
+    let t = Instant::now();
+    let lost = loop {
+        let r = db
+            .query_opt("SELECT rows, backend_pid FROM audit.access_log WHERE command = 'LOST'", &[])
+            .unwrap();
+        if r.is_some() || t.elapsed() > Duration::from_secs(30) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let lost = lost.expect("a LOST row");
+    assert_eq!(lost.get::<_, i64>(0), 6);
+    let pid: i32 = app.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    assert_eq!(lost.get::<_, i32>(1), pid);
+    assert_eq!(wait_rows(&mut db, 17), 17);
+    db.query_one("SELECT audit.seal()", &[]).unwrap();
+    let (ok, detail) = verify(&mut db);
+    assert!(ok, "{detail}");
+    c.assert_no_crash();
+}
+
+#[test]
+fn own_reads_are_not_recorded_and_log_reads_are() {
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute(
+        "UPDATE customers SET name = 'n' WHERE id = 1;
+         SELECT audit.state_at('customers', '1', now());
+         SELECT count(*) FROM audit.table_at('customers', now());
+         SELECT count(*) FROM audit.history('customers', '1');
+         SELECT audit.seal(); SELECT * FROM audit.verify();
+         SELECT count(*) FROM audit.log;",
+    )
+    .unwrap();
+    let t = Instant::now();
+    let logs = loop {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM audit.access_log WHERE schema_name = 'audit' AND table_name = 'log'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if n > 0 || t.elapsed() > Duration::from_secs(30) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(logs, 1, "the read of audit.log itself");
+    let own: i64 = db
+        .query_one("SELECT count(*) FROM audit.access_log WHERE table_name = 'customers'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(own, 1, "only the UPDATE's read of customers, not the functions' reads");
     c.assert_no_crash();
 }

@@ -17,7 +17,8 @@ use pgrx::prelude::*;
 use pgrx::PgList;
 
 use super::record::{Kind, Outcome, Record, NTEXT};
-use super::{enqueue, quiet, targets};
+use super::{enqueue, targets};
+use crate::quiet;
 
 static mut PREV_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_RUN: pg_sys::ExecutorRun_hook_type = None;

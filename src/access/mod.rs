@@ -68,40 +68,6 @@ unsafe extern "C-unwind" fn shmem_startup() {
     queue::attach(settings::ACCESS_QUEUE_SIZE.get() as usize);
 }
 
-/// While audit_ext's own code runs SQL, its reads are not the user's.
-pub mod quiet {
-    use std::cell::Cell;
-
-    thread_local! {
-        static DEPTH: Cell<u32> = const { Cell::new(0) };
-    }
-
-    pub fn active() -> bool {
-        DEPTH.with(|d| d.get() > 0)
-    }
-
-    /// Held while alive; an ERROR unwinds through Drop too (pgrx turns it into a panic).
-    pub struct Quiet(());
-
-    impl Quiet {
-        pub fn enter() -> Quiet {
-            DEPTH.with(|d| d.set(d.get() + 1));
-            Quiet(())
-        }
-    }
-
-    impl Drop for Quiet {
-        fn drop(&mut self) {
-            DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
-        }
-    }
-
-    pub fn hush<R>(f: impl FnOnce() -> R) -> R {
-        let _q = Quiet::enter();
-        f()
-    }
-}
-
 /// Records this backend could not queue, not yet reported.
 #[derive(Clone, Copy, Default)]
 struct Lost {
@@ -112,6 +78,13 @@ struct Lost {
 
 thread_local! {
     static LOST: Cell<Lost> = const { Cell::new(Lost { count: 0, first: 0, last: 0 }) };
+    static EXIT_HOOKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A backend that leaves with losses not yet reported reports them on its way out.
+#[pg_guard]
+unsafe extern "C-unwind" fn report_losses_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    report_losses();
 }
 
 /// How long `block` waits between tries for a free slot.
@@ -153,6 +126,10 @@ fn try_push(rec: &Record) -> bool {
 }
 
 fn note_loss(at: i64) {
+    if !EXIT_HOOKED.with(|h| h.replace(true)) {
+        // SAFETY: registers a static callback once per backend.
+        unsafe { pg_sys::before_shmem_exit(Some(report_losses_at_exit), pg_sys::Datum::from(0)) };
+    }
     LOST.with(|l| {
         let mut v = l.get();
         if v.count == 0 {

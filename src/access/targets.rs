@@ -72,7 +72,7 @@ pub fn lookup(relid: Oid) -> Option<Rc<Target>> {
     let t = match MAP.with(|m| m.borrow().get(&relid).cloned()) {
         Some(t) => t,
         None => {
-            let t = super::quiet::hush(|| find(relid)).map(Rc::new);
+            let t = crate::quiet::hush(|| find(relid)).map(Rc::new);
             MAP.with(|m| m.borrow_mut().insert(relid, t.clone()));
             t
         }
