@@ -67,7 +67,7 @@ mod tests {
 
     /// sql/schema.sql creates audit.access_log; this module describes it.
     #[pg_test]
-    fn the_layout_is_the_table() {
+    fn the_access_layout_is_the_table() {
         Spi::run("CREATE EXTENSION IF NOT EXISTS audit_ext").unwrap();
         let table = Spi::connect(|c| {
             c.select(
