@@ -72,12 +72,24 @@ pub fn lookup(relid: Oid) -> Option<Rc<Target>> {
     let t = match MAP.with(|m| m.borrow().get(&relid).cloned()) {
         Some(t) => t,
         None => {
-            let t = crate::quiet::hush(|| find(relid)).map(Rc::new);
+            let t = crate::quiet::hush(|| find_safely(relid)).map(Rc::new);
             MAP.with(|m| m.borrow_mut().insert(relid, t.clone()));
             t
         }
     };
     t.filter(|t| !t.is_log || crate::settings::ACCESS_LOG_SELF.get())
+}
+
+/// [`find`], in a subtransaction: a failure there (an extension half-way through
+/// ALTER EXTENSION UPDATE, say) must never fail the statement that reads.
+fn find_safely(relid: Oid) -> Option<Target> {
+    match crate::subxact::run(|| find(relid), |_| true) {
+        Ok(t) => t,
+        Err(e) => {
+            debug1!("audit_ext: cannot tell whether relation {relid:?} is read-tracked: {}", e.message);
+            None
+        }
+    }
 }
 
 /// Reads audit.tracked (as the extension owner) for `relid` and its ancestors.
@@ -95,8 +107,8 @@ fn find(relid: Oid) -> Option<Target> {
                          SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS a
                    LEFT JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid AND t.reads
                   WHERE t.relid IS NOT NULL
-                     OR a.relid OPERATOR(pg_catalog.=) ANY (ARRAY['audit.log'::pg_catalog.regclass,
-                                                                 'audit.access_log'::pg_catalog.regclass])
+                     OR a.relid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('audit.log')
+                     OR a.relid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('audit.access_log')
                   ORDER BY a.ord LIMIT 1)",
         &[relid.into()],
     )
