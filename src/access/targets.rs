@@ -86,7 +86,10 @@ fn find_safely(relid: Oid) -> Option<Target> {
     match crate::subxact::run(|| find(relid), |_| true) {
         Ok(t) => t,
         Err(e) => {
-            debug1!("audit_ext: cannot tell whether relation {relid:?} is read-tracked: {}", e.message);
+            debug1!(
+                "audit_ext: cannot tell whether relation {relid:?} is read-tracked: {}",
+                e.message
+            );
             None
         }
     }
