@@ -615,6 +615,21 @@ fn reference_verifier_in_hashing_md_agrees_with_verify() {
     let mut db = partly_pruned(&s);
     s.retention(&mut db);
     db.batch_execute("UPDATE t SET v = 'after' WHERE id = 2").unwrap();
+    // Reads too: audit.access_log rows are in the same chain.
+    db.batch_execute("SELECT audit.track('t', reads => true)").unwrap();
+    db.batch_execute("SELECT v FROM t WHERE id = 2").unwrap();
+    db.batch_execute("ALTER SYSTEM SET audit.naptime = 3600").unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let t = Instant::now();
+    while db
+        .query_one("SELECT count(*) FROM audit.access_log WHERE table_name = 't'", &[])
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "the worker wrote no read record");
+        thread::sleep(Duration::from_millis(50));
+    }
     db.query_one("SELECT audit.seal()", &[]).unwrap();
     let d = digest(&mut db);
     let dir = std::env::temp_dir().join(format!("audit_ext_refverify_{}", std::process::id()));
