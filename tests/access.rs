@@ -249,3 +249,30 @@ fn own_reads_are_not_recorded_and_log_reads_are() {
     assert_eq!(own, 1, "only the UPDATE's read of customers, not the functions' reads");
     c.assert_no_crash();
 }
+
+#[test]
+fn errors_pass_through_the_hooks_untouched() {
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute(
+        "CREATE FUNCTION boom() RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO customers VALUES (1, 'again', NULL); END $$;",
+    )
+    .unwrap();
+    // Through a tracked table, a read-tracked table, and a function: every field of the
+    // error is PostgreSQL's own.
+    let err = db.batch_execute("SELECT boom()").unwrap_err();
+    let e = err.as_db_error().expect("a database error");
+    assert_eq!(e.code().code(), "23505");
+    assert_eq!(e.constraint(), Some("customers_pkey"));
+    assert_eq!(e.table(), Some("customers"));
+    assert_eq!(e.schema(), Some("public"));
+    assert!(e.detail().is_some_and(|d| d.contains("(id)=(1)")), "{:?}", e.detail());
+    assert!(e.where_().is_some_and(|w| w.contains("PL/pgSQL function boom()")), "{:?}", e.where_());
+    let err = db.batch_execute("SELECT 1 / (id - id) FROM customers").unwrap_err();
+    let e = err.as_db_error().unwrap();
+    assert_eq!((e.code().code(), e.message()), ("22012", "division by zero"));
+    assert!(e.detail().is_none(), "nothing added: {:?}", e.detail());
+    c.assert_no_crash();
+}
