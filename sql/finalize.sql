@@ -142,7 +142,8 @@ BEGIN
   END IF;
   PERFORM audit.maintain();
   FOR p IN SELECT inhrelid::regclass FROM pg_inherits
-            WHERE inhparent = 'audit.log'::regclass AND inhrelid <> 'audit.log_default'::regclass LOOP
+            WHERE (inhparent = 'audit.log'::regclass AND inhrelid <> 'audit.log_default'::regclass)
+               OR (inhparent = 'audit.access_log'::regclass AND inhrelid <> 'audit.access_log_default'::regclass) LOOP
     EXECUTE format('ALTER EXTENSION audit_ext DROP TABLE %s', p);
   END LOOP;
 END $$;

@@ -276,3 +276,39 @@ fn errors_pass_through_the_hooks_untouched() {
     assert!(e.detail().is_none(), "nothing added: {:?}", e.detail());
     c.assert_no_crash();
 }
+
+#[test]
+fn read_records_are_partitioned_and_retained_like_changes() {
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute("SET audit.access_log_self = off").unwrap();
+    for id in 1..=3 {
+        db.batch_execute(&format!("SELECT * FROM customers WHERE id = {id}")).unwrap();
+    }
+    assert_eq!(wait_rows(&mut db, 3), 3);
+    // In this month's partition, made with audit.log's by CREATE EXTENSION's maintain().
+    let parts: Vec<String> = db
+        .query("SELECT DISTINCT tableoid::regclass::text FROM audit.access_log", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(parts.len(), 1, "{parts:?}");
+    assert!(parts[0].starts_with("audit.access_log_p"), "{parts:?}");
+    db.query_one("SELECT audit.seal()", &[]).unwrap();
+    db.batch_execute("SET audit.retention = '1 day'").unwrap();
+    let report: String = db
+        .query_one("SELECT audit.maintain(now() + interval '100 days')::text", &[])
+        .unwrap()
+        .get(0);
+    assert!(report.contains(&parts[0].replace("audit.", "")), "{report}");
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM audit.access_log WHERE table_name = 'customers'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    let (ok, detail) = verify(&mut db);
+    assert!(ok, "{detail}");
+    c.assert_no_crash();
+}
