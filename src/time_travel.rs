@@ -397,14 +397,25 @@ fn state_at_impl(
     }
 }
 
+/// What a reading function returned is the table's data: a read of it, for
+/// access auditing (its own reads inside are quiet).
+fn noted(relid: Option<pg_sys::Oid>, function: &str, rows: i64) {
+    if let Some(relid) = relid {
+        crate::access::note_function_read(relid, function, rows);
+    }
+}
+
 #[pg_extern(stable, parallel_safe)]
 fn state_at(
     tbl: Option<PgRelation>,
     row_id: Option<String>,
     at: Option<TimestampWithTimeZone>,
 ) -> Option<JsonB> {
+    let relid = tbl.as_ref().map(|r| r.oid());
     let _q = crate::quiet::Quiet::enter();
-    state_at_impl(tbl, row_id, at).or_raise().map(JsonB)
+    let state = state_at_impl(tbl, row_id, at).or_raise();
+    noted(relid, "audit.state_at", state.is_some() as i64);
+    state.map(JsonB)
 }
 
 fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> Result<Vec<Value>> {
@@ -465,8 +476,11 @@ fn table_at(
     tbl: Option<PgRelation>,
     at: Option<TimestampWithTimeZone>,
 ) -> SetOfIterator<'static, JsonB> {
+    let relid = tbl.as_ref().map(|r| r.oid());
     let _q = crate::quiet::Quiet::enter();
-    SetOfIterator::new(table_at_impl(tbl, at).or_raise().into_iter().map(JsonB))
+    let rows = table_at_impl(tbl, at).or_raise();
+    noted(relid, "audit.table_at", rows.len() as i64);
+    SetOfIterator::new(rows.into_iter().map(JsonB))
 }
 
 /// A row's history, each log row made into `T` by `row` (the pg_extern's own
@@ -520,6 +534,7 @@ fn history(
         name!(state, Option<JsonB>),
     ),
 > {
+    let relid = tbl.as_ref().map(|r| r.oid());
     let _q = crate::quiet::Quiet::enter();
     let rows = history_impl(tbl, row_id, |r| {
         Ok((
@@ -534,5 +549,7 @@ fn history(
             r.get(9)?,
         ))
     });
-    TableIterator::new(rows.or_raise())
+    let rows = rows.or_raise();
+    noted(relid, "audit.history", rows.len() as i64);
+    TableIterator::new(rows)
 }

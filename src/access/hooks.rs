@@ -248,6 +248,30 @@ fn prepare(
     Some(out)
 }
 
+/// A read made by one of audit_ext's reading functions (state_at, table_at,
+/// history) on the caller's behalf: what they return is the table's data, so it
+/// is recorded like a SELECT of the table, under the function's name.
+pub fn note_function_read(relid: Oid, function: &str, rows: i64) {
+    // These functions are parallel safe: a parallel worker's call is a read too.
+    // SAFETY: a plain read of this process's worker number.
+    let parallel_worker = unsafe { pg_sys::ParallelWorkerNumber } >= 0;
+    if !super::preloaded() || !(audited_process() || parallel_worker) {
+        return;
+    }
+    // SAFETY: reads this backend's current role and the top-level statement's text.
+    let (user, text) = unsafe {
+        let q = pg_sys::debug_query_string;
+        (pg_sys::GetUserId(), if q.is_null() { &[][..] } else { CStr::from_ptr(q).to_bytes() })
+    };
+    let reads = vec![Read { relid, check_as: user, columns: vec![0] }];
+    if let Some(records) = prepare(reads, function, text, 0) {
+        for mut rec in records {
+            rec.h.rows = rows;
+            enqueue(&rec, true);
+        }
+    }
+}
+
 // ---- the statement's life -----------------------------------------------------------------
 
 fn begin(qd: *mut pg_sys::QueryDesc, records: Vec<Box<Record>>) {

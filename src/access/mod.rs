@@ -11,6 +11,7 @@ mod record;
 mod targets;
 
 pub use drain::drain;
+pub use hooks::note_function_read;
 pub use queue::{set_launcher_latch, waiting_databases};
 
 use std::cell::Cell;
