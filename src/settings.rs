@@ -26,6 +26,7 @@ pub static ACCESS_OVERFLOW: GucSetting<Option<CString>> =
 pub static ACCESS_BLOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static ACCESS_LOG_SELF: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static ACCESS_PARAMETERS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static ACCESS_PARAMETER_MAX_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
 /// What a reading backend does when the access-audit queue is full.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -142,6 +143,16 @@ pub fn init() {
         &ACCESS_PARAMETERS,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"audit.access_parameter_max_size",
+        c"The longest parameter value recorded with audit.access_parameters; longer ones are cut.",
+        c"",
+        &ACCESS_PARAMETER_MAX_SIZE,
+        0,
+        1 << 16,
+        GucContext::Suset,
+        GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_int_guc(
         c"audit.access_block_timeout",

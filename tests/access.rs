@@ -330,3 +330,56 @@ fn read_records_are_partitioned_and_retained_like_changes() {
     assert!(ok, "{detail}");
     c.assert_no_crash();
 }
+
+#[test]
+fn prepared_statements_definer_functions_views_ctes_and_subtransactions() {
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute(
+        "SET audit.access_log_self = off;
+         CREATE VIEW names AS SELECT id, name FROM customers;
+         CREATE ROLE teller;
+         CREATE FUNCTION card_of(i int) RETURNS text LANGUAGE sql SECURITY DEFINER
+           AS 'SELECT card FROM customers WHERE id = i';
+         GRANT EXECUTE ON FUNCTION card_of(int) TO teller;
+         CREATE ROLE lookup LOGIN; GRANT teller TO lookup;",
+    )
+    .unwrap();
+    let mut app = c.connect("postgres");
+    app.batch_execute("SET audit.access_parameters = on; SET audit.access_parameter_max_size = 4")
+        .unwrap();
+    app.query("SELECT name FROM customers WHERE id = $1 AND name <> $2", &[&2i32, &"long name"])
+        .unwrap();
+    app.batch_execute(
+        "SELECT * FROM names WHERE id = 5;
+         WITH c AS (SELECT id FROM customers) SELECT count(*) FROM c JOIN other USING (id);
+         BEGIN; SAVEPOINT s; SELECT card FROM customers WHERE id = 7; ROLLBACK TO s; COMMIT;",
+    )
+    .unwrap();
+    let mut lookup = c.connect_as("postgres", "lookup");
+    lookup.batch_execute("SET ROLE teller; SELECT card_of(3);").unwrap();
+    assert_eq!(wait_rows(&mut db, 5), 5);
+    let got: Vec<(String, Option<String>, String, Option<i64>)> = db
+        .query(
+            "SELECT command, parameters::text, role, rows FROM audit.access_log
+              WHERE table_name = 'customers' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(got[0].1.as_deref(), Some(r#"["2", "long..."]"#), "{got:?}");
+    assert_eq!(got[1].1, None, "a statement without parameters: {got:?}");
+    assert_eq!(got[1].3, Some(1), "through the view: {got:?}");
+    assert_eq!(got[3].3, Some(1), "in a rolled-back savepoint: {got:?}");
+    // Inside SECURITY DEFINER, the privileges checked are the definer's.
+    assert_eq!(got[4].2, "postgres", "{got:?}");
+    let who: String = db
+        .query_one("SELECT db_user FROM audit.access_log ORDER BY id DESC LIMIT 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "lookup");
+    c.assert_no_crash();
+}

@@ -192,6 +192,7 @@ fn prepare(
     command: &str,
     statement: &[u8],
     query_id: i64,
+    parameters: impl FnOnce() -> Vec<u8>,
 ) -> Option<Vec<Box<Record>>> {
     let mut targets_read: Vec<(std::rc::Rc<targets::Target>, Oid, Vec<i32>)> = Vec::new();
     for r in reads {
@@ -206,6 +207,7 @@ fn prepare(
         return None;
     }
     let info = crate::capture::actor::current_for_ddl().ok()?;
+    let parameters = parameters();
     // SAFETY: plain reads of this backend's session and transaction state.
     let (db, pid, at, txid, user) = unsafe {
         (
@@ -240,7 +242,7 @@ fn prepare(
             &role,
             info.text(),
             statement,
-            b"",
+            &parameters,
         ];
         rec.set_texts(fields, clip);
         out.push(rec);
@@ -264,11 +266,45 @@ pub fn note_function_read(relid: Oid, function: &str, rows: i64) {
         (pg_sys::GetUserId(), if q.is_null() { &[][..] } else { CStr::from_ptr(q).to_bytes() })
     };
     let reads = vec![Read { relid, check_as: user, columns: vec![0] }];
-    if let Some(records) = prepare(reads, function, text, 0) {
+    if let Some(records) = prepare(reads, function, text, 0, Vec::new) {
         for mut rec in records {
             rec.h.rows = rows;
             enqueue(&rec, true);
         }
+    }
+}
+
+/// The statement's parameters as a jsonb array's text (each value its type's text
+/// output, cut to audit.access_parameter_max_size bytes), when
+/// audit.access_parameters is on; empty otherwise. Parameters that PL/pgSQL
+/// supplies lazily (through a fetch hook) are not read.
+fn parameters_json(params: pg_sys::ParamListInfo) -> Vec<u8> {
+    if params.is_null() || !crate::settings::ACCESS_PARAMETERS.get() {
+        return Vec::new();
+    }
+    let max = crate::settings::ACCESS_PARAMETER_MAX_SIZE.get().max(0) as usize;
+    // SAFETY: a valid ParamListInfo of the running statement: numParams entries follow it.
+    unsafe {
+        if (*params).paramFetch.is_some() {
+            return Vec::new();
+        }
+        let n = (*params).numParams.max(0) as usize;
+        let items: Vec<(pg_sys::Datum, bool, Oid)> = (0..n)
+            .map(|i| {
+                let p = &*(*params).params.as_ptr().add(i);
+                if p.isnull || p.ptype == pg_sys::InvalidOid {
+                    return (pg_sys::Datum::from(0), true, pg_sys::TEXTOID);
+                }
+                let mut text = crate::datum::output_bytes(p.value, p.ptype);
+                if text.len() > max {
+                    text.truncate(clip(&text, max));
+                    text.extend_from_slice(b"...");
+                }
+                (crate::datum::text_datum(&text), false, pg_sys::TEXTOID)
+            })
+            .collect();
+        let arr = crate::capture::encode::jsonb_array(&items);
+        crate::chain::append::jsonb_text(arr).unwrap_or_default()
     }
 }
 
@@ -445,7 +481,10 @@ unsafe extern "C-unwind" fn before_start(qd: *mut pg_sys::QueryDesc, eflags: i32
         } else {
             CStr::from_ptr((*qd).sourceText).to_bytes()
         };
-        prepare(reads, command_of((*qd).operation), text, (*pstmt).queryId as i64)
+        let params = (*qd).params;
+        prepare(reads, command_of((*qd).operation), text, (*pstmt).queryId as i64, || {
+            parameters_json(params)
+        })
     };
     if let Some(records) = found {
         begin(qd, records);
@@ -605,7 +644,7 @@ unsafe extern "C-unwind" fn before_utility(
                 )
             };
             let reads = vec![Read { relid, check_as: user, columns }];
-            if let Some(records) = prepare(reads, "COPY", text, qid) {
+            if let Some(records) = prepare(reads, "COPY", text, qid, Vec::new) {
                 begin(stmt.cast(), records);
             }
         }
