@@ -93,6 +93,14 @@ fn reads_are_recorded_with_actor_columns_rows_and_outcome() {
     assert_eq!((r[1].1.as_str(), r[1].2), ("ok", Some(3)), "read-only, rolled back: {r:?}");
     assert_eq!(r[1].5, vec!["id", "name", "card"]);
     assert_eq!((r[2].1.as_str(), r[2].4.as_deref()), ("error", Some("22012")), "{r:?}");
+    // Reading took no transaction id: the reader never writes.
+    let txids: Vec<Option<i64>> = db
+        .query("SELECT txid FROM audit.access_log WHERE table_name = 'customers' ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(txids, vec![None, None, None]);
 
     // In one chain with the changes: sealed and verified.
     db.batch_execute("UPDATE customers SET name = 'x' WHERE id = 1").unwrap();

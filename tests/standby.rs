@@ -32,7 +32,7 @@ fn reading_functions_work_on_a_standby_and_writing_ones_refuse() {
         "SET client_min_messages = warning;
          CREATE EXTENSION audit_ext;
          CREATE TABLE acct (id int PRIMARY KEY, balance int);
-         SELECT audit.track('acct');
+         SELECT audit.track('acct', reads => true);
          INSERT INTO acct SELECT g, 100 FROM generate_series(1, 50) g;
          UPDATE acct SET balance = balance - 10 WHERE id <= 5;",
     )
@@ -72,6 +72,22 @@ fn reading_functions_work_on_a_standby_and_writing_ones_refuse() {
     assert_eq!(
         one::<String>(&mut s, "SELECT audit.version()->>'extension_version'"),
         env!("CARGO_PKG_VERSION")
+    );
+
+    // Reads on the standby cannot be stored: each is one structured line in its log.
+    assert_eq!(one::<i32>(&mut s, "SELECT balance FROM acct WHERE id = 9"), 100);
+    let log = standby.log_contents();
+    let line = log
+        .lines()
+        .find(|l| l.contains("audit_ext read on a standby") && l.contains("WHERE id = 9"))
+        .unwrap_or_else(|| panic!("no read line in the standby's log:\n{log}"));
+    assert!(
+        line.contains(r#""table_name":"acct""#) && line.contains(r#""outcome":"ok""#),
+        "{line}"
+    );
+    assert!(
+        log.contains(r#""command":"audit.state_at""#),
+        "the reading functions' reads are logged too"
     );
 
     for f in [

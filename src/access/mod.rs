@@ -94,6 +94,12 @@ const BLOCK_POLL_US: std::ffi::c_long = 1_000;
 /// Queues a record under `audit.access_overflow`. `may_raise`: the policy
 /// `error` may fail the statement (not while a transaction aborts).
 fn enqueue(rec: &Record, may_raise: bool) {
+    // SAFETY: a plain read of shared recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        // A standby cannot insert, and its worker does not run: one log line instead.
+        log_line(rec);
+        return;
+    }
     report_losses();
     if try_push(rec) {
         return;
@@ -120,6 +126,27 @@ fn enqueue(rec: &Record, may_raise: bool) {
             "audit.access_overflow = error refuses reads that cannot be recorded. Raise audit.access_queue_size, or check that the background worker runs."
         );
     }
+}
+
+/// One structured server-log line for a read that cannot be stored (on a standby).
+fn log_line(rec: &Record) {
+    use record::Text;
+    let t = |f: Text| String::from_utf8_lossy(rec.text(f)).into_owned();
+    let line = serde_json::json!({
+        "schema_name": t(Text::Schema),
+        "table_name": t(Text::Table),
+        "command": t(Text::Command),
+        "columns": rec.column_numbers().collect::<Vec<_>>(),
+        "rows": rec.h.rows,
+        "outcome": rec.h.outcome.as_str(),
+        "sqlstate": rec.h.sqlstate,
+        "accessed_by": t(Text::AccessedBy),
+        "db_user": t(Text::DbUser),
+        "role": t(Text::Role),
+        "backend_pid": rec.h.pid,
+        "statement": t(Text::Statement),
+    });
+    log!("audit_ext read on a standby: {line}");
 }
 
 fn try_push(rec: &Record) -> bool {

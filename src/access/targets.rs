@@ -103,7 +103,8 @@ fn find(relid: Oid) -> Option<Target> {
     if !crate::version::schema_is_current().unwrap_or(false) {
         return None; // 0.1.0's tables: no reads column, nothing is read-tracked
     }
-    let named = Spi::get_one_with_args::<Oid>(
+    // Read-only SPI: a reading statement must not get an xid from us (nor fail on a standby).
+    let named = crate::query::one_with_args::<Oid>(
         "SELECT (SELECT a.relid::pg_catalog.oid
                    FROM (SELECT $1::pg_catalog.regclass AS relid, 0::pg_catalog.int8 AS ord
                          UNION ALL
