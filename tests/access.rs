@@ -391,3 +391,90 @@ fn prepared_statements_definer_functions_views_ctes_and_subtransactions() {
     assert_eq!(who, "lookup");
     c.assert_no_crash();
 }
+
+fn customer_reads(db: &mut Client) -> i64 {
+    db.query_one("SELECT count(*) FROM audit.access_log WHERE table_name = 'customers'", &[])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn queued_reads_survive_stops_and_a_lost_queue_is_said() {
+    let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute("ALTER SYSTEM SET audit.access_log_self = off").unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    drop(db);
+    let read = |n: i32| {
+        let mut app = c.connect("postgres");
+        for id in 1..=n {
+            app.batch_execute(&format!("SELECT * FROM customers WHERE id = {id}")).unwrap();
+        }
+    };
+    // The worker is paused: the reads wait in the queue across an immediate stop and a
+    // fast one (the postmaster spools them), and the worker writes them afterwards.
+    read(5);
+    c.stop("immediate");
+    c.start_again();
+    read(2);
+    c.stop("fast");
+    c.start_again();
+    let mut db = c.connect("postgres");
+    assert_eq!(customer_reads(&mut db), 0, "still queued");
+    set_naptime(&mut db, 3600);
+    assert_eq!(wait_rows(&mut db, 7), 7);
+    let lost: i64 = db
+        .query_one("SELECT count(*) FROM audit.access_log WHERE command = 'LOST'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(lost, 0, "nothing was lost");
+
+    // A postmaster that dies outright cannot save its queue: the next start says so.
+    set_naptime(&mut db, 0);
+    drop(db);
+    read(3);
+    let pid: i32 = std::fs::read_to_string(c.datadir().join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    // It dies, its children notice and leave; then the server can start again.
+    let t = Instant::now();
+    let alive = |pid: i32| {
+        std::process::Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    };
+    while alive(pid) || c.datadir().join("postmaster.pid").exists() && alive(pid) {
+        assert!(t.elapsed() < Duration::from_secs(60), "the postmaster stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    c.start_again();
+    let mut db = c.connect("postgres");
+    set_naptime(&mut db, 3600);
+    let t = Instant::now();
+    let said = loop {
+        let r = db
+            .query_opt("SELECT rows, statement FROM audit.access_log WHERE command = 'LOST'", &[])
+            .unwrap();
+        if r.is_some() || t.elapsed() > Duration::from_secs(30) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let said = said.expect("a LOST row after the postmaster died");
+    assert_eq!(said.get::<_, Option<i64>>(0), None, "how many is unknown");
+    assert!(said.get::<_, String>(1).contains("may be missing"));
+    assert_eq!(customer_reads(&mut db), 7, "the 3 queued reads died with it");
+    db.query_one("SELECT audit.seal()", &[]).unwrap();
+    let (ok, detail) = verify(&mut db);
+    assert!(ok, "{detail}");
+}

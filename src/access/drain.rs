@@ -23,6 +23,15 @@ pub fn drain() -> Result<usize> {
     }
     // SAFETY: a plain read of the database this worker is connected to.
     let db = unsafe { pg_sys::MyDatabaseId };
+    if let Some(since) = queue::unclean_stop_to_tell(db) {
+        let mut r = Record::new(Kind::Lost);
+        r.h.db = db;
+        r.h.accessed_at = since;
+        r.h.until = since;
+        r.h.rows = -1; // unknown
+        r.set_texts([b"", b"", b"LOST", b"", b"", b"", b"", b"", b""], |_, n| n);
+        write(&ext, &r)?;
+    }
     let batch = queue::take(db, BATCH);
     for rec in &batch {
         write(&ext, rec)?;
@@ -59,7 +68,13 @@ fn column_names(rec: &Record) -> Result<Vec<Vec<u8>>> {
 
 fn write(ext: &crate::ext::ExtState, rec: &Record) -> Result<()> {
     let lost = rec.h.kind == Kind::Lost;
-    let statement = if lost {
+    let statement = if lost && rec.h.rows < 0 {
+        Some(
+            b"the server stopped without saving its access-audit queue (its postmaster died): \
+reads queued at that moment may be missing, how many is unknown"
+                .to_vec(),
+        )
+    } else if lost {
         Some(
             format!(
                 "{} read record(s) of backend {} were not recorded: the access-audit queue was full",

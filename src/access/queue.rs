@@ -3,11 +3,19 @@
 //! start, under one LWLock. A backend copies its record into a free slot and
 //! wakes the launcher; each database's worker takes its own database's records
 //! in the order they were queued. Nothing here allocates or runs SQL.
+//!
+//! The queue outlives the memory it is in. When the postmaster lets go of
+//! shared memory (shutdown of any kind, or the reset after a backend crashed),
+//! it writes the queued records to a spool file, and the next start loads them
+//! back. Only a postmaster that dies outright cannot: a marker file left behind
+//! tells the next start so, and each database's worker then writes a row saying
+//! that reads queued at that moment may be missing (their count unknown).
 
 use std::ffi::CStr;
 use std::ptr;
 
 use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
 
 use super::record::Record;
 
@@ -32,8 +40,22 @@ struct Shared {
     hint: usize,
     /// The launcher's latch, set when a record is queued (null before it runs).
     launcher_latch: *mut pg_sys::Latch,
+    /// When this server started after one that stopped without saving its queue
+    /// (0: it did not), and the databases whose workers have said so.
+    unclean_since: pg_sys::TimestampTz,
+    unclean_told: [Oid; MAX_TOLD],
     slots: [Slot; 0],
 }
+
+/// Databases whose unclean-stop row is remembered; beyond that a worker may write
+/// the row twice, never zero times.
+const MAX_TOLD: usize = 64;
+/// Where the queue waits while the server is down, and the marker of a running
+/// server (both in $PGDATA, the postmaster's working directory).
+const SPOOL: &str = "pg_stat/audit_ext_queue.spool";
+const RUNNING: &str = "pg_stat/audit_ext_queue.running";
+/// A spool file starts with this, then the record size and count (u64 each).
+const SPOOL_MAGIC: &[u8; 8] = b"AUDQ0001";
 
 static mut SHARED: *mut Shared = ptr::null_mut();
 static mut LOCK: *mut pg_sys::LWLock = ptr::null_mut();
@@ -69,7 +91,107 @@ pub fn attach(capacity: usize) {
         }
         SHARED = p;
         LOCK = &mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
+        if !found && !pg_sys::IsUnderPostmaster {
+            // The postmaster, creating shared memory (at start, or after a crash).
+            restore(p);
+            pg_sys::on_shmem_exit(Some(save_on_exit), pg_sys::Datum::from(0));
+        }
         pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// Loads the spool a previous run left, and notes an unclean stop.
+///
+/// # Safety
+/// `p` must be the new, initialized queue, not yet visible to any other process.
+unsafe fn restore(p: *mut Shared) {
+    // SAFETY: p is ours alone (caller's contract).
+    let s = unsafe { &mut *p };
+    if std::path::Path::new(RUNNING).exists() {
+        // SAFETY: a plain clock read.
+        s.unclean_since = unsafe { pg_sys::GetCurrentTimestamp() };
+    }
+    let _ = std::fs::write(RUNNING, b"");
+    let Ok(bytes) = std::fs::read(SPOOL) else { return };
+    let _ = std::fs::remove_file(SPOOL);
+    let size = std::mem::size_of::<Record>();
+    let header = SPOOL_MAGIC.len() + 16;
+    if bytes.len() < header || &bytes[..8] != SPOOL_MAGIC {
+        return;
+    }
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+    let (rec_size, count) = (word(8) as usize, word(16) as usize);
+    if rec_size != size || bytes.len() != header + count * size {
+        return; // another build's layout: the records cannot be read back
+    }
+    for (i, chunk) in bytes[header..].chunks_exact(size).take(s.capacity).enumerate() {
+        // SAFETY: i < capacity; the bytes are a Record of this layout (checked above),
+        // written by save_on_exit from a Record.
+        unsafe {
+            let slot = s.slots.as_mut_ptr().add(i);
+            ptr::copy_nonoverlapping(
+                chunk.as_ptr(),
+                ptr::addr_of_mut!((*slot).rec).cast::<u8>(),
+                size,
+            );
+            (*slot).seq = s.next_seq;
+        }
+        s.next_seq += 1;
+        s.used += 1;
+    }
+}
+
+/// The postmaster, letting go of shared memory: the queued records go to the
+/// spool, in queue order, and the running marker is removed.
+#[pg_guard]
+unsafe extern "C-unwind" fn save_on_exit(_code: i32, _arg: pg_sys::Datum) {
+    // SAFETY: the postmaster's own mapping of the queue, still attached while the
+    // on_shmem_exit callbacks run; no backend runs any more. A backend that died
+    // while copying left its slot's seq at 0 (seq is set after the copy).
+    unsafe {
+        let s = &*SHARED;
+        let mut full: Vec<(u64, usize)> = (0..s.capacity)
+            .filter_map(|i| {
+                let seq = (*s.slots.as_ptr().add(i)).seq;
+                (seq != 0).then_some((seq, i))
+            })
+            .collect();
+        full.sort_unstable();
+        if !full.is_empty() {
+            let size = std::mem::size_of::<Record>();
+            let mut out = Vec::with_capacity(24 + full.len() * size);
+            out.extend_from_slice(SPOOL_MAGIC);
+            out.extend_from_slice(&(size as u64).to_le_bytes());
+            out.extend_from_slice(&(full.len() as u64).to_le_bytes());
+            for (_, i) in full {
+                let rec = ptr::addr_of!((*s.slots.as_ptr().add(i)).rec).cast::<u8>();
+                out.extend_from_slice(std::slice::from_raw_parts(rec, size));
+            }
+            // Written whole, then renamed: a half-written spool is never read.
+            let tmp = format!("{SPOOL}.tmp");
+            if std::fs::write(&tmp, &out).is_ok() {
+                let _ = std::fs::rename(&tmp, SPOOL);
+            }
+        }
+        let _ = std::fs::remove_file(RUNNING);
+        SHARED = ptr::null_mut();
+    }
+}
+
+/// When this server started after one that stopped without saving its queue,
+/// the first time `db`'s worker asks (None afterwards, and when it did not).
+pub fn unclean_stop_to_tell(db: Oid) -> Option<pg_sys::TimestampTz> {
+    let q = Locked::take()?;
+    // SAFETY: we hold the lock.
+    unsafe {
+        let s = &mut *q.0;
+        if s.unclean_since == 0 || s.unclean_told.contains(&db) {
+            return None;
+        }
+        if let Some(free) = s.unclean_told.iter_mut().find(|o| **o == pg_sys::InvalidOid) {
+            *free = db;
+        }
+        Some(s.unclean_since)
     }
 }
 
