@@ -2,10 +2,10 @@
 //! them to audit.access_log, each with its id from audit.log's sequence and its
 //! row hash, so sealing covers them like changes.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 
 use super::queue;
 use super::record::{Kind, Record, Text};
@@ -30,11 +30,12 @@ pub fn drain() -> Result<usize> {
         r.h.until = since;
         r.h.rows = -1; // unknown
         r.set_texts([b"", b"", b"LOST", b"", b"", b"", b"", b"", b""], |_, n| n);
-        write(&ext, &r)?;
+        write(&ext, &r, &mut Columns::new())?;
     }
     let batch = queue::take(db, BATCH);
+    let mut columns = Columns::new();
     for rec in &batch {
-        write(&ext, rec)?;
+        write(&ext, rec, &mut columns)?;
     }
     Ok(batch.len())
 }
@@ -54,19 +55,43 @@ fn jsonb(text: &[u8]) -> Option<pg_sys::Datum> {
     unsafe { pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(c.as_ptr().into())]) }
 }
 
+/// A table's live columns, (number, name), in column order: read once per batch.
+type Columns = HashMap<pg_sys::Oid, Vec<(i32, Vec<u8>)>>;
+
 /// The names of the columns a record says were read (all of them when unknown).
-fn column_names(rec: &Record) -> Result<Vec<Vec<u8>>> {
+fn column_names(rec: &Record, cache: &mut Columns) -> Vec<Vec<u8>> {
+    let all = cache.entry(rec.h.relid).or_insert_with(|| {
+        // SAFETY: the relation is opened (if it still exists) under AccessShareLock and
+        // its descriptor read while it is open; names are copied out.
+        unsafe {
+            let rel = pg_sys::try_relation_open(rec.h.relid, pg_sys::AccessShareLock as i32);
+            if rel.is_null() {
+                return Vec::new(); // dropped since the read: no names to give
+            }
+            let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+            let cols = desc
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| !a.is_dropped())
+                .map(|(i, a)| {
+                    (
+                        i as i32 + 1,
+                        std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_bytes().to_vec(),
+                    )
+                })
+                .collect();
+            pg_sys::relation_close(rel, pg_sys::AccessShareLock as i32);
+            cols
+        }
+    });
+    if !rec.h.has_columns {
+        return all.iter().map(|(_, n)| n.clone()).collect();
+    }
     let wanted: Vec<i32> = rec.column_numbers().collect();
-    let names = Spi::get_one_with_args::<Vec<String>>(
-        "SELECT pg_catalog.array_agg(attname::pg_catalog.text ORDER BY attnum) FROM pg_catalog.pg_attribute
-          WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped
-            AND (NOT $2 OR attnum OPERATOR(pg_catalog.=) ANY ($3))",
-        &[rec.h.relid.into(), rec.h.has_columns.into(), wanted.into()],
-    )?;
-    Ok(names.unwrap_or_default().into_iter().map(String::into_bytes).collect())
+    all.iter().filter(|(a, _)| wanted.contains(a)).map(|(_, n)| n.clone()).collect()
 }
 
-fn write(ext: &crate::ext::ExtState, rec: &Record) -> Result<()> {
+fn write(ext: &crate::ext::ExtState, rec: &Record, cache: &mut Columns) -> Result<()> {
     let lost = rec.h.kind == Kind::Lost;
     let statement = if lost && rec.h.rows < 0 {
         Some(
@@ -89,7 +114,7 @@ reads queued at that moment may be missing, how many is unknown"
         }
         Some(s)
     };
-    let columns = if lost { None } else { Some(column_names(rec)?) };
+    let columns = if lost { None } else { Some(column_names(rec, cache)) };
     let row = AccessRow {
         accessed_at: rec.h.accessed_at,
         schema: rec.text(Text::Schema),
