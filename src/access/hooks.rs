@@ -149,6 +149,16 @@ unsafe fn reads_of(pstmt: *mut pg_sys::PlannedStmt) -> Vec<Read> {
     out
 }
 
+/// The statement's query id: a u64 before PostgreSQL 18, an i64 since.
+///
+/// # Safety
+/// `pstmt` must be a valid PlannedStmt.
+#[allow(clippy::unnecessary_cast)]
+unsafe fn query_id(pstmt: *mut pg_sys::PlannedStmt) -> i64 {
+    // SAFETY: the caller's contract.
+    unsafe { (*pstmt).queryId as i64 }
+}
+
 fn command_of(op: pg_sys::CmdType::Type) -> &'static str {
     if IN_COPY.with(|c| c.get()) {
         return "COPY";
@@ -482,7 +492,7 @@ unsafe extern "C-unwind" fn before_start(qd: *mut pg_sys::QueryDesc, eflags: i32
             CStr::from_ptr((*qd).sourceText).to_bytes()
         };
         let params = (*qd).params;
-        prepare(reads, command_of((*qd).operation), text, (*pstmt).queryId as i64, || {
+        prepare(reads, command_of((*qd).operation), text, query_id(pstmt), || {
             parameters_json(params)
         })
     };
@@ -640,7 +650,7 @@ unsafe extern "C-unwind" fn before_utility(
                 (
                     pg_sys::GetUserId(),
                     if query.is_null() { &[][..] } else { CStr::from_ptr(query).to_bytes() },
-                    (*pstmt).queryId as i64,
+                    query_id(pstmt),
                 )
             };
             let reads = vec![Read { relid, check_as: user, columns }];
