@@ -23,7 +23,15 @@ pub fn drain() -> Result<usize> {
     }
     // SAFETY: a plain read of the database this worker is connected to.
     let db = unsafe { pg_sys::MyDatabaseId };
-    if let Some(since) = queue::unclean_stop_to_tell(db) {
+    // Only where reads are audited: a database that records changes alone is not told.
+    let audits_reads = || -> Result<bool> {
+        Ok(crate::query::one::<bool>(
+            "SELECT EXISTS (SELECT FROM audit.tracked WHERE reads) OR EXISTS (SELECT FROM audit.access_log)",
+        )?
+        .unwrap_or(false))
+    };
+    if let Some(since) = queue::unclean_stop_to_tell(db).filter(|_| audits_reads().unwrap_or(true))
+    {
         let mut r = Record::new(Kind::Lost);
         r.h.db = db;
         r.h.accessed_at = since;
@@ -95,8 +103,8 @@ fn write(ext: &crate::ext::ExtState, rec: &Record, cache: &mut Columns) -> Resul
     let lost = rec.h.kind == Kind::Lost;
     let statement = if lost && rec.h.rows < 0 {
         Some(
-            b"the server stopped without saving its access-audit queue (its postmaster died): \
-reads queued at that moment may be missing, how many is unknown"
+            b"the server stopped abruptly (an immediate shutdown or a crash): reads that were running \
+then may be missing, and all queued reads if its postmaster died; how many is unknown"
                 .to_vec(),
         )
     } else if lost {

@@ -7,9 +7,12 @@
 //! The queue outlives the memory it is in. When the postmaster lets go of
 //! shared memory (shutdown of any kind, or the reset after a backend crashed),
 //! it writes the queued records to a spool file, and the next start loads them
-//! back. Only a postmaster that dies outright cannot: a marker file left behind
-//! tells the next start so, and each database's worker then writes a row saying
-//! that reads queued at that moment may be missing (their count unknown).
+//! back. What no file can keep are the reads of statements still running when
+//! the server stopped abruptly (an immediate shutdown, a crash, a postmaster that
+//! died outright, which also loses the queue itself): the next start finds out
+//! (the control file, a marker file, or a second initialization of the same
+//! postmaster), and each database's worker then writes a row saying that reads
+//! of that moment may be missing, their count unknown.
 
 use std::ffi::CStr;
 use std::ptr;
@@ -58,6 +61,9 @@ const RUNNING: &str = "pg_stat/audit_ext_queue.running";
 const SPOOL_MAGIC: &[u8; 8] = b"AUDQ0001";
 
 static mut SHARED: *mut Shared = ptr::null_mut();
+/// How many times this postmaster has made the queue: more than once means it is
+/// starting over after a backend crashed.
+static mut INITIALIZED: u32 = 0;
 static mut LOCK: *mut pg_sys::LWLock = ptr::null_mut();
 
 fn bytes_for(capacity: usize) -> usize {
@@ -105,9 +111,12 @@ pub fn attach(capacity: usize) {
 /// # Safety
 /// `p` must be the new, initialized queue, not yet visible to any other process.
 unsafe fn restore(p: *mut Shared) {
-    // SAFETY: p is ours alone (caller's contract).
-    let s = unsafe { &mut *p };
-    if std::path::Path::new(RUNNING).exists() {
+    // SAFETY: p is ours alone (caller's contract); INITIALIZED is the postmaster's own.
+    let (s, restarted) = unsafe {
+        INITIALIZED += 1;
+        (&mut *p, INITIALIZED > 1)
+    };
+    if restarted || std::path::Path::new(RUNNING).exists() || !stopped_cleanly() {
         // SAFETY: a plain clock read.
         s.unclean_since = unsafe { pg_sys::GetCurrentTimestamp() };
     }
@@ -139,6 +148,17 @@ unsafe fn restore(p: *mut Shared) {
         s.next_seq += 1;
         s.used += 1;
     }
+}
+
+/// Whether the control file says the server last stopped cleanly (a shutdown
+/// checkpoint, on a primary or a standby). Read as bytes, before the startup
+/// process touches it: `state` follows three fields every version has.
+fn stopped_cleanly() -> bool {
+    let Ok(bytes) = std::fs::read("global/pg_control") else { return true };
+    let at = std::mem::offset_of!(pg_sys::ControlFileData, state);
+    let Some(raw) = bytes.get(at..at + 4) else { return true };
+    let state = u32::from_ne_bytes(raw.try_into().unwrap_or_default());
+    state == pg_sys::DBState::DB_SHUTDOWNED || state == pg_sys::DBState::DB_SHUTDOWNED_IN_RECOVERY
 }
 
 /// The postmaster, letting go of shared memory: the queued records go to the
