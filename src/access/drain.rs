@@ -48,6 +48,11 @@ pub fn drain() -> Result<usize> {
     Ok(batch.len())
 }
 
+/// A timestamp as timestamptz's text output.
+fn timestamp_text(t: pg_sys::TimestampTz) -> String {
+    pgrx::datum::TimestampWithTimeZone::try_from(t).map(|t| t.to_string()).unwrap_or_default()
+}
+
 /// The five characters of a packed SQLSTATE.
 fn sqlstate(code: i32) -> Vec<u8> {
     (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8) + b'0').collect()
@@ -110,8 +115,11 @@ then may be missing, and all queued reads if its postmaster died; how many is un
     } else if lost {
         Some(
             format!(
-                "{} read record(s) of backend {} were not recorded: the access-audit queue was full",
-                rec.h.rows, rec.h.pid
+                "{} read record(s) of backend {} between {} and {} were not recorded: the access-audit queue was full",
+                rec.h.rows,
+                rec.h.pid,
+                timestamp_text(rec.h.accessed_at),
+                timestamp_text(rec.h.until)
             )
             .into_bytes(),
         )
