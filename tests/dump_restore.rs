@@ -54,20 +54,7 @@ fn dump_and_restore_keep_the_trail() {
     let ok: bool = s.query_one("SELECT ok FROM audit.verify()", &[]).unwrap().get(0);
     assert!(ok);
 
-    let dump = c.client("pg_dump").args(["-Fc", "-d", "src"]).output().unwrap();
-    assert!(dump.status.success(), "pg_dump: {}", String::from_utf8_lossy(&dump.stderr));
-    c.create_db("dst");
-    let mut restore = c
-        .client("pg_restore")
-        .args(["--exit-on-error", "-d", "dst"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    restore.stdin.take().unwrap().write_all(&dump.stdout).unwrap();
-    let out = restore.wait_with_output().unwrap();
-    assert!(out.status.success(), "pg_restore: {}", String::from_utf8_lossy(&out.stderr));
+    c.dump_and_restore("src", "dst");
 
     let mut d = c.connect("dst");
     assert_eq!(partitions(&mut s), partitions(&mut d), "the same partitions");

@@ -24,13 +24,7 @@ pub unsafe fn append_row(ext: &ExtState, actor: &Actor, row: Row) -> Result<()> 
     };
     // From here on only the extension's own objects are touched, and no SQL is planned.
     let _owner = AsOwner::enter_for_row_write(ext.owner);
-    // Before the id: the sealer must see that this transaction holds one.
-    crate::chain::writers::mark_current_transaction(ext.ext);
-    // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
-    let id = unsafe {
-        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))])
-    }
-    .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))?;
+    let id = next_id(ext)?;
 
     // SAFETY: the caller passes valid jsonb datums.
     let old_text = row.old_values.map(|d| unsafe { jsonb_text(d) }).transpose()?;
@@ -61,6 +55,15 @@ pub unsafe fn append_row(ext: &ExtState, actor: &Actor, row: Row) -> Result<()> 
     unsafe { log::store(ext, actor, &row, &stamp) }
 }
 
+/// The next id of the chain (the caller runs as the extension owner). The
+/// transaction is marked a writer first: the sealer must see that it holds one.
+fn next_id(ext: &ExtState) -> Result<i64> {
+    crate::chain::writers::mark_current_transaction(ext.ext);
+    // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
+    unsafe { pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))]) }
+        .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))
+}
+
 /// The jsonb's text as `jsonb_out` writes it, which is what the row hash covers.
 ///
 /// # Safety
@@ -79,12 +82,7 @@ pub unsafe fn jsonb_text(d: Datum) -> Result<Vec<u8>> {
 /// The jsonb datums of `row` must be valid.
 pub unsafe fn append_access(ext: &ExtState, row: &crate::log::access::AccessRow) -> Result<i64> {
     let _owner = AsOwner::enter_for_row_write(ext.owner);
-    crate::chain::writers::mark_current_transaction(ext.ext);
-    // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
-    let id = unsafe {
-        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))])
-    }
-    .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))?;
+    let id = next_id(ext)?;
     // SAFETY: the caller passes valid jsonb datums.
     let session = row.session_info.map(|d| unsafe { jsonb_text(d) }).transpose()?;
     // SAFETY: as for session.

@@ -121,7 +121,6 @@ thread_local! {
 /// The jsonb datums of `row` must be valid.
 pub unsafe fn store(row: &AccessRow, id: i64, row_hash: &[u8]) -> crate::errors::Result<()> {
     use crate::datum::text_datum;
-    use crate::errors::AuditError;
     use pg_sys::Datum;
     let mut vals: [Option<Datum>; NCOLS] = [None; NCOLS];
     // SAFETY: fresh datums in the current memory context.
@@ -155,33 +154,8 @@ pub unsafe fn store(row: &AccessRow, id: i64, row_hash: &[u8]) -> crate::errors:
         vals[Col::RowHash.at()] = Some(text_datum(row_hash));
     }
     let values = vals.map(|v| v.unwrap_or(Datum::from(0)));
-    let nulls: [std::ffi::c_char; NCOLS] =
-        vals.map(|v| if v.is_none() { b'n' as std::ffi::c_char } else { b' ' as std::ffi::c_char });
-    // SAFETY: balanced SPI calls; the plan's parameter types are COLUMN_TYPES.
-    unsafe {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            return Err(AuditError::Internal("SPI_connect failed".into()));
-        }
-        let mut plan = PLAN.with(|p| p.get());
-        if plan.is_null() {
-            let mut types = COLUMN_TYPES;
-            let sql = CString::new(insert_sql()).expect("no NUL");
-            plan = pg_sys::SPI_prepare(sql.as_ptr(), NCOLS as i32, types.as_mut_ptr());
-            if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                return Err(AuditError::Internal(
-                    "could not prepare the audit.access_log insert".into(),
-                ));
-            }
-            PLAN.with(|p| p.set(plan));
-        }
-        let rc =
-            pg_sys::SPI_execute_plan(plan, values.as_ptr().cast_mut(), nulls.as_ptr(), false, 0);
-        if rc != pg_sys::SPI_OK_INSERT as i32 {
-            return Err(AuditError::Internal(format!(
-                "audit.access_log insert failed: SPI code {rc}"
-            )));
-        }
-        pg_sys::SPI_finish();
-    }
-    Ok(())
+    let nulls = vals.map(|v| v.is_none());
+    let sql = || CString::new(insert_sql()).expect("column names hold no NUL");
+    // SAFETY: values hold audit.access_log's columns in table order, of COLUMN_TYPES.
+    unsafe { super::insert_kept(&PLAN, sql, &COLUMN_TYPES, &values, &nulls) }
 }

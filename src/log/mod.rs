@@ -171,26 +171,44 @@ pub unsafe fn store(ext: &ExtState, actor: &Actor, row: &Row, stamp: &Stamp) -> 
 /// # Safety
 /// `values` must be audit.log's columns in table order, of COLUMN_TYPES.
 unsafe fn insert_row(values: &[Datum; NCOLS], nulls: &[bool; NCOLS]) -> Result<()> {
-    let nulls: [c_char; NCOLS] = nulls.map(|n| if n { b'n' as c_char } else { b' ' as c_char });
+    // SAFETY: forwarded from the caller.
+    unsafe { insert_kept(&PLAN, insert_sql, &COLUMN_TYPES, values, nulls) }
+}
+
+/// Runs an INSERT with every column a parameter through a plan kept in `plan`
+/// (prepared at its first use from `sql()`).
+///
+/// # Safety
+/// `values` must be of `types`, which are the INSERT's parameter types.
+pub(crate) unsafe fn insert_kept(
+    plan: &'static std::thread::LocalKey<Cell<pg_sys::SPIPlanPtr>>,
+    sql: impl FnOnce() -> CString,
+    types: &[Oid],
+    values: &[Datum],
+    nulls: &[bool],
+) -> Result<()> {
+    let nulls: Vec<c_char> =
+        nulls.iter().map(|&n| if n { b'n' as c_char } else { b' ' as c_char }).collect();
     // SAFETY: SPI calls are balanced; on ERROR, transaction abort cleans up SPI state.
-    // The plan's parameter types are COLUMN_TYPES, which the values match.
+    // The plan's parameter types are `types`, which the values match (caller's contract).
     unsafe {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             return Err(AuditError::Internal("SPI_connect failed".into()));
         }
-        let mut plan = PLAN.with(|p| p.get());
-        if plan.is_null() {
-            let mut types = COLUMN_TYPES;
-            plan = pg_sys::SPI_prepare(insert_sql().as_ptr(), NCOLS as i32, types.as_mut_ptr());
-            if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                return Err(AuditError::Internal("could not prepare the audit.log insert".into()));
+        let mut kept = plan.with(|p| p.get());
+        if kept.is_null() {
+            let mut types = types.to_vec();
+            let sql = sql();
+            kept = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
+            if kept.is_null() || pg_sys::SPI_keepplan(kept) != 0 {
+                return Err(AuditError::Internal(format!("could not prepare {sql:?}")));
             }
-            PLAN.with(|p| p.set(plan));
+            plan.with(|p| p.set(kept));
         }
         let rc =
-            pg_sys::SPI_execute_plan(plan, values.as_ptr().cast_mut(), nulls.as_ptr(), false, 0);
+            pg_sys::SPI_execute_plan(kept, values.as_ptr().cast_mut(), nulls.as_ptr(), false, 0);
         if rc != pg_sys::SPI_OK_INSERT as i32 {
-            return Err(AuditError::Internal(format!("audit.log insert failed: SPI code {rc}")));
+            return Err(AuditError::Internal(format!("an audit insert failed: SPI code {rc}")));
         }
         pg_sys::SPI_finish();
     }

@@ -328,6 +328,26 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("cannot connect to {db} as {user}: {e}"))
     }
 
+    /// `pg_dump -Fc` of database `from` into a new database `to` (pg_restore,
+    /// stopping at the first error); panics with the tools' output on failure.
+    pub fn dump_and_restore(&self, from: &str, to: &str) {
+        use std::io::Write;
+        let dump = self.client("pg_dump").args(["-Fc", "-d", from]).output().unwrap();
+        assert!(dump.status.success(), "pg_dump: {}", String::from_utf8_lossy(&dump.stderr));
+        self.create_db(to);
+        let mut restore = self
+            .client("pg_restore")
+            .args(["--exit-on-error", "-d", to])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        restore.stdin.take().unwrap().write_all(&dump.stdout).unwrap();
+        let out = restore.wait_with_output().unwrap();
+        assert!(out.status.success(), "pg_restore: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// `CREATE DATABASE name`.
     pub fn create_db(&self, name: &str) {
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
