@@ -22,6 +22,10 @@ pub struct ExtState {
     /// audit.log_default, which writers lock before they route a row (log::sink).
     pub log_default: Oid,
     pub seq: Oid,
+    /// audit.access_log and its default partition; InvalidOid before ALTER
+    /// EXTENSION UPDATE makes them (0.1.0's tables have none).
+    pub access_log: Oid,
+    pub access_log_default: Oid,
     pub tracked: Oid,
     pub secret: Oid,
 }
@@ -37,7 +41,16 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: Oid) {
     // Runs inside invalidation processing: only forget, never query.
     if let Some(e) = EXT.with(|e| e.get()) {
         if relid == pg_sys::InvalidOid
-            || [e.log, e.log_default, e.seq, e.tracked, e.secret].contains(&relid)
+            || [
+                e.log,
+                e.log_default,
+                e.seq,
+                e.tracked,
+                e.secret,
+                e.access_log,
+                e.access_log_default,
+            ]
+            .contains(&relid)
         {
             EXT.with(|e| e.set(None));
             GENERATION.with(|g| g.set(g.get() + 1));
@@ -91,6 +104,8 @@ pub fn ext_state() -> Result<ExtState> {
             seq: rel(c"log_id_seq"),
             tracked: rel(c"tracked"),
             secret: rel(c"secret"),
+            access_log: rel(c"access_log"),
+            access_log_default: rel(c"access_log_default"),
         }
     };
     if [st.ext, st.log, st.log_default, st.seq, st.tracked, st.secret].contains(&pg_sys::InvalidOid)

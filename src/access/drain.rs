@@ -38,12 +38,12 @@ pub fn drain() -> Result<usize> {
         r.h.until = since;
         r.h.rows = -1; // unknown
         r.set_texts([b"", b"", b"LOST", b"", b"", b"", b"", b"", b""], |_, n| n);
-        write(&ext, &r, &mut Columns::new())?;
+        write(&ext, &r, &mut Cache::default())?;
     }
     let batch = queue::take(db, BATCH);
-    let mut columns = Columns::new();
+    let mut cache = Cache::default();
     for rec in &batch {
-        write(&ext, rec, &mut columns)?;
+        write(&ext, rec, &mut cache)?;
     }
     Ok(batch.len())
 }
@@ -68,12 +68,18 @@ fn jsonb(text: &[u8]) -> Option<pg_sys::Datum> {
     unsafe { pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(c.as_ptr().into())]) }
 }
 
-/// A table's live columns, (number, name), in column order: read once per batch.
-type Columns = HashMap<pg_sys::Oid, Vec<(i32, Vec<u8>)>>;
+/// What one batch's records share, worked out once: each table's live columns
+/// (number, name) in column order, and each session's session_info as jsonb
+/// (a session's records carry the same text until a setting changes).
+#[derive(Default)]
+struct Cache {
+    columns: HashMap<pg_sys::Oid, Vec<(i32, Vec<u8>)>>,
+    sessions: HashMap<Vec<u8>, Option<pg_sys::Datum>>,
+}
 
 /// The names of the columns a record says were read (all of them when unknown).
-fn column_names(rec: &Record, cache: &mut Columns) -> Vec<Vec<u8>> {
-    let all = cache.entry(rec.h.relid).or_insert_with(|| {
+fn column_names(rec: &Record, cache: &mut Cache) -> Vec<Vec<u8>> {
+    let all = cache.columns.entry(rec.h.relid).or_insert_with(|| {
         // SAFETY: the relation is opened (if it still exists) under AccessShareLock and
         // its descriptor read while it is open; names are copied out.
         unsafe {
@@ -104,7 +110,7 @@ fn column_names(rec: &Record, cache: &mut Columns) -> Vec<Vec<u8>> {
     all.iter().filter(|(a, _)| wanted.contains(a)).map(|(_, n)| n.clone()).collect()
 }
 
-fn write(ext: &crate::ext::ExtState, rec: &Record, cache: &mut Columns) -> Result<()> {
+fn write(ext: &crate::ext::ExtState, rec: &Record, cache: &mut Cache) -> Result<()> {
     let lost = rec.h.kind == Kind::Lost;
     let statement = if lost && rec.h.rows < 0 {
         Some(
@@ -144,7 +150,10 @@ then may be missing, and all queued reads if its postmaster died; how many is un
         db_user: rec.text(Text::DbUser),
         role: rec.text(Text::Role),
         txid: (rec.h.txid != 0).then_some(rec.h.txid as i64),
-        session_info: jsonb(rec.text(Text::SessionInfo)),
+        session_info: *cache
+            .sessions
+            .entry(rec.text(Text::SessionInfo).to_vec())
+            .or_insert_with(|| jsonb(rec.text(Text::SessionInfo))),
         query_id: (rec.h.query_id != 0).then_some(rec.h.query_id),
         statement,
         parameters: jsonb(rec.text(Text::Parameters)),

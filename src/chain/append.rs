@@ -109,6 +109,6 @@ pub unsafe fn append_access(ext: &ExtState, row: &crate::log::access::AccessRow)
     };
     let row_hash = hash::access_hash(&fields);
     // SAFETY: forwarded from the caller.
-    unsafe { crate::log::access::store(row, id, &row_hash) }?;
+    unsafe { crate::log::access::store(ext, row, id, &row_hash) }?;
     Ok(id)
 }

@@ -119,7 +119,12 @@ thread_local! {
 ///
 /// # Safety
 /// The jsonb datums of `row` must be valid.
-pub unsafe fn store(row: &AccessRow, id: i64, row_hash: &[u8]) -> crate::errors::Result<()> {
+pub unsafe fn store(
+    ext: &crate::ext::ExtState,
+    row: &AccessRow,
+    id: i64,
+    row_hash: &[u8],
+) -> crate::errors::Result<()> {
     use crate::datum::text_datum;
     use pg_sys::Datum;
     let mut vals: [Option<Datum>; NCOLS] = [None; NCOLS];
@@ -155,6 +160,22 @@ pub unsafe fn store(row: &AccessRow, id: i64, row_hash: &[u8]) -> crate::errors:
     }
     let values = vals.map(|v| v.unwrap_or(Datum::from(0)));
     let nulls = vals.map(|v| v.is_none());
+    // Straight into the partition, as the trigger writes audit.log; the executor's
+    // INSERT when the partition needs it (see log::sink).
+    // SAFETY: values hold audit.access_log's columns in table order, of COLUMN_TYPES.
+    if unsafe { super::sink::insert(ext.access_log, ext.access_log_default, &values, &nulls) } {
+        return Ok(());
+    }
+    // The executor routes the row itself: the parent and the default partition first,
+    // in maintain()'s order, for the reason log::sink gives.
+    // SAFETY: plain lock acquisitions, held until the transaction ends.
+    unsafe {
+        pg_sys::LockRelationOid(ext.access_log, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        pg_sys::LockRelationOid(
+            ext.access_log_default,
+            pg_sys::RowExclusiveLock as pg_sys::LOCKMODE,
+        );
+    }
     let sql = || CString::new(insert_sql()).expect("column names hold no NUL");
     // SAFETY: values hold audit.access_log's columns in table order, of COLUMN_TYPES.
     unsafe { super::insert_kept(&PLAN, sql, &COLUMN_TYPES, &values, &nulls) }
