@@ -93,6 +93,14 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
                 run_in(db, Mode::Reads);
             }
         }
+        // Waiting for a worker to finish resets this process's latch, so the wake-ups
+        // of records queued meanwhile are gone: look before sleeping.
+        if !crate::access::waiting_databases().is_empty() {
+            if !BackgroundWorker::wait_latch(Some(READS_LINGER)) {
+                break;
+            }
+            continue;
+        }
         let left = last_round.map(|t| naptime.saturating_sub(t.elapsed())).unwrap_or(naptime);
         if !BackgroundWorker::wait_latch(Some(left.max(READS_LINGER))) {
             break;

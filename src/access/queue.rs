@@ -257,6 +257,12 @@ pub fn push(rec: &Record) -> bool {
         unsafe {
             let s = &mut *q.0;
             if s.used >= s.capacity {
+                // Full: the launcher must be awake to make room, whoever woke it last.
+                let latch = s.launcher_latch;
+                drop(q);
+                if !latch.is_null() {
+                    pg_sys::SetLatch(latch);
+                }
                 return false;
             }
             let mut i = s.hint % s.capacity;
