@@ -90,12 +90,17 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
         } else {
             let waiting = crate::access::waiting_databases();
             for (_, db) in dbs.iter().filter(|(oid, db)| waiting.contains(oid) && served(db)) {
+                if BackgroundWorker::sigterm_received() {
+                    break;
+                }
                 run_in(db, Mode::Reads);
             }
         }
         // Waiting for a worker to finish resets this process's latch, so the wake-ups
-        // of records queued meanwhile are gone: look before sleeping.
-        if !crate::access::waiting_databases().is_empty() {
+        // of records queued meanwhile are gone: look before sleeping. Only at records
+        // a worker can write: a database the launcher does not serve keeps its own.
+        let waiting = crate::access::waiting_databases();
+        if dbs.iter().any(|(oid, db)| waiting.contains(oid) && served(db)) {
             if !BackgroundWorker::wait_latch(Some(READS_LINGER)) {
                 break;
             }
@@ -198,6 +203,8 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
             .unwrap_or(false)
     });
     if !installed {
+        // Reads queued before the extension was dropped have no log to go to.
+        crate::access::discard();
         return;
     }
     write_reads(&db);

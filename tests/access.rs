@@ -563,3 +563,67 @@ fn dump_and_restore_carry_the_reads_and_a_dump_is_a_read() {
     assert_eq!(wait_rows(&mut d, 4), 4);
     c.assert_no_crash();
 }
+
+#[test]
+fn records_the_worker_cannot_write_are_counted() {
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    // A superuser's trigger on the log refuses read records (but not LOST rows).
+    db.batch_execute(
+        "SET audit.access_log_self = off;
+         CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.command <> 'LOST' THEN RAISE EXCEPTION 'refused'; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON audit.access_log FOR EACH ROW EXECUTE FUNCTION public.refuse();",
+    )
+    .unwrap();
+    for id in 1..=3 {
+        db.batch_execute(&format!("SELECT * FROM customers WHERE id = {id}")).unwrap();
+    }
+    // One LOST row per batch the worker took: they add up to the three reads.
+    let t = Instant::now();
+    let lost = loop {
+        let l = lost_rows(&mut db);
+        if l.iter().map(|r| r.0.unwrap_or(0)).sum::<i64>() >= 3
+            || t.elapsed() > Duration::from_secs(30)
+        {
+            break l;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(lost.iter().map(|r| r.0.unwrap_or(0)).sum::<i64>(), 3, "{lost:?}");
+    assert!(lost.iter().all(|r| r.1.contains("could not be written")), "{lost:?}");
+    assert_eq!(customer_reads(&mut db), 0);
+    c.assert_no_crash();
+}
+
+#[test]
+fn reads_queued_for_a_dropped_extension_neither_stall_the_worker_nor_the_shutdown() {
+    let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 0"));
+    c.create_db("gone");
+    let mut g = c.connect("gone");
+    setup(&mut g);
+    for id in 1..=3 {
+        g.batch_execute(&format!("SELECT * FROM customers WHERE id = {id}")).unwrap();
+    }
+    g.batch_execute("SET audit.allow_drop = on; DROP EXTENSION audit_ext CASCADE;").unwrap();
+    drop(g);
+    let mut db = c.connect("postgres");
+    set_naptime(&mut db, 1);
+    // The launcher finds nobody to write them and lets them go; meanwhile it keeps
+    // serving: another database's reads are written.
+    c.create_db("kept");
+    let mut k = c.connect("kept");
+    setup(&mut k);
+    k.batch_execute("SELECT * FROM customers WHERE id = 1").unwrap();
+    assert_eq!(wait_rows(&mut k, 1), 1);
+    std::thread::sleep(Duration::from_secs(2));
+    drop(k);
+    drop(db);
+    let t = Instant::now();
+    c.stop("fast");
+    assert!(t.elapsed() < Duration::from_secs(20), "shutdown took {:?}", t.elapsed());
+}

@@ -41,11 +41,42 @@ pub fn drain() -> Result<usize> {
         write(&ext, &r, &mut Cache::default())?;
     }
     let batch = queue::take(db, BATCH);
-    let mut cache = Cache::default();
-    for rec in &batch {
-        write(&ext, rec, &mut cache)?;
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    // The records have left the queue: if they cannot be written, a row says so.
+    use crate::errors::OrRaise;
+    let written = crate::subxact::run(
+        || {
+            let mut cache = Cache::default();
+            for rec in &batch {
+                write(&ext, rec, &mut cache).or_raise();
+            }
+        },
+        |_| true,
+    );
+    if let Err(e) = written {
+        pgrx::warning!(
+            "audit_ext: {} read record(s) could not be written: {}",
+            batch.len(),
+            e.message
+        );
+        let mut r = Record::new(Kind::Lost);
+        r.h.db = db;
+        r.h.accessed_at = batch.iter().map(|b| b.h.accessed_at).min().unwrap_or_default();
+        r.h.until = batch.iter().map(|b| b.h.accessed_at).max().unwrap_or_default();
+        r.h.rows = batch.len() as i64;
+        r.set_texts([b"", b"", b"LOST", b"", b"", b"", b"", b"", b""], |_, n| n);
+        write(&ext, &r, &mut Cache::default())?;
     }
     Ok(batch.len())
+}
+
+/// Drops this database's queued records: its extension is gone, and its log with it.
+pub fn discard() {
+    // SAFETY: a plain read of the database this worker is connected to.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    while !queue::take(db, BATCH).is_empty() {}
 }
 
 /// A timestamp as timestamptz's text output.
@@ -117,6 +148,16 @@ fn write(ext: &crate::ext::ExtState, rec: &Record, cache: &mut Cache) -> Result<
             b"the server stopped abruptly (an immediate shutdown or a crash): reads that were running \
 then may be missing, and all queued reads if its postmaster died; how many is unknown"
                 .to_vec(),
+        )
+    } else if lost && rec.h.pid == 0 {
+        Some(
+            format!(
+                "{} read record(s) between {} and {} could not be written by the worker (see the server log)",
+                rec.h.rows,
+                timestamp_text(rec.h.accessed_at),
+                timestamp_text(rec.h.until)
+            )
+            .into_bytes(),
         )
     } else if lost {
         Some(

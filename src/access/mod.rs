@@ -10,7 +10,7 @@ mod queue;
 mod record;
 mod targets;
 
-pub use drain::drain;
+pub use drain::{discard, drain};
 pub use hooks::note_function_read;
 pub use queue::{set_launcher_latch, waiting_databases};
 
