@@ -60,35 +60,6 @@ pub fn insert_sql() -> String {
     )
 }
 
-#[cfg(any(test, feature = "pg_test"))]
-#[pgrx::pg_schema]
-mod tests {
-    use pgrx::prelude::*;
-
-    /// sql/schema.sql creates audit.access_log; this module describes it.
-    #[pg_test]
-    fn the_access_layout_is_the_table() {
-        Spi::run("CREATE EXTENSION IF NOT EXISTS audit_ext").unwrap();
-        let table = Spi::connect(|c| {
-            c.select(
-                "SELECT attname::text, atttypid FROM pg_attribute
-                  WHERE attrelid = 'audit.access_log'::regclass AND attnum > 0 AND NOT attisdropped
-                  ORDER BY attnum",
-                None,
-                &[],
-            )
-            .unwrap()
-            .map(|r| {
-                (r.get::<String>(1).unwrap().unwrap(), r.get::<pg_sys::Oid>(2).unwrap().unwrap())
-            })
-            .collect::<Vec<_>>()
-        });
-        let ours: Vec<(String, pg_sys::Oid)> =
-            super::COLUMN_NAMES.iter().map(|n| n.to_string()).zip(super::COLUMN_TYPES).collect();
-        assert_eq!(table, ours);
-    }
-}
-
 /// One audit.access_log row, before its id and hash. Text is bytes in the
 /// database encoding; jsonb values are datums.
 pub struct AccessRow<'a> {

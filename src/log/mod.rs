@@ -220,27 +220,37 @@ pub(crate) unsafe fn insert_kept(
 mod tests {
     use pgrx::prelude::*;
 
-    /// sql/schema.sql creates audit.log; this module describes it. They must agree.
-    #[pg_test]
-    fn the_layout_is_the_table() {
-        Spi::run("CREATE EXTENSION IF NOT EXISTS audit_ext").unwrap();
-        let table = Spi::connect(|c| {
+    /// A table's columns as the catalog has them: (name, type), in order.
+    fn columns_of(table: &str) -> Vec<(String, pg_sys::Oid)> {
+        Spi::connect(|c| {
             c.select(
                 "SELECT attname::text, atttypid FROM pg_attribute
-                  WHERE attrelid = 'audit.log'::regclass AND attnum > 0 AND NOT attisdropped
-                  ORDER BY attnum",
+                  WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
                 None,
-                &[],
+                &[table.into()],
             )
             .unwrap()
             .map(|r| {
                 (r.get::<String>(1).unwrap().unwrap(), r.get::<pg_sys::Oid>(2).unwrap().unwrap())
             })
-            .collect::<Vec<_>>()
-        });
-        let ours: Vec<(String, pg_sys::Oid)> =
-            super::COLUMN_NAMES.iter().map(|n| n.to_string()).zip(super::COLUMN_TYPES).collect();
-        assert_eq!(table, ours);
+            .collect()
+        })
+    }
+
+    /// sql/schema.sql creates both logs; this module and log::access describe
+    /// them. They must agree.
+    #[pg_test]
+    fn the_layouts_are_the_tables() {
+        Spi::run("CREATE EXTENSION IF NOT EXISTS audit_ext").unwrap();
+        let names = |n: &[&str]| n.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let ours: Vec<_> =
+            names(&super::COLUMN_NAMES).into_iter().zip(super::COLUMN_TYPES).collect();
+        assert_eq!(columns_of("audit.log"), ours);
+        let ours: Vec<_> = names(&super::access::COLUMN_NAMES)
+            .into_iter()
+            .zip(super::access::COLUMN_TYPES)
+            .collect();
+        assert_eq!(columns_of("audit.access_log"), ours);
         assert_eq!(super::PG_EPOCH_OFFSET_US, 946_684_800_000_000);
     }
 }
