@@ -82,10 +82,10 @@ fn audited_process() -> bool {
 
 // ---- finding the reads --------------------------------------------------------------------
 
-/// One relation a statement reads: its oid, the role whose rights are checked,
-/// and the columns it reads (None: every column).
+/// One read-tracked relation a statement reads: the tracked table it belongs to,
+/// the role whose rights are checked, and the columns it reads (0: every column).
 struct Read {
-    relid: Oid,
+    target: std::rc::Rc<targets::Target>,
     check_as: Oid,
     columns: Vec<i32>,
 }
@@ -108,7 +108,9 @@ unsafe fn columns_of(set: *const pg_sys::Bitmapset) -> Vec<i32> {
     }
 }
 
-/// The relations `pstmt` reads (SELECT privilege required), as the permission check sees them.
+/// The read-tracked relations `pstmt` reads (SELECT privilege required), as the
+/// permission check sees them. A statement that reads none costs a cache lookup
+/// per relation and nothing else: no column list is made for it.
 ///
 /// # Safety
 /// `pstmt` must be a valid PlannedStmt.
@@ -124,11 +126,13 @@ unsafe fn reads_of(pstmt: *mut pg_sys::PlannedStmt) -> Vec<Read> {
                 if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION
                     && (*rte).requiredPerms & select != 0
                 {
-                    out.push(Read {
-                        relid: (*rte).relid,
-                        check_as: (*rte).checkAsUser,
-                        columns: columns_of((*rte).selectedCols),
-                    });
+                    if let Some(target) = targets::lookup((*rte).relid) {
+                        out.push(Read {
+                            target,
+                            check_as: (*rte).checkAsUser,
+                            columns: columns_of((*rte).selectedCols),
+                        });
+                    }
                 }
             }
         }
@@ -137,11 +141,13 @@ unsafe fn reads_of(pstmt: *mut pg_sys::PlannedStmt) -> Vec<Read> {
             let perms = PgList::<pg_sys::RTEPermissionInfo>::from_pg((*pstmt).permInfos);
             for p in perms.iter_ptr() {
                 if (*p).requiredPerms & select != 0 {
-                    out.push(Read {
-                        relid: (*p).relid,
-                        check_as: (*p).checkAsUser,
-                        columns: columns_of((*p).selectedCols),
-                    });
+                    if let Some(target) = targets::lookup((*p).relid) {
+                        out.push(Read {
+                            target,
+                            check_as: (*p).checkAsUser,
+                            columns: columns_of((*p).selectedCols),
+                        });
+                    }
                 }
             }
         }
@@ -206,11 +212,10 @@ fn prepare(
 ) -> Option<Vec<Box<Record>>> {
     let mut targets_read: Vec<(std::rc::Rc<targets::Target>, Oid, Vec<i32>)> = Vec::new();
     for r in reads {
-        let Some(t) = targets::lookup(r.relid) else { continue };
         // Partitions read through their parent are one read of the parent.
-        match targets_read.iter_mut().find(|f| f.0.named == t.named) {
+        match targets_read.iter_mut().find(|f| f.0.named == r.target.named) {
             Some(f) => f.2.extend(r.columns),
-            None => targets_read.push((t, r.check_as, r.columns)),
+            None => targets_read.push((r.target, r.check_as, r.columns)),
         }
     }
     if targets_read.is_empty() {
@@ -275,7 +280,8 @@ pub fn note_function_read(relid: Oid, function: &str, rows: i64) {
         let q = pg_sys::debug_query_string;
         (pg_sys::GetUserId(), if q.is_null() { &[][..] } else { CStr::from_ptr(q).to_bytes() })
     };
-    let reads = vec![Read { relid, check_as: user, columns: vec![0] }];
+    let Some(target) = targets::lookup(relid) else { return };
+    let reads = vec![Read { target, check_as: user, columns: vec![0] }];
     if let Some(records) = prepare(reads, function, text, 0, Vec::new) {
         for mut rec in records {
             rec.h.rows = rows;
@@ -643,7 +649,10 @@ unsafe extern "C-unwind" fn before_utility(
     let is_copy = unsafe { !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_CopyStmt };
     if is_copy && audited_process() && !quiet::active() {
         // SAFETY: stmt is the statement being run.
-        if let Some((relid, cols)) = unsafe { copy_to_table(stmt) } {
+        let copied = unsafe { copy_to_table(stmt) };
+        if let Some((relid, cols, target)) =
+            copied.and_then(|(relid, cols)| Some((relid, cols, targets::lookup(relid)?)))
+        {
             let columns = cols.map(|c| attnums(relid, &c)).unwrap_or_else(|| vec![0]);
             // SAFETY: reads this backend's current role, the statement text and the query id.
             let (user, text, qid) = unsafe {
@@ -653,7 +662,7 @@ unsafe extern "C-unwind" fn before_utility(
                     query_id(pstmt),
                 )
             };
-            let reads = vec![Read { relid, check_as: user, columns }];
+            let reads = vec![Read { target, check_as: user, columns }];
             if let Some(records) = prepare(reads, "COPY", text, qid, Vec::new) {
                 begin(stmt.cast(), records);
             }

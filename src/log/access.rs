@@ -1,22 +1,10 @@
 //! audit.access_log's layout: its columns, in table order, with their types
 //! (sql/schema.sql creates the table; a test holds the two together).
 
-use std::ffi::CString;
-
-use pgrx::pg_sys::{self, Oid};
-
-macro_rules! layout {
-    ($($col:ident = $name:literal : $typ:ident),* $(,)?) => {
-        /// audit.access_log's columns, in table order.
-        #[derive(Clone, Copy)]
-        pub enum Col { $($col),* }
-        pub const NCOLS: usize = [$(Col::$col),*].len();
-        pub const COLUMN_NAMES: [&str; NCOLS] = [$($name),*];
-        pub const COLUMN_TYPES: [Oid; NCOLS] = [$(pg_sys::$typ),*];
-    };
-}
+use pgrx::pg_sys;
 
 layout! {
+    "audit.access_log";
     Id = "id": INT8OID,
     AccessedAt = "accessed_at": TIMESTAMPTZOID,
     SchemaName = "schema_name": TEXTOID,
@@ -36,28 +24,6 @@ layout! {
     Parameters = "parameters": JSONBOID,
     BackendPid = "backend_pid": INT4OID,
     RowHash = "row_hash": BYTEAOID,
-}
-
-impl Col {
-    pub const fn at(self) -> usize {
-        self as usize
-    }
-}
-
-/// `SELECT <every column, in table order> FROM audit.access_log`.
-pub fn select_all_sql() -> CString {
-    CString::new(format!("SELECT {} FROM audit.access_log", COLUMN_NAMES.join(", ")))
-        .expect("column names hold no NUL")
-}
-
-/// The INSERT of one row, every column a parameter, in table order.
-pub fn insert_sql() -> String {
-    let params: Vec<String> = (1..=NCOLS).map(|i| format!("${i}")).collect();
-    format!(
-        "INSERT INTO audit.access_log ({}) VALUES ({})",
-        COLUMN_NAMES.join(", "),
-        params.join(", ")
-    )
 }
 
 /// One audit.access_log row, before its id and hash. Text is bytes in the
@@ -147,7 +113,6 @@ pub unsafe fn store(
             pg_sys::RowExclusiveLock as pg_sys::LOCKMODE,
         );
     }
-    let sql = || CString::new(insert_sql()).expect("column names hold no NUL");
     // SAFETY: values hold audit.access_log's columns in table order, of COLUMN_TYPES.
-    unsafe { super::insert_kept(&PLAN, sql, &COLUMN_TYPES, &values, &nulls) }
+    unsafe { super::insert_kept(&PLAN, insert_sql, &COLUMN_TYPES, &values, &nulls) }
 }

@@ -4,6 +4,46 @@
 //! chain::append stamps it with its id and hash, and [`store`] writes it;
 //! chain::verify reads the columns back by [`Col`].
 
+/// One log table's layout, written down once: the `Col` enum (with `at()`, a
+/// column's index in a row of values), `NCOLS`, `COLUMN_NAMES`, `COLUMN_TYPES`
+/// in table order, and the SELECT of every column and the INSERT of one row.
+macro_rules! layout {
+    ($table:literal; $($col:ident = $name:literal : $typ:ident),* $(,)?) => {
+        /// The table's columns, in table order.
+        #[derive(Clone, Copy)]
+        pub enum Col { $($col),* }
+        impl Col {
+            /// The column's index in a row of [`NCOLS`] values.
+            pub const fn at(self) -> usize {
+                self as usize
+            }
+        }
+        /// How many columns the table has.
+        pub const NCOLS: usize = [$(Col::$col),*].len();
+        /// Their names, in table order.
+        pub const COLUMN_NAMES: [&str; NCOLS] = [$($name),*];
+        /// Their types, in table order.
+        pub const COLUMN_TYPES: [pgrx::pg_sys::Oid; NCOLS] = [$(pgrx::pg_sys::$typ),*];
+        /// `SELECT <every column, in table order> FROM <table>`: a scan hands each
+        /// stored tuple over as it is, with no projection.
+        pub fn select_all_sql() -> std::ffi::CString {
+            let sql = format!("SELECT {} FROM {}", COLUMN_NAMES.join(", "), $table);
+            std::ffi::CString::new(sql).expect("column names hold no NUL")
+        }
+        /// The INSERT of one row, every column a parameter, in table order.
+        pub fn insert_sql() -> std::ffi::CString {
+            let params: Vec<String> = (1..=NCOLS).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                $table,
+                COLUMN_NAMES.join(", "),
+                params.join(", ")
+            );
+            std::ffi::CString::new(sql).expect("column names hold no NUL")
+        }
+    };
+}
+
 pub mod access;
 pub mod sink;
 
@@ -21,21 +61,8 @@ use crate::ext::ExtState;
 pub const PG_EPOCH_OFFSET_US: i64 =
     (pg_sys::POSTGRES_EPOCH_JDATE - pg_sys::UNIX_EPOCH_JDATE) as i64 * 86_400 * 1_000_000;
 
-macro_rules! layout {
-    ($($col:ident = $name:literal : $typ:ident),* $(,)?) => {
-        /// audit.log's columns, in table order.
-        #[derive(Clone, Copy)]
-        pub enum Col { $($col),* }
-        /// How many columns audit.log has.
-        pub const NCOLS: usize = [$(Col::$col),*].len();
-        /// Their names, in table order.
-        pub const COLUMN_NAMES: [&str; NCOLS] = [$($name),*];
-        /// Their types, in table order.
-        pub const COLUMN_TYPES: [Oid; NCOLS] = [$(pg_sys::$typ),*];
-    };
-}
-
 layout! {
+    "audit.log";
     Id = "id": INT8OID,
     ChangedAt = "changed_at": TIMESTAMPTZOID,
     Txid = "txid": INT8OID,
@@ -53,13 +80,6 @@ layout! {
     RowHash = "row_hash": BYTEAOID,
 }
 
-impl Col {
-    /// The column's index in a row of [`NCOLS`] values.
-    pub const fn at(self) -> usize {
-        self as usize
-    }
-}
-
 /// Every chained row's (id, row_hash), as a relation for a FROM clause: the
 /// changes, and the reads once the schema has audit.access_log (`current`).
 pub fn chained_rows(current: bool) -> &'static str {
@@ -68,24 +88,6 @@ pub fn chained_rows(current: bool) -> &'static str {
     } else {
         "audit.log"
     }
-}
-
-/// `SELECT <every column, in table order> FROM audit.log`: a scan hands each
-/// stored tuple over as it is, with no projection.
-pub fn select_all_sql() -> CString {
-    CString::new(format!("SELECT {} FROM audit.log", COLUMN_NAMES.join(", ")))
-        .expect("column names hold no NUL")
-}
-
-/// The INSERT of one row with every column as a parameter, in table order.
-fn insert_sql() -> CString {
-    let params: Vec<String> = (1..=NCOLS).map(|i| format!("${i}")).collect();
-    CString::new(format!(
-        "INSERT INTO audit.log ({}) VALUES ({})",
-        COLUMN_NAMES.join(", "),
-        params.join(", ")
-    ))
-    .expect("column names hold no NUL")
 }
 
 /// Who made a change, as stored and hashed (bytes in the database encoding).
