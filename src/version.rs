@@ -9,15 +9,15 @@ use serde_json::json;
 use crate::errors::{OrRaise, Result};
 
 fn version_impl() -> Result<serde_json::Value> {
-    // One catalog query, nothing from schema audit: any role granted EXECUTE
-    // may call it.
+    // One catalog query, nothing from schema audit and no superuser-only
+    // setting: any role granted EXECUTE may call it. Whether the library was
+    // preloaded is known here, not from shared_preload_libraries (which only
+    // superusers and pg_read_all_settings may read).
     let server = crate::query::one::<JsonB>(
         "SELECT pg_catalog.jsonb_build_object(
            'extension_version', (SELECT e.extversion FROM pg_catalog.pg_extension e WHERE e.extname = 'audit_ext'),
            'postgresql_version', pg_catalog.current_setting('server_version'),
            'postgresql_version_num', pg_catalog.current_setting('server_version_num')::int4,
-           'background_worker', 'audit_ext' = ANY (pg_catalog.string_to_array(
-               pg_catalog.replace(pg_catalog.current_setting('shared_preload_libraries'), ' ', ''), ',')),
            'launcher_running', EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
                                         WHERE a.backend_type = 'audit_ext launcher'))",
     )?
@@ -26,6 +26,7 @@ fn version_impl() -> Result<serde_json::Value> {
     let mut v = json!({
         "library_version": env!("CARGO_PKG_VERSION"),
         "library_built_for": pg_sys::PG_MAJORVERSION_NUM,
+        "background_worker": crate::access::preloaded(),
     });
     if let (Some(v), serde_json::Value::Object(server)) = (v.as_object_mut(), server) {
         v.extend(server);
@@ -39,8 +40,13 @@ fn version_impl() -> Result<serde_json::Value> {
 /// needs the new tables (retention records, the worker's candidate,
 /// audit.status()) waits for the update.
 pub fn schema_is_current() -> Result<bool> {
-    Ok(crate::query::one::<bool>("SELECT pg_catalog.to_regclass('audit.prune_parts') IS NOT NULL")?
-        .unwrap_or(false))
+    // Two syscache lookups, not a query: the worker asks before every batch of reads.
+    // SAFETY: syscache lookups by name; missing_ok returns InvalidOid.
+    Ok(unsafe {
+        let ns = pg_sys::get_namespace_oid(c"audit".as_ptr(), true);
+        ns != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(c"prune_parts".as_ptr(), ns) != pg_sys::InvalidOid
+    })
 }
 
 /// `{extension_version, library_version, library_built_for, postgresql_version,

@@ -92,3 +92,15 @@ DROP FUNCTION pay(int);
 REVOKE ALL ON accounts FROM audit_regress_app, audit_regress_owner;
 DROP ROLE audit_regress_app;
 DROP ROLE audit_regress_owner;
+-- audit.version() reads no superuser-only setting: a role granted it may call it.
+CREATE ROLE audit_regress_ops;
+GRANT USAGE ON SCHEMA audit TO audit_regress_ops;
+GRANT EXECUTE ON FUNCTION audit.version() TO audit_regress_ops;
+SET ROLE audit_regress_ops;
+SELECT v->>'background_worker' AS preloaded,
+       v->>'extension_version' = v->>'library_version' AS same_version
+  FROM audit.version() AS v;
+RESET ROLE;
+REVOKE ALL ON FUNCTION audit.version() FROM audit_regress_ops;
+REVOKE ALL ON SCHEMA audit FROM audit_regress_ops;
+DROP ROLE audit_regress_ops;
