@@ -42,11 +42,22 @@ pub fn register() {
 /// The worker's bgw_extra: what it does, then the database's name.
 const ROUND_PREFIX: &str = "round:";
 const READS_PREFIX: &str = "reads:";
-/// Batches of read records one worker writes before it makes room for the next round.
+/// Batches of read records a round's worker writes before it goes on with its round.
 const MAX_READ_BATCHES: usize = 1_000;
 /// After starting read workers, the launcher waits at least this long before it
 /// looks again: records that arrive meanwhile are written together.
 const READS_LINGER: Duration = Duration::from_millis(100);
+/// How long a reads worker waits for more records before it exits. Short, so
+/// that DROP DATABASE or CREATE DATABASE … TEMPLATE (which wait up to 5 s for
+/// other sessions to leave) never fail because of it.
+const READS_IDLE_EXIT: Duration = Duration::from_millis(500);
+/// How long a reads worker waits after a small batch, for the next to be larger.
+const READS_GATHER: Duration = Duration::from_millis(5);
+/// How long a reads worker writes its database's records before it makes way
+/// for another database's.
+const READS_FAIR_SHARE: Duration = Duration::from_millis(200);
+/// The longest a reads worker stays, so that the launcher's next round is not held up.
+const READS_MAX_STAY: Duration = Duration::from_secs(10);
 
 /// How soon the postmaster restarts a worker that exited with an error.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
@@ -99,7 +110,7 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
         // Waiting for a worker to finish resets this process's latch, so the wake-ups
         // of records queued meanwhile are gone: look before sleeping. Only at records
         // a worker can write: a database the launcher does not serve keeps its own.
-        let waiting = crate::access::waiting_databases();
+        let waiting = crate::access::waiting_databases_before_sleep();
         if dbs.iter().any(|(oid, db)| waiting.contains(oid) && served(db)) {
             if !BackgroundWorker::wait_latch(Some(READS_LINGER)) {
                 break;
@@ -207,7 +218,7 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
         crate::access::discard();
         return;
     }
-    write_reads(&db);
+    write_reads(&db, mode == Mode::Reads);
     if mode == Mode::Reads {
         return;
     }
@@ -274,25 +285,76 @@ pub extern "C-unwind" fn audit_ext_db_main(_arg: pg_sys::Datum) {
 
 /// Writes this database's queued read records, a batch per transaction, until
 /// none are left (or a batch fails: it is logged, and its records are lost).
-fn write_reads(db: &str) {
+/// Writes this database's queued read records. A round's worker writes what is
+/// queued (at most MAX_READ_BATCHES batches) and goes on with its round. A reads
+/// worker (`linger`) stays while more keep coming: after a small batch it waits
+/// READS_GATHER for more, so that each transaction writes many records (a
+/// commit per record cost more than the record); with none queued it sleeps on
+/// its latch, which the next queued record sets, and leaves after
+/// READS_IDLE_EXIT without one, or once it has had READS_FAIR_SHARE while
+/// another database's records wait for their worker, or READS_MAX_STAY in all.
+fn write_reads(db: &str, linger: bool) {
     use crate::errors::OrRaise;
-    for _ in 0..MAX_READ_BATCHES {
+    // SAFETY: plain reads of this process's database and latch.
+    let (oid, latch) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyLatch) };
+    let started = std::time::Instant::now();
+    let mut batches = 0;
+    loop {
         let n = BackgroundWorker::transaction(|| {
             match crate::subxact::run(|| crate::access::drain().or_raise(), |_| true) {
-                Ok(n) => n,
+                Ok(n) => Some(n),
                 Err(e) => {
                     warning!(
                         "audit_ext worker in database \"{db}\": writing read records failed: {}",
                         e.message
                     );
-                    0
+                    None
                 }
             }
         });
-        if n == 0 {
+        batches += 1;
+        // A failure ends this worker: the next one starts afresh (and finds out,
+        // say, that the extension was dropped).
+        let Some(n) = n else { break };
+        if BackgroundWorker::sigterm_received() {
             break;
         }
+        if !linger {
+            if n == 0 || batches >= MAX_READ_BATCHES {
+                break;
+            }
+            continue;
+        }
+        let (_, others) = crate::access::pending(oid);
+        let stayed = started.elapsed();
+        // The launcher's rounds (maintenance, sealing) and other databases' reads
+        // wait while this worker runs.
+        if stayed >= READS_MAX_STAY || (others && stayed >= READS_FAIR_SHARE) {
+            break;
+        }
+        if n >= crate::access::BATCH / 2 {
+            continue;
+        }
+        if n > 0 {
+            // Readers do not set the latch while it is not idle: this is a plain pause.
+            if !BackgroundWorker::wait_latch(Some(READS_GATHER)) {
+                break;
+            }
+            continue;
+        }
+        match crate::access::drainer_going_idle(oid, latch) {
+            (true, _) => continue,
+            (false, true) => break,
+            (false, false) => {}
+        }
+        if !BackgroundWorker::wait_latch(Some(READS_IDLE_EXIT)) {
+            break;
+        }
+        if !crate::access::pending(oid).0 {
+            break; // none came (or another database's did): make way
+        }
     }
+    crate::access::drainer_gone();
 }
 
 /// The worker connects as a superuser, and the connection applies the settings

@@ -8,7 +8,7 @@ use std::ffi::CString;
 use pgrx::pg_sys;
 
 use super::queue;
-use super::record::{Kind, Record, Text};
+use super::record::{Kind, Record, Text, COLUMN_BITS};
 use crate::errors::{AuditError, Result};
 use crate::log::access::AccessRow;
 
@@ -39,8 +39,21 @@ pub fn drain() -> Result<usize> {
         r.h.rows = -1; // unknown
         r.set_texts([b"", b"", b"LOST", b"", b"", b"", b"", b"", b""], |_, n| n);
         write(&ext, &r, &mut Cache::default())?;
+        crate::log::sink::flush();
     }
-    let batch = queue::take(db, BATCH);
+    let mut batch = TAKEN.with(|t| std::mem::take(&mut *t.borrow_mut()));
+    queue::take(db, BATCH, &mut batch);
+    let written = write_batch(&ext, db, &batch);
+    TAKEN.with(|t| *t.borrow_mut() = batch);
+    written
+}
+
+thread_local! {
+    /// The worker's batch buffer, kept between batches.
+    static TAKEN: std::cell::RefCell<Vec<Record>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn write_batch(ext: &crate::ext::ExtState, db: pg_sys::Oid, batch: &[Record]) -> Result<usize> {
     if batch.is_empty() {
         return Ok(0);
     }
@@ -49,9 +62,11 @@ pub fn drain() -> Result<usize> {
     let written = crate::subxact::run(
         || {
             let mut cache = Cache::default();
-            for rec in &batch {
-                write(&ext, rec, &mut cache).or_raise();
+            for rec in batch {
+                write(ext, rec, &mut cache).or_raise();
             }
+            // Inside the subtransaction: a failure to write the kept rows is this batch's.
+            crate::log::sink::flush();
         },
         |_| true,
     );
@@ -67,7 +82,8 @@ pub fn drain() -> Result<usize> {
         r.h.until = batch.iter().map(|b| b.h.accessed_at).max().unwrap_or_default();
         r.h.rows = batch.len() as i64;
         r.set_texts([b"", b"", b"LOST", b"", b"", b"", b"", b"", b""], |_, n| n);
-        write(&ext, &r, &mut Cache::default())?;
+        write(ext, &r, &mut Cache::default())?;
+        crate::log::sink::flush();
     }
     Ok(batch.len())
 }
@@ -76,7 +92,13 @@ pub fn drain() -> Result<usize> {
 pub fn discard() {
     // SAFETY: a plain read of the database this worker is connected to.
     let db = unsafe { pg_sys::MyDatabaseId };
-    while !queue::take(db, BATCH).is_empty() {}
+    let mut batch = Vec::new();
+    loop {
+        queue::take(db, BATCH, &mut batch);
+        if batch.is_empty() {
+            break;
+        }
+    }
 }
 
 /// A timestamp as timestamptz's text output.
@@ -105,12 +127,26 @@ fn jsonb(text: &[u8]) -> Option<pg_sys::Datum> {
 #[derive(Default)]
 struct Cache {
     columns: HashMap<pg_sys::Oid, Vec<(i32, Vec<u8>)>>,
-    sessions: HashMap<Vec<u8>, Option<pg_sys::Datum>>,
+    /// The names a record's column set stands for: a statement's records share them.
+    read: HashMap<ColumnSet, Vec<Vec<u8>>>,
+    sessions: HashMap<Vec<u8>, Option<(pg_sys::Datum, Vec<u8>)>>,
 }
 
+/// A table and the columns a record says were read of it (all: None).
+type ColumnSet = (pg_sys::Oid, Option<[u8; COLUMN_BITS / 8]>);
+
 /// The names of the columns a record says were read (all of them when unknown).
-fn column_names(rec: &Record, cache: &mut Cache) -> Vec<Vec<u8>> {
-    let all = cache.columns.entry(rec.h.relid).or_insert_with(|| {
+fn column_names<'c>(
+    rec: &Record,
+    tables: &mut HashMap<pg_sys::Oid, Vec<(i32, Vec<u8>)>>,
+    read: &'c mut HashMap<ColumnSet, Vec<Vec<u8>>>,
+) -> &'c [Vec<u8>] {
+    let key: ColumnSet = (rec.h.relid, rec.h.has_columns.then_some(rec.h.columns));
+    read.entry(key).or_insert_with(|| names_read(rec, tables))
+}
+
+fn names_read(rec: &Record, tables: &mut HashMap<pg_sys::Oid, Vec<(i32, Vec<u8>)>>) -> Vec<Vec<u8>> {
+    let all = tables.entry(rec.h.relid).or_insert_with(|| {
         // SAFETY: the relation is opened (if it still exists) under AccessShareLock and
         // its descriptor read while it is open; names are copied out.
         unsafe {
@@ -177,7 +213,19 @@ then may be missing, and all queued reads if its postmaster died; how many is un
         }
         Some(s)
     };
-    let columns = if lost { None } else { Some(column_names(rec, cache)) };
+    let columns =
+        if lost { None } else { Some(column_names(rec, &mut cache.columns, &mut cache.read)) };
+    let info = rec.text(Text::SessionInfo);
+    if !cache.sessions.contains_key(info) {
+        // The text the hash covers is jsonb_out's of the stored datum, made once per session.
+        let made = match jsonb(info) {
+            // SAFETY: the datum was just made by jsonb_in.
+            Some(d) => Some((d, unsafe { crate::chain::append::jsonb_text(d) }?)),
+            None => None,
+        };
+        cache.sessions.insert(info.to_vec(), made);
+    }
+    let session = &cache.sessions[info];
     let row = AccessRow {
         accessed_at: rec.h.accessed_at,
         schema: rec.text(Text::Schema),
@@ -191,10 +239,7 @@ then may be missing, and all queued reads if its postmaster died; how many is un
         db_user: rec.text(Text::DbUser),
         role: rec.text(Text::Role),
         txid: (rec.h.txid != 0).then_some(rec.h.txid as i64),
-        session_info: *cache
-            .sessions
-            .entry(rec.text(Text::SessionInfo).to_vec())
-            .or_insert_with(|| jsonb(rec.text(Text::SessionInfo))),
+        session_info: session.as_ref().map(|(d, t)| (*d, t.as_slice())),
         query_id: (rec.h.query_id != 0).then_some(rec.h.query_id),
         statement,
         parameters: jsonb(rec.text(Text::Parameters)),

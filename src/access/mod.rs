@@ -10,9 +10,12 @@ mod queue;
 mod record;
 mod targets;
 
-pub use drain::{discard, drain};
+pub use drain::{discard, drain, BATCH};
 pub use hooks::note_function_read;
-pub use queue::{set_launcher_latch, waiting_databases};
+pub use queue::{
+    drainer_gone, drainer_going_idle, pending, set_launcher_latch, waiting_databases,
+    waiting_databases_before_sleep,
+};
 
 use std::cell::Cell;
 

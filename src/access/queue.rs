@@ -41,8 +41,20 @@ struct Shared {
     next_seq: u64,
     /// Where the next free-slot search starts.
     hint: usize,
-    /// The launcher's latch, set when a record is queued (null before it runs).
+    /// The launcher's latch (null before it runs), set when a record is queued
+    /// while the launcher is idle.
     launcher_latch: *mut pg_sys::Latch,
+    /// Set by the launcher, under the lock, as it looks at the queue one last time
+    /// before it sleeps; the first record queued after that wakes it and clears it.
+    /// Setting the latch for every record instead costs a signal per read and
+    /// wakes the launcher for nothing while it waits on a worker.
+    launcher_idle: bool,
+    /// The worker writing one database's records (drainer_db) stays while they keep
+    /// coming, and sleeps on its latch when there are none: the same idle flag
+    /// wakes it. Starting a worker per burst of reads cost more than writing them.
+    drainer_latch: *mut pg_sys::Latch,
+    drainer_db: Oid,
+    drainer_idle: bool,
     /// When this server started after one that stopped without saving its queue
     /// (0: it did not), and the databases whose workers have said so.
     unclean_since: pg_sys::TimestampTz,
@@ -275,22 +287,94 @@ pub fn push(rec: &Record) -> bool {
             s.next_seq += 1;
             s.used += 1;
             s.hint = i + 1;
-            s.launcher_latch
+            // A sleeping drainer is woken by any record: its own database's to write,
+            // another's to make way for that database's worker.
+            let drainer = if std::mem::replace(&mut s.drainer_idle, false) {
+                s.drainer_latch
+            } else {
+                ptr::null_mut()
+            };
+            let launcher = if std::mem::replace(&mut s.launcher_idle, false) {
+                s.launcher_latch
+            } else {
+                ptr::null_mut()
+            };
+            [drainer, launcher]
         }
     };
-    if !latch.is_null() {
-        // SAFETY: the launcher's latch lives in its PGPROC, in shared memory, for the
-        // server's life; SetLatch may be called on another process's latch.
+    for latch in latch.into_iter().filter(|l| !l.is_null()) {
+        // SAFETY: these latches live in their process's PGPROC, in shared memory, for
+        // the server's life; SetLatch may be called on another process's latch.
         unsafe { pg_sys::SetLatch(latch) };
     }
     true
 }
 
-/// Takes up to `max` of `db`'s records, oldest first.
-pub fn take(db: Oid, max: usize) -> Vec<Box<Record>> {
-    let Some(q) = Locked::take() else { return Vec::new() };
+/// Whether records wait: (of database `db`, of any other database).
+fn pending_in(s: &Shared, db: Oid) -> (bool, bool) {
+    let (mut mine, mut others) = (false, false);
+    for i in 0..s.capacity {
+        // SAFETY: every index is below capacity; the caller holds the lock.
+        let slot = unsafe { &*s.slots.as_ptr().add(i) };
+        if slot.seq != 0 {
+            if slot.rec.h.db == db {
+                mine = true;
+            } else {
+                others = true;
+            }
+            if mine && others {
+                break;
+            }
+        }
+    }
+    (mine, others)
+}
+
+/// Whether records wait: (of `db`, of any other database).
+pub fn pending(db: Oid) -> (bool, bool) {
+    let Some(q) = Locked::take() else { return (false, false) };
+    // SAFETY: we hold the lock.
+    pending_in(unsafe { &*q.0 }, db)
+}
+
+/// By the worker writing `db`'s records, before it sleeps on `latch`: the next
+/// record queued sets it. Returns [`pending`] as it stood then, under the same
+/// lock, so no record can slip in unseen between the look and the sleep.
+pub fn drainer_going_idle(db: Oid, latch: *mut pg_sys::Latch) -> (bool, bool) {
+    let Some(q) = Locked::take() else { return (false, false) };
+    // SAFETY: we hold the lock.
+    unsafe {
+        let s = &mut *q.0;
+        s.drainer_latch = latch;
+        s.drainer_db = db;
+        s.drainer_idle = true;
+        pending_in(s, db)
+    }
+}
+
+/// By the drainer as it exits: its latch is not to be set any more.
+pub fn drainer_gone() {
+    if let Some(q) = Locked::take() {
+        // SAFETY: we hold the lock.
+        unsafe {
+            let s = &mut *q.0;
+            s.drainer_latch = ptr::null_mut();
+            s.drainer_db = pg_sys::InvalidOid;
+            s.drainer_idle = false;
+        }
+    }
+}
+
+/// Takes up to `max` of `db`'s records, oldest first, into `out` (emptied
+/// first; the worker keeps it from batch to batch, so that a batch allocates
+/// nothing: fresh 4 KiB records cost page faults).
+pub fn take(db: Oid, max: usize, out: &mut Vec<Record>) {
+    out.clear();
+    let Some(q) = Locked::take() else { return };
     let mut found: Vec<(u64, usize)> = Vec::new();
-    // SAFETY: we hold the lock; every index is below capacity.
+    // SAFETY: we hold the lock; every index is below capacity. `out` has room for
+    // `found.len()` records after reserve(), and each is fully written (a plain
+    // copy of a Copy type) before set_len counts it.
     unsafe {
         let s = &mut *q.0;
         for i in 0..s.capacity {
@@ -301,25 +385,36 @@ pub fn take(db: Oid, max: usize) -> Vec<Box<Record>> {
         }
         found.sort_unstable();
         found.truncate(max);
-        let mut out = Vec::with_capacity(found.len());
-        for &(_, i) in &found {
+        out.reserve(found.len());
+        for (k, &(_, i)) in found.iter().enumerate() {
             let slot = q.slot(i);
-            let mut r = super::record::Record::new((*slot).rec.h.kind);
-            ptr::copy_nonoverlapping(&(*slot).rec, &mut *r, 1);
+            ptr::copy_nonoverlapping(&(*slot).rec, out.as_mut_ptr().add(k), 1);
             (*slot).seq = 0;
-            out.push(r);
         }
+        out.set_len(found.len());
         s.used -= found.len();
-        out
     }
 }
 
 /// The databases that have records waiting.
 pub fn waiting_databases() -> Vec<Oid> {
+    waiting(false)
+}
+
+/// [`waiting_databases`], by the launcher just before it sleeps: from here on the
+/// next queued record sets its latch, so none waits for the end of its nap.
+pub fn waiting_databases_before_sleep() -> Vec<Oid> {
+    waiting(true)
+}
+
+fn waiting(going_idle: bool) -> Vec<Oid> {
     let Some(q) = Locked::take() else { return Vec::new() };
     let mut dbs = Vec::new();
     // SAFETY: we hold the lock; every index is below capacity.
     unsafe {
+        if going_idle {
+            (*q.0).launcher_idle = true;
+        }
         for i in 0..(*q.0).capacity {
             let slot = q.slot(i);
             if (*slot).seq != 0 && !dbs.contains(&(*slot).rec.h.db) {

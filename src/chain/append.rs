@@ -84,8 +84,6 @@ pub unsafe fn append_access(ext: &ExtState, row: &crate::log::access::AccessRow)
     let _owner = AsOwner::enter_for_row_write(ext.owner);
     let id = next_id(ext)?;
     // SAFETY: the caller passes valid jsonb datums.
-    let session = row.session_info.map(|d| unsafe { jsonb_text(d) }).transpose()?;
-    // SAFETY: as for session.
     let params = row.parameters.map(|d| unsafe { jsonb_text(d) }).transpose()?;
     let fields = hash::AccessFields {
         id,
@@ -93,7 +91,7 @@ pub unsafe fn append_access(ext: &ExtState, row: &crate::log::access::AccessRow)
         schema_name: row.schema,
         table_name: row.table,
         command: row.command,
-        columns: row.columns.as_ref().map(|c| c.iter().map(|n| Some(n.as_slice())).collect()),
+        columns: row.columns.map(|c| c.iter().map(|n| Some(n.as_slice())).collect()),
         rows: row.rows,
         outcome: row.outcome,
         sqlstate: row.sqlstate.as_deref(),
@@ -101,7 +99,7 @@ pub unsafe fn append_access(ext: &ExtState, row: &crate::log::access::AccessRow)
         db_user: row.db_user,
         role: row.role,
         txid: row.txid,
-        session_info: session.as_deref(),
+        session_info: row.session_info.map(|(_, text)| text),
         query_id: row.query_id,
         statement: row.statement.as_deref(),
         parameters: params.as_deref(),

@@ -33,7 +33,7 @@ pub struct AccessRow<'a> {
     pub schema: &'a [u8],
     pub table: &'a [u8],
     pub command: &'a [u8],
-    pub columns: Option<Vec<Vec<u8>>>,
+    pub columns: Option<&'a [Vec<u8>]>,
     pub rows: Option<i64>,
     pub outcome: &'a [u8],
     pub sqlstate: Option<Vec<u8>>,
@@ -41,7 +41,9 @@ pub struct AccessRow<'a> {
     pub db_user: &'a [u8],
     pub role: &'a [u8],
     pub txid: Option<i64>,
-    pub session_info: Option<pg_sys::Datum>,
+    /// The jsonb datum, and its text as `jsonb_out` writes it (what the row hash covers):
+    /// a session's rows share both, so the worker makes them once per batch.
+    pub session_info: Option<(pg_sys::Datum, &'a [u8])>,
     pub query_id: Option<i64>,
     pub statement: Option<Vec<u8>>,
     pub parameters: Option<pg_sys::Datum>,
@@ -73,7 +75,7 @@ pub unsafe fn store(
         vals[Col::SchemaName.at()] = text(Some(row.schema));
         vals[Col::TableName.at()] = text(Some(row.table));
         vals[Col::Command.at()] = text(Some(row.command));
-        vals[Col::Columns.at()] = row.columns.as_ref().map(|cols| {
+        vals[Col::Columns.at()] = row.columns.map(|cols| {
             let names: Vec<std::ffi::CString> = cols
                 .iter()
                 .map(|c| std::ffi::CString::new(c.clone()).unwrap_or_default())
@@ -88,7 +90,7 @@ pub unsafe fn store(
         vals[Col::DbUser.at()] = text(Some(row.db_user));
         vals[Col::Role.at()] = text(Some(row.role));
         vals[Col::Txid.at()] = row.txid.map(Datum::from);
-        vals[Col::SessionInfo.at()] = row.session_info;
+        vals[Col::SessionInfo.at()] = row.session_info.map(|(d, _)| d);
         vals[Col::QueryId.at()] = row.query_id.map(Datum::from);
         vals[Col::Statement.at()] = text(row.statement.as_deref());
         vals[Col::Parameters.at()] = row.parameters;
@@ -97,10 +99,13 @@ pub unsafe fn store(
     }
     let values = vals.map(|v| v.unwrap_or(Datum::from(0)));
     let nulls = vals.map(|v| v.is_none());
-    // Straight into the partition, as the trigger writes audit.log; the executor's
+    // Straight into the partition, as the trigger writes audit.log, a batch of rows in
+    // one multi-insert (the worker flushes at the end of its batch); the executor's
     // INSERT when the partition needs it (see log::sink).
     // SAFETY: values hold audit.access_log's columns in table order, of COLUMN_TYPES.
-    if unsafe { super::sink::insert(ext.access_log, ext.access_log_default, &values, &nulls) } {
+    if unsafe {
+        super::sink::insert_buffered(ext.access_log, ext.access_log_default, &values, &nulls)
+    } {
         return Ok(());
     }
     // The executor routes the row itself: the parent and the default partition first,

@@ -51,7 +51,16 @@ struct Sink {
     slot: *mut pg_sys::TupleTableSlot,
     /// Partitions already checked: (oid, whether rows can go straight in).
     leaves: Vec<(Oid, bool)>,
+    /// Rows kept for one multi-insert into `buffered_leaf` (see [`insert_buffered`]):
+    /// `buffer[..buffered]` hold them; the slots are made once and reused.
+    buffer: Vec<*mut pg_sys::TupleTableSlot>,
+    buffered: usize,
+    buffered_leaf: *mut pg_sys::ResultRelInfo,
 }
+
+/// Rows one multi-insert takes at most: the worker's batch, so that a batch
+/// of read records is one heap write per page, and memory stays bounded by it.
+pub const MULTI_INSERT_ROWS: usize = 1_000;
 
 thread_local! {
     static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
@@ -60,6 +69,8 @@ thread_local! {
     /// Set while a row is written: still set at the next row if an error interrupted it.
     static BUSY: Cell<bool> = const { Cell::new(false) };
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// The subtransaction whose rows are buffered.
+    static BUFFER_SUBXACT: Cell<pg_sys::SubTransactionId> = const { Cell::new(0) };
 }
 
 #[pg_guard]
@@ -69,12 +80,39 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
             release()
         }
-        // Abort releases the relations and frees the memory: only forget them.
+        // Abort releases the relations and frees the memory (buffered rows too,
+        // which belong to the aborted transaction): only forget them.
         _ => {
             SINK.with(|s| s.replace(None));
             STALE.with(|s| s.set(false));
             BUSY.with(|b| b.set(false));
         }
+    }
+}
+
+/// Buffered rows belong to the subtransaction that buffered them: written before
+/// it commits, gone when it aborts (as rows inserted at once would be).
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_PRE_COMMIT_SUB => flush(),
+        SUBXACT_EVENT_ABORT_SUB => SINK.with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                if let Some(s) = s.as_mut() {
+                    if s.buffered > 0 && BUFFER_SUBXACT.with(|b| b.get()) >= my_subid {
+                        // SAFETY: the slots are this writer's; clearing frees their tuples.
+                        unsafe { discard(s) };
+                    }
+                }
+            }
+        }),
+        _ => {}
     }
 }
 
@@ -98,6 +136,7 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: Datum, relid: Oid) {
 /// Closes the writer, if open. Called before commit, and before the extension
 /// itself changes or drops partitions in this transaction.
 pub fn release() {
+    flush();
     if let Some(sink) = SINK.with(|s| s.replace(None)) {
         // SAFETY: the writer was opened in this transaction and is closed once.
         unsafe { close(sink) };
@@ -117,6 +156,9 @@ unsafe fn close(s: Sink) {
         let _guard = RestoreOwner(owner);
         guarded(|| ExecCleanupTupleRouting(s.mtstate, s.proute));
         pg_sys::ExecDropSingleTupleTableSlot(s.slot);
+        for &b in &s.buffer {
+            pg_sys::ExecDropSingleTupleTableSlot(b);
+        }
         pg_sys::ExecCloseIndices(s.root);
         pg_sys::table_close((*s.root).ri_RelationDesc, pg_sys::NoLock as i32);
         pg_sys::FreeExecutorState(s.estate);
@@ -131,6 +173,7 @@ unsafe fn open(log: Oid, log_default: Oid) -> Sink {
         // SAFETY: static callbacks, registered once per backend.
         unsafe {
             pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
             pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), Datum::from(0));
         }
     }
@@ -161,7 +204,18 @@ unsafe fn open(log: Oid, log_default: Oid) -> Sink {
         let proute = guarded(|| ExecSetupPartitionTupleRouting(estate, rel));
         let slot = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsVirtual);
         pg_sys::MemoryContextSwitchTo(old_cxt);
-        Sink { log, estate, mtstate, root, proute, slot, leaves: Vec::new() }
+        Sink {
+            log,
+            estate,
+            mtstate,
+            root,
+            proute,
+            slot,
+            leaves: Vec::new(),
+            buffer: Vec::new(),
+            buffered: 0,
+            buffered_leaf: std::ptr::null_mut(),
+        }
     }
 }
 
@@ -208,6 +262,86 @@ unsafe fn direct_ok(root: *mut pg_sys::ResultRelInfo, leaf: *mut pg_sys::ResultR
 /// # Safety
 /// `values` must be valid datums of `audit.log`'s column types, in column order.
 pub unsafe fn insert(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool]) -> bool {
+    // Rows buffered before this one are written first: ids stay in order.
+    flush();
+    // SAFETY: forwarded from the caller.
+    unsafe { ensure_open(log, log_default) };
+    // An error below leaves the writer half-used: it is reopened before the next row.
+    BUSY.with(|b| b.set(true));
+    let done = SINK.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = s.as_mut().expect("opened above");
+        // SAFETY: the slot has the parent's descriptor; values match it (caller's contract).
+        unsafe { write(s, values, nulls) }
+    });
+    BUSY.with(|b| b.set(false));
+    done
+}
+
+/// Like [`insert`], but the row may be kept and written later with others in
+/// one multi-insert (heap_multi_insert: one heap write per page, as COPY does),
+/// then its index entries. The rows are written, in order, by [`flush`], by the
+/// next [`insert`], when the buffer is full or the partition changes, and
+/// before the subtransaction that buffered them commits; they vanish if it
+/// aborts. Returns false, having written nothing (and flushed what was kept),
+/// when the row's partition needs the executor's full INSERT.
+///
+/// # Safety
+/// As [`insert`]. The datums need not outlive the call: the row is copied.
+pub unsafe fn insert_buffered(
+    log: Oid,
+    log_default: Oid,
+    values: &[Datum],
+    nulls: &[bool],
+) -> bool {
+    // SAFETY: a plain read of the current subtransaction.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    if BUFFER_SUBXACT.with(|b| b.get()) != subxact {
+        flush();
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { ensure_open(log, log_default) };
+    BUSY.with(|b| b.set(true));
+    let done = SINK.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = s.as_mut().expect("opened above");
+        // SAFETY: as in insert().
+        unsafe { buffer(s, values, nulls) }
+    });
+    BUSY.with(|b| b.set(false));
+    match done {
+        Buffered::Kept => BUFFER_SUBXACT.with(|b| b.set(subxact)),
+        Buffered::Full => {
+            BUFFER_SUBXACT.with(|b| b.set(subxact));
+            flush();
+        }
+        Buffered::NotDirect => {}
+    }
+    !matches!(done, Buffered::NotDirect)
+}
+
+/// Writes the buffered rows, if any.
+pub fn flush() {
+    let pending = SINK.with(|s| s.borrow().as_ref().is_some_and(|s| s.buffered > 0));
+    if !pending {
+        return;
+    }
+    BUSY.with(|b| b.set(true));
+    SINK.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = s.as_mut().expect("checked above");
+        // SAFETY: the buffer holds rows of this transaction's open writer.
+        unsafe { write_buffered(s) }
+    });
+    BUSY.with(|b| b.set(false));
+}
+
+/// Opens this transaction's writer for `log`, or reopens it after an
+/// invalidation, an interrupted row or a switch of log.
+///
+/// # Safety
+/// As [`insert`].
+unsafe fn ensure_open(log: Oid, log_default: Oid) {
     if STALE.with(|s| s.get())
         || BUSY.with(|b| b.get())
         || SINK.with(|s| s.borrow().as_ref().is_some_and(|s| s.log != log))
@@ -227,43 +361,29 @@ pub unsafe fn insert(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool
         };
         SINK.with(|s| *s.borrow_mut() = Some(sink));
     }
-    // An error below leaves the writer half-used: it is reopened before the next row.
-    BUSY.with(|b| b.set(true));
-    let done = SINK.with(|s| {
-        let mut s = s.borrow_mut();
-        let s = s.as_mut().expect("opened above");
-        // SAFETY: the slot has the parent's descriptor; values match it (caller's contract).
-        unsafe { write(s, values, nulls) }
-    });
-    BUSY.with(|b| b.set(false));
-    done
 }
 
+/// Puts the row in the writer's routing slot and finds its partition: None
+/// (the slot cleared) when the row needs the executor's INSERT. Runs under the
+/// top transaction's owner (the caller's guard): routing may open the partition.
+///
 /// # Safety
 /// `s` must be this transaction's open writer; `values` and `nulls` must be
 /// audit.log's columns in table order.
-unsafe fn write(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> bool {
+unsafe fn route(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> Option<*mut pg_sys::ResultRelInfo> {
     // SAFETY: see insert(); every pointer belongs to this transaction's open writer.
     unsafe {
         let slot = s.slot;
         pg_sys::ExecClearTuple(slot);
         let n = (*(*slot).tts_tupleDescriptor).natts as usize;
         if n != values.len() || n != nulls.len() {
-            return false; // audit.log has gained or lost columns: the INSERT maps them by name
+            return None; // audit.log has gained or lost columns: the INSERT maps them by name
         }
         std::ptr::copy_nonoverlapping(values.as_ptr(), (*slot).tts_values, n);
         std::ptr::copy_nonoverlapping(nulls.as_ptr(), (*slot).tts_isnull, n);
         pg_sys::ExecStoreVirtualTuple(slot);
-
-        // Everything below runs under the top transaction's owner, as open() does:
-        // routing may open the partition, and index AMs may keep buffers pinned
-        // between inserts (BRIN does since PostgreSQL 17) until close() releases them.
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
-        let _guard = RestoreOwner(owner);
         let leaf = guarded(|| ExecFindPartition(s.mtstate, s.root, s.proute, slot, s.estate));
-        let rel = (*leaf).ri_RelationDesc;
-        let oid = (*rel).rd_id;
+        let oid = (*(*leaf).ri_RelationDesc).rd_id;
         let ok = match s.leaves.iter().find(|&&(o, _)| o == oid) {
             Some(&(_, ok)) => ok,
             None => {
@@ -274,31 +394,157 @@ unsafe fn write(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> bool {
         };
         if !ok {
             pg_sys::ExecClearTuple(slot);
-            return false;
+            return None;
         }
-        let estate = s.estate;
-        if !(*(*rel).rd_att).constr.is_null() {
-            pg_sys::ExecConstraints(leaf, slot, estate);
+        if !(*(*(*leaf).ri_RelationDesc).rd_att).constr.is_null() {
+            pg_sys::ExecConstraints(leaf, slot, s.estate);
         }
-        let cid = pg_sys::GetCurrentCommandId(true);
-        (*estate).es_output_cid = cid;
-        pg_sys::table_tuple_insert(rel, slot, cid, 0, std::ptr::null_mut());
+        Some(leaf)
+    }
+}
+
+/// The index entries of a row stored from `slot` (its tid set by the table AM).
+///
+/// # Safety
+/// `leaf` must be an open result relation of writer `s`, `slot` a stored row of it.
+unsafe fn insert_index_entries(
+    s: &Sink,
+    leaf: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
         if (*leaf).ri_NumIndices > 0 {
             // No speculative-conflict flag, no arbiter indexes: a plain insert, as COPY does.
             let (spec, arbiters) = (std::ptr::null_mut(), std::ptr::null_mut());
             // PostgreSQL 16 added the onlySummarizing argument.
             #[cfg(feature = "pg15")]
-            pg_sys::ExecInsertIndexTuples(leaf, slot, estate, false, false, spec, arbiters);
+            pg_sys::ExecInsertIndexTuples(leaf, slot, s.estate, false, false, spec, arbiters);
             #[cfg(not(feature = "pg15"))]
-            pg_sys::ExecInsertIndexTuples(leaf, slot, estate, false, false, spec, arbiters, false);
+            pg_sys::ExecInsertIndexTuples(leaf, slot, s.estate, false, false, spec, arbiters, false);
         }
-        let econtext = (*estate).es_per_tuple_exprcontext;
+        let econtext = (*s.estate).es_per_tuple_exprcontext;
         if !econtext.is_null() {
             pg_sys::MemoryContextReset((*econtext).ecxt_per_tuple_memory);
         }
-        pg_sys::ExecClearTuple(slot);
+    }
+}
+
+/// # Safety
+/// `s` must be this transaction's open writer; `values` and `nulls` must be
+/// audit.log's columns in table order.
+unsafe fn write(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> bool {
+    // SAFETY: see insert(); every pointer belongs to this transaction's open writer.
+    unsafe {
+        // Everything below runs under the top transaction's owner, as open() does:
+        // routing may open the partition, and index AMs may keep buffers pinned
+        // between inserts (BRIN does since PostgreSQL 17) until close() releases them.
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+        let _guard = RestoreOwner(owner);
+        let Some(leaf) = route(s, values, nulls) else { return false };
+        let cid = pg_sys::GetCurrentCommandId(true);
+        (*s.estate).es_output_cid = cid;
+        pg_sys::table_tuple_insert((*leaf).ri_RelationDesc, s.slot, cid, 0, std::ptr::null_mut());
+        insert_index_entries(s, leaf, s.slot);
+        pg_sys::ExecClearTuple(s.slot);
         true
     }
+}
+
+enum Buffered {
+    Kept,
+    /// Kept, and the buffer is now full.
+    Full,
+    NotDirect,
+}
+
+/// # Safety
+/// As [`write`].
+unsafe fn buffer(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> Buffered {
+    // SAFETY: see write().
+    unsafe {
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+        let guard = RestoreOwner(owner);
+        let Some(leaf) = route(s, values, nulls) else {
+            drop(guard);
+            write_buffered(s);
+            return Buffered::NotDirect;
+        };
+        if s.buffered > 0 && s.buffered_leaf != leaf {
+            write_buffered(s);
+        }
+        if s.buffered == s.buffer.len() {
+            // The slots live as long as the writer, in its executor memory.
+            let old = pg_sys::MemoryContextSwitchTo((*s.estate).es_query_cxt);
+            let b = pg_sys::MakeSingleTupleTableSlot(
+                (*s.slot).tts_tupleDescriptor,
+                &pg_sys::TTSOpsHeapTuple,
+            );
+            pg_sys::MemoryContextSwitchTo(old);
+            s.buffer.push(b);
+        }
+        // The routing slot's values are copied into a heap tuple of the buffer slot's
+        // own: the caller's datums may go once this returns.
+        let b = s.buffer[s.buffered];
+        pg_sys::ExecCopySlot(b, s.slot);
+        pg_sys::ExecClearTuple(s.slot);
+        s.buffered += 1;
+        s.buffered_leaf = leaf;
+        if s.buffered >= MULTI_INSERT_ROWS {
+            Buffered::Full
+        } else {
+            Buffered::Kept
+        }
+    }
+}
+
+/// One multi-insert of the buffered rows, then their index entries in order.
+///
+/// # Safety
+/// `s` must be this transaction's open writer.
+unsafe fn write_buffered(s: &mut Sink) {
+    if s.buffered == 0 {
+        return;
+    }
+    // SAFETY: the buffer holds `buffered` stored rows for `buffered_leaf`, an open
+    // result relation of this writer (see buffer()).
+    unsafe {
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+        let _guard = RestoreOwner(owner);
+        let leaf = s.buffered_leaf;
+        let n = s.buffered;
+        // Taken now: should an error interrupt the insert, nothing is written twice.
+        s.buffered = 0;
+        let cid = pg_sys::GetCurrentCommandId(true);
+        (*s.estate).es_output_cid = cid;
+        pg_sys::table_multi_insert(
+            (*leaf).ri_RelationDesc,
+            s.buffer.as_mut_ptr(),
+            n as i32,
+            cid,
+            0,
+            std::ptr::null_mut(),
+        );
+        for i in 0..n {
+            insert_index_entries(s, leaf, s.buffer[i]);
+            pg_sys::ExecClearTuple(s.buffer[i]);
+        }
+    }
+}
+
+/// Forgets the buffered rows (their subtransaction aborted).
+///
+/// # Safety
+/// `s` must be this transaction's open writer.
+unsafe fn discard(s: &mut Sink) {
+    for i in 0..s.buffered {
+        // SAFETY: a slot of this writer; clearing frees its tuple.
+        unsafe { pg_sys::ExecClearTuple(s.buffer[i]) };
+    }
+    s.buffered = 0;
 }
 
 struct RestoreOwner(pg_sys::ResourceOwner);
