@@ -627,3 +627,121 @@ fn reads_queued_for_a_dropped_extension_neither_stall_the_worker_nor_the_shutdow
     c.stop("fast");
     assert!(t.elapsed() < Duration::from_secs(20), "shutdown took {:?}", t.elapsed());
 }
+
+/// The audit_ext workers connected to a database now, by pid.
+fn workers(db: &mut Client, dbname: &str) -> Vec<i32> {
+    db.query(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'audit_ext worker' AND datname = $1",
+        &[&dbname],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Reads `customers` in `dbname` until `stop`; returns how many reads it made.
+fn reader(c: &Cluster, dbname: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> i64 {
+    let mut app = c.connect(dbname);
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        app.batch_execute("SELECT name FROM customers WHERE id = 1").unwrap();
+        n += 1;
+    }
+    n
+}
+
+/// One worker writes a stream of reads (a worker per burst of reads cost more
+/// than the records), it leaves soon after the reads stop, so that DROP DATABASE
+/// is not held up, and a lone read after a quiet spell wakes the launcher at
+/// once: with naptime at an hour, only the latch can.
+#[test]
+fn one_worker_writes_a_stream_of_reads_and_a_lone_read_wakes_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute("SET audit.access_log_self = off").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut seen = std::collections::BTreeSet::new();
+    let reads = std::thread::scope(|scope| {
+        let reading = scope.spawn(|| reader(&c, "postgres", stop.clone()));
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(3) {
+            seen.extend(workers(&mut db, "postgres"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::Relaxed);
+        reading.join().unwrap()
+    });
+    assert!(reads > 500, "the reader made only {reads} reads");
+    // A worker stays up to 10 s; a round at start-up may add one. Before, a new
+    // worker started every few milliseconds of a stream.
+    assert!(seen.len() <= 2, "{} workers wrote one 3-second stream of reads", seen.len());
+    assert_eq!(wait_rows(&mut db, reads), reads);
+    // It leaves soon after the reads stop.
+    let t = Instant::now();
+    while !workers(&mut db, "postgres").is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "the worker stayed {:?} after the reads", t.elapsed());
+    // Lone reads after quiet spells are each written within a second or two.
+    for i in 1..=4 {
+        std::thread::sleep(Duration::from_millis(700));
+        let mut app = c.connect("postgres");
+        app.batch_execute("SELECT name FROM customers WHERE id = 2").unwrap();
+        let t = Instant::now();
+        let want = reads + i;
+        while customer_reads(&mut db) < want && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "lone read {i} waited {:?}", t.elapsed());
+    }
+    c.assert_no_crash();
+}
+
+/// Two databases read at once: neither waits for the other's stream to end (a
+/// worker makes way when another database's records wait), every read of both
+/// is written, and a database can be dropped as soon as its reads stop.
+#[test]
+fn two_reading_databases_share_the_worker() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let c = cluster();
+    c.create_db("second");
+    let mut one = c.connect("postgres");
+    let mut two = c.connect("second");
+    setup(&mut one);
+    setup(&mut two);
+    one.batch_execute("SET audit.access_log_self = off").unwrap();
+    two.batch_execute("SET audit.access_log_self = off").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (a, b, n) = std::thread::scope(|scope| {
+        let readers: Vec<_> = ["postgres", "second"]
+            .into_iter()
+            .map(|name| {
+                let (c, stop) = (&c, stop.clone());
+                scope.spawn(move || reader(c, name, stop))
+            })
+            .collect();
+        // Both databases' records are written while both keep reading.
+        std::thread::sleep(Duration::from_secs(1));
+        let t = Instant::now();
+        while (customer_reads(&mut one) == 0 || customer_reads(&mut two) == 0)
+            && t.elapsed() < Duration::from_secs(3)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (a, b) = (customer_reads(&mut one), customer_reads(&mut two));
+        stop.store(true, Ordering::Relaxed);
+        let n: Vec<i64> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        (a, b, n)
+    });
+    assert!(a > 0 && b > 0, "while both read, one database's records waited: {a} and {b} written");
+    assert_eq!(wait_rows(&mut one, n[0]), n[0]);
+    assert_eq!(wait_rows(&mut two, n[1]), n[1]);
+    drop(two);
+    one.batch_execute("DROP DATABASE second").unwrap();
+    c.assert_no_crash();
+}

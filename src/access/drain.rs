@@ -251,3 +251,80 @@ then may be missing, and all queued reads if its postmaster died; how many is un
     // SAFETY: the jsonb datums were just made by jsonb_in.
     unsafe { crate::chain::append::append_access(ext, &row) }.map(|_| ())
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use super::super::record::{Kind, Record};
+    use super::{write, Cache};
+
+    fn read_record(table: &[u8]) -> Box<Record> {
+        let mut r = Record::new(Kind::Read);
+        // SAFETY: plain reads of this backend's state.
+        unsafe {
+            r.h.db = pg_sys::MyDatabaseId;
+            r.h.pid = pg_sys::MyProcPid;
+            r.h.accessed_at = pg_sys::GetCurrentTransactionStartTimestamp();
+        }
+        r.h.rows = 1;
+        r.set_texts(
+            [b"public", table, b"SELECT", b"alice", b"postgres", b"postgres", b"", b"SELECT 1", b""],
+            |_, n| n,
+        );
+        r
+    }
+
+    fn count(table: &str) -> i64 {
+        Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM audit.access_log WHERE table_name = $1",
+            &[table.into()],
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    /// The worker's rows wait in the writer's buffer until the batch is flushed:
+    /// a batch that fails part-way leaves none of them, and a flushed batch
+    /// leaves all of them, in id order, under a chain that verifies.
+    #[pg_test]
+    fn a_batch_is_written_whole_or_not_at_all() {
+        Spi::run("CREATE EXTENSION IF NOT EXISTS audit_ext").unwrap();
+        let ext = crate::ext::ext_state().unwrap();
+        let failed = crate::subxact::run(
+            || {
+                let mut cache = Cache::default();
+                for _ in 0..5 {
+                    write(&ext, &read_record(b"failed_batch"), &mut cache).unwrap();
+                }
+                pgrx::error!("the batch fails before its flush");
+            },
+            |_| true,
+        );
+        assert!(failed.is_err());
+        crate::log::sink::flush();
+        assert_eq!(count("failed_batch"), 0, "no row of a failed batch may be written");
+
+        let written = crate::subxact::run(
+            || {
+                let mut cache = Cache::default();
+                for _ in 0..crate::log::sink::MULTI_INSERT_ROWS + 7 {
+                    write(&ext, &read_record(b"whole_batch"), &mut cache).unwrap();
+                }
+                crate::log::sink::flush();
+            },
+            |_| true,
+        );
+        assert!(written.is_ok());
+        assert_eq!(count("whole_batch"), crate::log::sink::MULTI_INSERT_ROWS as i64 + 7);
+        let in_order = Spi::get_one::<bool>(
+            "SELECT bool_and(id > prev) FROM (SELECT id, lag(id, 1, 0::bigint) OVER (ORDER BY ctid) AS prev
+               FROM audit.access_log WHERE table_name = 'whole_batch') s",
+        )
+        .unwrap();
+        assert_eq!(in_order, Some(true), "rows are stored in id order");
+        let ok = Spi::get_one::<bool>("SELECT ok FROM audit.verify()").unwrap();
+        assert_eq!(ok, Some(true));
+    }
+}
