@@ -685,7 +685,11 @@ fn one_worker_writes_a_stream_of_reads_and_a_lone_read_wakes_it() {
     while !workers(&mut db, "postgres").is_empty() && t.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(t.elapsed() < Duration::from_secs(2), "the worker stayed {:?} after the reads", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the worker stayed {:?} after the reads",
+        t.elapsed()
+    );
     // Lone reads after quiet spells are each written within a second or two.
     for i in 1..=4 {
         std::thread::sleep(Duration::from_millis(700));
@@ -743,5 +747,43 @@ fn two_reading_databases_share_the_worker() {
     assert_eq!(wait_rows(&mut two, n[1]), n[1]);
     drop(two);
     one.batch_execute("DROP DATABASE second").unwrap();
+    c.assert_no_crash();
+}
+
+/// A COPY that fails inside a caught error (PL/pgSQL EXCEPTION) is recorded as
+/// a failed COPY, and the statements after it are not labeled COPY.
+#[test]
+fn a_caught_error_in_a_copy_leaves_later_reads_labeled_as_they_are() {
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute("SET audit.access_log_self = off").unwrap();
+    let mut app = c.connect("postgres");
+    app.batch_execute(
+        "DO $$
+         BEGIN
+           BEGIN
+             COPY (SELECT 1 / (id - 1) FROM customers) TO '/dev/null';
+           EXCEPTION WHEN division_by_zero THEN NULL;
+           END;
+           PERFORM name FROM customers WHERE id = 2;
+         END $$;
+         SELECT name FROM customers WHERE id = 3;",
+    )
+    .unwrap();
+    assert_eq!(wait_rows(&mut db, 3), 3);
+    let r: Vec<(String, String, Option<String>)> = rows(&mut db)
+        .into_iter()
+        .map(|(cmd, outcome, _, _, state, _)| (cmd, outcome, state))
+        .collect();
+    assert_eq!(
+        r,
+        vec![
+            // A caught error is never reported, so its SQLSTATE is not known (README).
+            ("COPY".into(), "error".into(), None),
+            ("SELECT".into(), "ok".into(), None),
+            ("SELECT".into(), "ok".into(), None),
+        ]
+    );
     c.assert_no_crash();
 }

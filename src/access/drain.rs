@@ -145,7 +145,10 @@ fn column_names<'c>(
     read.entry(key).or_insert_with(|| names_read(rec, tables))
 }
 
-fn names_read(rec: &Record, tables: &mut HashMap<pg_sys::Oid, Vec<(i32, Vec<u8>)>>) -> Vec<Vec<u8>> {
+fn names_read(
+    rec: &Record,
+    tables: &mut HashMap<pg_sys::Oid, Vec<(i32, Vec<u8>)>>,
+) -> Vec<Vec<u8>> {
     let all = tables.entry(rec.h.relid).or_insert_with(|| {
         // SAFETY: the relation is opened (if it still exists) under AccessShareLock and
         // its descriptor read while it is open; names are copied out.
@@ -270,7 +273,17 @@ mod tests {
         }
         r.h.rows = 1;
         r.set_texts(
-            [b"public", table, b"SELECT", b"alice", b"postgres", b"postgres", b"", b"SELECT 1", b""],
+            [
+                b"public",
+                table,
+                b"SELECT",
+                b"alice",
+                b"postgres",
+                b"postgres",
+                b"",
+                b"SELECT 1",
+                b"",
+            ],
             |_, n| n,
         );
         r

@@ -39,8 +39,11 @@ struct Pending {
 
 thread_local! {
     static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
-    /// Inside `COPY (query) TO`: the executor's records say COPY.
-    static IN_COPY: Cell<bool> = const { Cell::new(false) };
+    /// The COPY statements running (each by the subtransaction it started in):
+    /// inside `COPY (query) TO`, the executor's records say COPY. A COPY that
+    /// fails never reaches its end, so an aborting subtransaction drops the
+    /// COPYs it started: a caught error must not leave later statements labeled COPY.
+    static IN_COPY: RefCell<Vec<pg_sys::SubTransactionId>> = const { RefCell::new(Vec::new()) };
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -166,7 +169,7 @@ unsafe fn query_id(pstmt: *mut pg_sys::PlannedStmt) -> i64 {
 }
 
 fn command_of(op: pg_sys::CmdType::Type) -> &'static str {
-    if IN_COPY.with(|c| c.get()) {
+    if in_copy() {
         return "COPY";
     }
     match op {
@@ -376,7 +379,7 @@ fn queue_all(p: Pending, may_raise: bool) {
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
     if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
-        IN_COPY.with(|c| c.set(false));
+        IN_COPY.with(|c| c.borrow_mut().clear());
         let code = LAST_ERROR.with(|e| e.take());
         let all = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
         for mut p in all {
@@ -396,6 +399,7 @@ unsafe extern "C-unwind" fn subxact_callback(
     _arg: *mut c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        IN_COPY.with(|c| c.borrow_mut().retain(|&s| s < my_subid));
         let gone: Vec<Pending> = PENDING.with(|p| {
             let mut p = p.borrow_mut();
             let (gone, kept) =
@@ -669,7 +673,10 @@ unsafe extern "C-unwind" fn before_utility(
         }
     }
     if is_copy {
-        IN_COPY.with(|c| c.set(true));
+        ensure_callbacks();
+        // SAFETY: reads the current subtransaction id.
+        let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        IN_COPY.with(|c| c.borrow_mut().push(subxact));
     }
     is_copy
 }
@@ -679,9 +686,8 @@ unsafe extern "C-unwind" fn before_utility(
 unsafe extern "C-unwind" fn after_utility(
     pstmt: *mut pg_sys::PlannedStmt,
     qc: *mut pg_sys::QueryCompletion,
-    was_in_copy: bool,
 ) {
-    IN_COPY.with(|c| c.set(was_in_copy));
+    IN_COPY.with(|c| c.borrow_mut().pop());
     // SAFETY: the statement that just ran, and its completion tag.
     let (key, n) = unsafe {
         (
@@ -694,7 +700,7 @@ unsafe extern "C-unwind" fn after_utility(
 }
 
 fn in_copy() -> bool {
-    IN_COPY.with(|c| c.get())
+    IN_COPY.with(|c| !c.borrow().is_empty())
 }
 
 #[allow(clippy::too_many_arguments)] // PostgreSQL's hook signature
@@ -710,7 +716,6 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     // SAFETY: as executor_start, with PostgreSQL's utility arguments.
     unsafe {
-        let was_in_copy = in_copy();
         let is_copy = before_utility(pstmt, query);
         match PREV_UTILITY {
             Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
@@ -726,7 +731,7 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
         if is_copy {
-            after_utility(pstmt, qc, was_in_copy);
+            after_utility(pstmt, qc);
         }
     }
 }

@@ -13,7 +13,7 @@ mod targets;
 pub use drain::{discard, drain, BATCH};
 pub use hooks::note_function_read;
 pub use queue::{
-    drainer_gone, drainer_going_idle, pending, set_launcher_latch, waiting_databases,
+    drainer_going_idle, drainer_gone, pending, set_launcher_latch, waiting_databases,
     waiting_databases_before_sleep,
 };
 

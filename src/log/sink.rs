@@ -370,7 +370,11 @@ unsafe fn ensure_open(log: Oid, log_default: Oid) {
 /// # Safety
 /// `s` must be this transaction's open writer; `values` and `nulls` must be
 /// audit.log's columns in table order.
-unsafe fn route(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> Option<*mut pg_sys::ResultRelInfo> {
+unsafe fn route(
+    s: &mut Sink,
+    values: &[Datum],
+    nulls: &[bool],
+) -> Option<*mut pg_sys::ResultRelInfo> {
     // SAFETY: see insert(); every pointer belongs to this transaction's open writer.
     unsafe {
         let slot = s.slot;
@@ -421,7 +425,9 @@ unsafe fn insert_index_entries(
             #[cfg(feature = "pg15")]
             pg_sys::ExecInsertIndexTuples(leaf, slot, s.estate, false, false, spec, arbiters);
             #[cfg(not(feature = "pg15"))]
-            pg_sys::ExecInsertIndexTuples(leaf, slot, s.estate, false, false, spec, arbiters, false);
+            pg_sys::ExecInsertIndexTuples(
+                leaf, slot, s.estate, false, false, spec, arbiters, false,
+            );
         }
         let econtext = (*s.estate).es_per_tuple_exprcontext;
         if !econtext.is_null() {
