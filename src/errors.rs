@@ -41,6 +41,8 @@ pub enum AuditError {
     UndoNothing(i64),
     #[error("reads of {table} cannot be recorded: audit_ext is not in shared_preload_libraries")]
     ReadsNeedPreload { table: String },
+    #[error("cannot record reads of {table}: audit.databases does not name this database, so no worker would write them")]
+    ReadsNotServed { table: String },
     #[error("nothing to record for {table}: reads and writes are both false")]
     NothingToRecord { table: String },
     #[error("{0}: run ALTER EXTENSION audit_ext UPDATE first")]
@@ -82,6 +84,7 @@ impl AuditError {
             AuditError::NotInstalled => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::NothingSealed => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::ReadsNeedPreload { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            AuditError::ReadsNotServed { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::NothingToRecord { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             AuditError::NeedsUpdate(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::SealWaitTimedOut => ERRCODE_LOCK_NOT_AVAILABLE,
@@ -102,6 +105,9 @@ impl AuditError {
             ),
             AuditError::ReadsNeedPreload { .. } => Some(
                 "Add audit_ext to shared_preload_libraries and restart the server: reads are seen by executor hooks, which only a preloaded library can install.",
+            ),
+            AuditError::ReadsNotServed { .. } => Some(
+                "Add this database to audit.databases (or empty it to serve every database) and reload the configuration.",
             ),
             AuditError::NothingToRecord { .. } => Some("To stop recording the table, call audit.untrack()."),
             _ => None,

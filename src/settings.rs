@@ -221,6 +221,57 @@ pub fn databases() -> Vec<String> {
     split_list(&guc_string(&DATABASES))
 }
 
+/// Whether the worker serves the database this backend is connected to (the
+/// launcher's own rule: audit.databases is empty or names it). Asked on every
+/// recorded read, so the answer is kept until the setting's text changes.
+pub fn serves_this_database() -> bool {
+    thread_local! {
+        static KEPT: std::cell::RefCell<Option<(Vec<u8>, bool)>> = const { std::cell::RefCell::new(None) };
+    }
+    // SAFETY: a plain read of our own setting's variable: NULL or a string the GUC
+    // machinery owns until the setting changes; it is copied before anything else runs.
+    let raw = unsafe {
+        let p = *DATABASES.as_ptr();
+        if p.is_null() {
+            &[][..]
+        } else {
+            std::ffi::CStr::from_ptr(p).to_bytes()
+        }
+    };
+    if let Some(answer) = KEPT.with(|k| k.borrow().as_ref().filter(|(t, _)| t == raw).map(|k| k.1))
+    {
+        return answer;
+    }
+    let list = split_list(&String::from_utf8_lossy(raw));
+    let answer = list.is_empty()
+        || {
+            // Looked up once, while a transaction is sound (the first read is prepared
+            // in ExecutorStart): this is also asked while a transaction aborts and at
+            // exit, where no catalog may be read. A database cannot be renamed while
+            // anyone is connected to it.
+            thread_local! {
+                static NAME: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+            }
+            if NAME.with(|n| n.borrow().is_none()) {
+                // SAFETY: a plain read of transaction state.
+                if !unsafe { pgrx::pg_sys::IsTransactionState() } {
+                    return true; // unknown: the launcher still decides what it serves
+                }
+                // SAFETY: a syscache lookup in a sound transaction; NULL if the database vanished.
+                let found = unsafe {
+                    let p = pgrx::pg_sys::get_database_name(pgrx::pg_sys::MyDatabaseId);
+                    (!p.is_null())
+                        .then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+                };
+                NAME.with(|n| *n.borrow_mut() = found);
+            }
+            let name = NAME.with(|n| n.borrow().clone()).unwrap_or_default();
+            list.iter().any(|n| *n == name)
+        };
+    KEPT.with(|k| *k.borrow_mut() = Some((raw.to_vec(), answer)));
+    answer
+}
+
 pub fn access_overflow() -> Overflow {
     match guc_string(&ACCESS_OVERFLOW).trim().to_ascii_lowercase().as_str() {
         "drop" => Overflow::Drop,

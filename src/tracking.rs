@@ -120,6 +120,9 @@ pub fn track_impl(
     if what.reads && !crate::access::preloaded() {
         return Err(AuditError::ReadsNeedPreload { table: name });
     }
+    if what.reads && !crate::settings::serves_this_database() {
+        return Err(AuditError::ReadsNotServed { table: name });
+    }
 
     let tupdesc = rel.tuple_desc();
     let live: Vec<String> =

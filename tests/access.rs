@@ -787,3 +787,38 @@ fn a_caught_error_in_a_copy_leaves_later_reads_labeled_as_they_are() {
     );
     c.assert_no_crash();
 }
+
+/// A database the worker does not serve (audit.databases) cannot start
+/// recording reads, and reads there while it is left out are not queued (they
+/// would fill the queue every database shares): they are counted, and a LOST
+/// row says how many once the database is served again.
+#[test]
+fn reads_in_a_database_the_worker_does_not_serve() {
+    let c = cluster();
+    let mut db = c.connect("postgres");
+    setup(&mut db);
+    db.batch_execute("SET audit.access_log_self = off").unwrap();
+    let set_databases = |db: &mut Client, v: &str| {
+        db.batch_execute(&format!("ALTER SYSTEM SET audit.databases = '{v}'")).unwrap();
+        db.batch_execute("SELECT pg_reload_conf()").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    set_databases(&mut db, "elsewhere");
+    let mut app = c.connect("postgres");
+    let err = app.batch_execute("SELECT audit.track('other', reads => true)").unwrap_err();
+    let e = err.as_db_error().unwrap();
+    assert_eq!(e.code().code(), "55000");
+    assert!(e.message().contains("audit.databases"), "{}", e.message());
+    for _ in 0..5 {
+        app.batch_execute("SELECT name FROM customers WHERE id = 1").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(customer_reads(&mut db), 0);
+    set_databases(&mut db, "");
+    app.batch_execute("SELECT name FROM customers WHERE id = 2").unwrap();
+    assert_eq!(wait_rows(&mut db, 1), 1);
+    let lost = wait_lost(&mut db, 1);
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].0, Some(5));
+    c.assert_no_crash();
+}

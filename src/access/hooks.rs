@@ -224,6 +224,8 @@ fn prepare(
     if targets_read.is_empty() {
         return None;
     }
+    // Learnt now, in a sound transaction: the records may be queued while it aborts.
+    crate::settings::serves_this_database();
     let info = crate::capture::actor::current_for_ddl().ok()?;
     let parameters = parameters();
     // SAFETY: plain reads of this backend's session and transaction state.

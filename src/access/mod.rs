@@ -103,6 +103,14 @@ fn enqueue(rec: &Record, may_raise: bool) {
         log_line(rec);
         return;
     }
+    if !settings::serves_this_database() {
+        // No worker will write this database's records: queued, they would only fill
+        // the queue every database shares. Counted instead, and said by a LOST row
+        // once the worker serves the database again.
+        note_loss(rec.h.accessed_at);
+        warn_not_served();
+        return;
+    }
     report_losses();
     if try_push(rec) {
         return;
@@ -172,10 +180,22 @@ fn note_loss(at: i64) {
     });
 }
 
+/// Once per backend: why its reads are not recorded.
+fn warn_not_served() {
+    thread_local! {
+        static WARNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if !WARNED.with(|w| w.replace(true)) {
+        pgrx::warning!(
+            "audit_ext: reads of read-tracked tables in this database are not recorded: audit.databases does not name it, so no worker writes them (they are counted, and a LOST row says how many once it does)"
+        );
+    }
+}
+
 /// Queues a record saying how many of this backend's records were dropped, if any.
 fn report_losses() {
     let lost = LOST.with(|l| l.get());
-    if lost.count == 0 {
+    if lost.count == 0 || !settings::serves_this_database() {
         return;
     }
     let mut r = Record::new(Kind::Lost);
