@@ -27,11 +27,15 @@ const SHMEM_NAME: &CStr = c"audit_ext access queue";
 /// AddinShmemInitLock's index in MainLWLockArray (lwlocknames.h, the same in 15 to 18).
 const ADDIN_SHMEM_INIT_LOCK: usize = 21;
 
+/// What the queue's scans read of a slot, kept apart from the 4 KiB records so
+/// that a scan of the whole queue (take, pending, a free-slot search) reads a few
+/// contiguous bytes per slot instead of one cache line in every record.
 #[repr(C)]
-struct Slot {
+#[derive(Clone, Copy)]
+struct Meta {
     /// 0 while the slot is free.
     seq: u64,
-    rec: Record,
+    db: Oid,
 }
 
 #[repr(C)]
@@ -59,7 +63,8 @@ struct Shared {
     /// (0: it did not), and the databases whose workers have said so.
     unclean_since: pg_sys::TimestampTz,
     unclean_told: [Oid; MAX_TOLD],
-    slots: [Slot; 0],
+    /// `capacity` Metas, then `capacity` Records (see meta_at, rec_at).
+    slots: [Meta; 0],
 }
 
 /// Databases whose unclean-stop row is remembered; beyond that a worker may write
@@ -79,7 +84,31 @@ static mut INITIALIZED: u32 = 0;
 static mut LOCK: *mut pg_sys::LWLock = ptr::null_mut();
 
 fn bytes_for(capacity: usize) -> usize {
-    std::mem::size_of::<Shared>() + capacity * std::mem::size_of::<Slot>()
+    records_offset(capacity) + capacity * std::mem::size_of::<Record>()
+}
+
+/// Where the records start: after the header and the Metas, aligned for a Record.
+fn records_offset(capacity: usize) -> usize {
+    let end = std::mem::size_of::<Shared>() + capacity * std::mem::size_of::<Meta>();
+    end.next_multiple_of(std::mem::align_of::<Record>())
+}
+
+/// Slot `i`'s Meta.
+///
+/// # Safety
+/// `s` must point to the attached queue and `i` be below its capacity.
+unsafe fn meta_at(s: *mut Shared, i: usize) -> *mut Meta {
+    // SAFETY: the caller's contract; the Metas follow the header.
+    unsafe { ptr::addr_of_mut!((*s).slots).cast::<Meta>().add(i) }
+}
+
+/// Slot `i`'s Record.
+///
+/// # Safety
+/// As [`meta_at`].
+unsafe fn rec_at(s: *mut Shared, i: usize) -> *mut Record {
+    // SAFETY: the caller's contract; bytes_for() reserved room for capacity Records there.
+    unsafe { s.cast::<u8>().add(records_offset((*s).capacity)).cast::<Record>().add(i) }
 }
 
 /// From the shmem_request hook: the queue's memory and its lock.
@@ -149,13 +178,8 @@ unsafe fn restore(p: *mut Shared) {
         // SAFETY: i < capacity; the bytes are a Record of this layout (checked above),
         // written by save_on_exit from a Record.
         unsafe {
-            let slot = s.slots.as_mut_ptr().add(i);
-            ptr::copy_nonoverlapping(
-                chunk.as_ptr(),
-                ptr::addr_of_mut!((*slot).rec).cast::<u8>(),
-                size,
-            );
-            (*slot).seq = s.next_seq;
+            ptr::copy_nonoverlapping(chunk.as_ptr(), rec_at(s, i).cast::<u8>(), size);
+            *meta_at(s, i) = Meta { seq: s.next_seq, db: (*rec_at(s, i)).h.db };
         }
         s.next_seq += 1;
         s.used += 1;
@@ -181,10 +205,10 @@ unsafe extern "C-unwind" fn save_on_exit(_code: i32, _arg: pg_sys::Datum) {
     // on_shmem_exit callbacks run; no backend runs any more. A backend that died
     // while copying left its slot's seq at 0 (seq is set after the copy).
     unsafe {
-        let s = &*SHARED;
-        let mut full: Vec<(u64, usize)> = (0..s.capacity)
+        let s = SHARED;
+        let mut full: Vec<(u64, usize)> = (0..(*s).capacity)
             .filter_map(|i| {
-                let seq = (*s.slots.as_ptr().add(i)).seq;
+                let seq = (*meta_at(s, i)).seq;
                 (seq != 0).then_some((seq, i))
             })
             .collect();
@@ -196,7 +220,7 @@ unsafe extern "C-unwind" fn save_on_exit(_code: i32, _arg: pg_sys::Datum) {
             out.extend_from_slice(&(size as u64).to_le_bytes());
             out.extend_from_slice(&(full.len() as u64).to_le_bytes());
             for (_, i) in full {
-                let rec = ptr::addr_of!((*s.slots.as_ptr().add(i)).rec).cast::<u8>();
+                let rec = rec_at(s, i).cast::<u8>();
                 out.extend_from_slice(std::slice::from_raw_parts(rec, size));
             }
             // Written whole, then renamed: a half-written spool is never read.
@@ -248,9 +272,13 @@ impl Locked {
             Some(Locked(SHARED))
         }
     }
-    fn slot(&self, i: usize) -> *mut Slot {
-        // SAFETY: i < capacity (callers iterate below it); the slots follow the header.
-        unsafe { (*self.0).slots.as_mut_ptr().add(i) }
+    fn meta(&self, i: usize) -> *mut Meta {
+        // SAFETY: the queue is attached (take() checked) and callers pass i < capacity.
+        unsafe { meta_at(self.0, i) }
+    }
+    fn rec(&self, i: usize) -> *mut Record {
+        // SAFETY: as meta().
+        unsafe { rec_at(self.0, i) }
     }
 }
 
@@ -278,12 +306,12 @@ pub fn push(rec: &Record) -> bool {
                 return false;
             }
             let mut i = s.hint % s.capacity;
-            while (*q.slot(i)).seq != 0 {
+            while (*q.meta(i)).seq != 0 {
                 i = (i + 1) % s.capacity;
             }
-            let slot = q.slot(i);
-            ptr::copy_nonoverlapping(rec, &mut (*slot).rec, 1);
-            (*slot).seq = s.next_seq;
+            ptr::copy_nonoverlapping(rec, q.rec(i), 1);
+            // seq last: a slot whose copy was interrupted stays free.
+            *q.meta(i) = Meta { seq: s.next_seq, db: rec.h.db };
             s.next_seq += 1;
             s.used += 1;
             s.hint = i + 1;
@@ -311,13 +339,14 @@ pub fn push(rec: &Record) -> bool {
 }
 
 /// Whether records wait: (of database `db`, of any other database).
-fn pending_in(s: &Shared, db: Oid) -> (bool, bool) {
+fn pending_in(s: *mut Shared, db: Oid) -> (bool, bool) {
     let (mut mine, mut others) = (false, false);
-    for i in 0..s.capacity {
-        // SAFETY: every index is below capacity; the caller holds the lock.
-        let slot = unsafe { &*s.slots.as_ptr().add(i) };
-        if slot.seq != 0 {
-            if slot.rec.h.db == db {
+    // SAFETY: the caller holds the lock on the attached queue.
+    for i in 0..unsafe { (*s).capacity } {
+        // SAFETY: every index is below capacity.
+        let m = unsafe { *meta_at(s, i) };
+        if m.seq != 0 {
+            if m.db == db {
                 mine = true;
             } else {
                 others = true;
@@ -333,8 +362,7 @@ fn pending_in(s: &Shared, db: Oid) -> (bool, bool) {
 /// Whether records wait: (of `db`, of any other database).
 pub fn pending(db: Oid) -> (bool, bool) {
     let Some(q) = Locked::take() else { return (false, false) };
-    // SAFETY: we hold the lock.
-    pending_in(unsafe { &*q.0 }, db)
+    pending_in(q.0, db)
 }
 
 /// By the worker writing `db`'s records, before it sleeps on `latch`: the next
@@ -348,7 +376,7 @@ pub fn drainer_going_idle(db: Oid, latch: *mut pg_sys::Latch) -> (bool, bool) {
         s.drainer_latch = latch;
         s.drainer_db = db;
         s.drainer_idle = true;
-        pending_in(s, db)
+        pending_in(q.0, db)
     }
 }
 
@@ -378,18 +406,17 @@ pub fn take(db: Oid, max: usize, out: &mut Vec<Record>) {
     unsafe {
         let s = &mut *q.0;
         for i in 0..s.capacity {
-            let slot = q.slot(i);
-            if (*slot).seq != 0 && (*slot).rec.h.db == db {
-                found.push(((*slot).seq, i));
+            let m = *q.meta(i);
+            if m.seq != 0 && m.db == db {
+                found.push((m.seq, i));
             }
         }
         found.sort_unstable();
         found.truncate(max);
         out.reserve(found.len());
         for (k, &(_, i)) in found.iter().enumerate() {
-            let slot = q.slot(i);
-            ptr::copy_nonoverlapping(&(*slot).rec, out.as_mut_ptr().add(k), 1);
-            (*slot).seq = 0;
+            ptr::copy_nonoverlapping(q.rec(i), out.as_mut_ptr().add(k), 1);
+            (*q.meta(i)).seq = 0;
         }
         out.set_len(found.len());
         s.used -= found.len();
@@ -416,9 +443,9 @@ fn waiting(going_idle: bool) -> Vec<Oid> {
             (*q.0).launcher_idle = true;
         }
         for i in 0..(*q.0).capacity {
-            let slot = q.slot(i);
-            if (*slot).seq != 0 && !dbs.contains(&(*slot).rec.h.db) {
-                dbs.push((*slot).rec.h.db);
+            let m = *q.meta(i);
+            if m.seq != 0 && !dbs.contains(&m.db) {
+                dbs.push(m.db);
             }
         }
     }
