@@ -266,7 +266,7 @@ pub fn serves_this_database() -> bool {
                 NAME.with(|n| *n.borrow_mut() = found);
             }
             let name = NAME.with(|n| n.borrow().clone()).unwrap_or_default();
-            list.iter().any(|n| *n == name)
+            list.contains(&name)
         };
     KEPT.with(|k| *k.borrow_mut() = Some((raw.to_vec(), answer)));
     answer
