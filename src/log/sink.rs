@@ -137,6 +137,11 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: Datum, relid: Oid) {
 /// itself changes or drops partitions in this transaction.
 pub fn release() {
     flush();
+    if buffered() > 0 {
+        // Only at the top transaction's end can rows of another level remain (every
+        // subtransaction has ended, writing or dropping its own): they are its rows.
+        write_kept();
+    }
     if let Some(sink) = SINK.with(|s| s.replace(None)) {
         // SAFETY: the writer was opened in this transaction and is closed once.
         unsafe { close(sink) };
@@ -262,8 +267,17 @@ unsafe fn direct_ok(root: *mut pg_sys::ResultRelInfo, leaf: *mut pg_sys::ResultR
 /// # Safety
 /// `values` must be valid datums of `audit.log`'s column types, in column order.
 pub unsafe fn insert(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool]) -> bool {
-    // Rows buffered before this one are written first: ids stay in order.
+    // Rows this subtransaction kept before this one are written first, in order.
     flush();
+    // SAFETY: forwarded from the caller.
+    unsafe { insert_now(log, log_default, values, nulls) }
+}
+
+/// [`insert`] without writing the kept rows first.
+///
+/// # Safety
+/// As [`insert`].
+unsafe fn insert_now(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool]) -> bool {
     // SAFETY: forwarded from the caller.
     unsafe { ensure_open(log, log_default) };
     // An error below leaves the writer half-used: it is reopened before the next row.
@@ -284,7 +298,11 @@ pub unsafe fn insert(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool
 /// next [`insert`], when the buffer is full or the partition changes, and
 /// before the subtransaction that buffered them commits; they vanish if it
 /// aborts. Returns false, having written nothing (and flushed what was kept),
-/// when the row's partition needs the executor's full INSERT.
+/// when the row's partition needs the executor's full INSERT. A caller flushes
+/// before it starts a subtransaction: rows kept across one wait for their own
+/// level, unless the writer must be reopened meanwhile (an invalidation), which
+/// writes them first, in the inner subtransaction.
+
 ///
 /// # Safety
 /// As [`insert`]. The datums need not outlive the call: the row is copied.
@@ -296,8 +314,12 @@ pub unsafe fn insert_buffered(
 ) -> bool {
     // SAFETY: a plain read of the current subtransaction.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    if BUFFER_SUBXACT.with(|b| b.get()) != subxact {
-        flush();
+    if buffered() > 0 && BUFFER_SUBXACT.with(|b| b.get()) != subxact {
+        // The rows kept belong to an enclosing subtransaction and must be written
+        // in it, once it resumes: written here, they would go if this one aborted.
+        // This row is written at once, in its own subtransaction.
+        // SAFETY: forwarded from the caller.
+        return unsafe { insert_now(log, log_default, values, nulls) };
     }
     // SAFETY: forwarded from the caller.
     unsafe { ensure_open(log, log_default) };
@@ -320,12 +342,22 @@ pub unsafe fn insert_buffered(
     !matches!(done, Buffered::NotDirect)
 }
 
-/// Writes the buffered rows, if any.
+/// Rows kept now.
+fn buffered() -> usize {
+    SINK.with(|s| s.borrow().as_ref().map_or(0, |s| s.buffered))
+}
+
+/// Writes the rows kept by the current subtransaction, if any (rows an
+/// enclosing one kept wait until it resumes; see [`insert_buffered`]).
 pub fn flush() {
-    let pending = SINK.with(|s| s.borrow().as_ref().is_some_and(|s| s.buffered > 0));
-    if !pending {
-        return;
+    // SAFETY: a plain read of the current subtransaction.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    if buffered() > 0 && BUFFER_SUBXACT.with(|b| b.get()) == subxact {
+        write_kept();
     }
+}
+
+fn write_kept() {
     BUSY.with(|b| b.set(true));
     SINK.with(|s| {
         let mut s = s.borrow_mut();
