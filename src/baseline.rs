@@ -1,0 +1,188 @@
+//! audit.baseline: one `SNAPSHOT` row per live row of a tracked table that the
+//! log knows nothing about, so that the log alone explains every row, also
+//! those that predate tracking (audit.verify_table relies on it).
+//!
+//! Why no row is missed or doubled while writers run, without locking their rows:
+//! everything is judged at one snapshot S, taken once this baseline holds its
+//! table's turn (below). The table is read through a cursor on S, and a row gets
+//! a SNAPSHOT only if the log, also read on S, has no row for its key. A writer
+//! whose change committed before S is seen by both reads: its key has a log row
+//! and is skipped. A writer that commits after S wrote its own INSERT, UPDATE or
+//! DELETE row in its own transaction; so its key may end up with a SNAPSHOT of
+//! the image at S *and* a real change, in either id order. verify_table gives a
+//! real change precedence over a SNAPSHOT, so the pair means what the real change
+//! says, which is the truth. A row inserted after S is not in the cursor and is
+//! explained by its INSERT. Two baselines of one table take turns on its
+//! audit.tracked row, and the second takes its S after the first has committed,
+//! so it finds the first one's keys in the log: no key gets two SNAPSHOTs. Under
+//! REPEATABLE READ, S would be the transaction's, older than that wait, so
+//! baseline refuses to run there. A re-run writes nothing for keys already in the
+//! log, which is why it is safe to repeat.
+//!
+//! The table is read as the caller (output functions and casts are user code);
+//! the log is read and written as the extension owner, as the trigger writes it.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+
+use pgrx::pg_sys::{self, Datum};
+use pgrx::prelude::*;
+use pgrx::PgRelation;
+
+use crate::chain::append::append_row;
+use crate::errors::{AuditError, OrRaise, Result};
+use crate::live_rows::{BatchMemory, Cursor, Encoder, FreshSnapshot};
+use crate::log::Row;
+use crate::privilege::as_extension_owner;
+use crate::time_travel::Table;
+
+/// Rows encoded and written per batch: memory is bounded by this many row images.
+pub const DEFAULT_BATCH: i32 = 10_000;
+
+pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
+    crate::query::refuse_during_recovery(c"audit.baseline()");
+    if batch < 1 {
+        return Err(AuditError::InvalidArgument(format!(
+            "batch_size must be at least 1, not {batch}"
+        )));
+    }
+    crate::tracking::check_trackable(rel)?;
+    let t = Table::load(rel)?;
+    t.need_key()?;
+    // SAFETY: a plain read of the transaction's isolation level.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Err(AuditError::BaselineRefused(format!(
+            "audit.baseline({}) needs READ COMMITTED: under a transaction snapshot it could not see \
+             a baseline that another session committed while it waited",
+            t.qname
+        )));
+    }
+    let truncated = as_extension_owner(|| {
+        // One baseline of a table at a time: the second waits here, before its reads.
+        let writes = Spi::get_one_with_args::<bool>(
+            "SELECT writes FROM audit.tracked WHERE relid OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+            &[rel.oid().into()],
+        )?;
+        if writes != Some(true) {
+            return Err(AuditError::BaselineRefused(format!(
+                "{} is tracked for reads only: its changes are not recorded, so there is nothing to baseline",
+                t.qname
+            )));
+        }
+        Ok(Spi::get_one::<bool>(&format!(
+            "SELECT EXISTS (SELECT FROM audit.log WHERE {} AND row_id IS NULL
+                               AND operation OPERATOR(pg_catalog.=) 'TRUNCATE')",
+            t.log_filter()
+        ))?
+        .unwrap_or(false))
+    })?;
+    if truncated {
+        // Every row live now came after the TRUNCATE, so through the trigger: a
+        // SNAPSHOT could only vouch for one that did not.
+        pgrx::notice!(
+            "{} was truncated since tracking began: every live row must be explained by a change \
+             after that, so there is nothing to baseline",
+            t.qname
+        );
+        return Ok(0);
+    }
+
+    // S: taken after the wait above, so a baseline committed meanwhile is seen.
+    let _s = FreshSnapshot::take();
+    let enc = Encoder::new(rel)?;
+    let info = crate::capture::actor::current()?;
+    let ext = crate::ext::ext_state()?;
+    let known_sql = format!(
+        "SELECT u.i FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(k, i)
+          WHERE EXISTS (SELECT FROM audit.log l WHERE {f} AND l.row_id OPERATOR(pg_catalog.=) u.k)
+             OR EXISTS (SELECT FROM audit.log l WHERE {f} AND l.old_row_id OPERATOR(pg_catalog.=) u.k)",
+        f = t.log_filter()
+    );
+    let scan = format!("SELECT {a} FROM {} {a}", t.qname, a = enc.alias);
+    let mem = BatchMemory::new();
+    Spi::connect(|_| -> Result<i64> {
+        let mut cursor = Cursor::open(&scan, &[])?;
+        let mut written = 0i64;
+        loop {
+            let mut rows: Vec<(Vec<u8>, Datum)> = Vec::new();
+            let n = mem.run(|| {
+                cursor.fetch(batch as i64, |tuple, desc| {
+                    let mut isnull = false;
+                    // SAFETY: column 1 of the scan is the whole row, of the table's row type.
+                    let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
+                    if isnull {
+                        return Ok(());
+                    }
+                    // SAFETY: as above; the image is built in the batch context, not in the tuple.
+                    let (key, image) = unsafe { enc.encode(d)? };
+                    let key = key.ok_or_else(|| {
+                        AuditError::Internal(format!("a row of {} has a NULL key", t.qname))
+                    })?;
+                    rows.push((key, image));
+                    Ok(())
+                })
+            })?;
+            if n == 0 {
+                break;
+            }
+            let known = mem.run(|| known_keys(&known_sql, &rows))?;
+            for (i, (key, image)) in rows.into_iter().enumerate() {
+                if known.contains(&(i as i64 + 1)) {
+                    continue;
+                }
+                let row = Row {
+                    schema: enc.schema_name(),
+                    table: enc.table_name(),
+                    operation: "SNAPSHOT",
+                    row_id: Some(key),
+                    old_row_id: None,
+                    old_values: None,
+                    new_values: Some(image),
+                    changed: None,
+                };
+                // SAFETY: the image is a jsonb datum of the batch context, alive until its reset.
+                mem.run(|| unsafe { append_row(&ext, &info.actor(), row) })?;
+                written += 1;
+            }
+            mem.reset();
+            pgrx::check_for_interrupts!();
+        }
+        Ok(written)
+    })
+}
+
+/// Which of the batch's keys (by 1-based position) the log already has a row for,
+/// under the key or as the key a row moved away from. Read on the same snapshot
+/// as the table.
+fn known_keys(sql: &str, rows: &[(Vec<u8>, Datum)]) -> Result<HashSet<i64>> {
+    let keys: Vec<CString> = rows
+        .iter()
+        .map(|(k, _)| CString::new(k.clone()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| AuditError::Internal("a row key holds a NUL byte".into()))?;
+    let refs: Vec<&std::ffi::CStr> = keys.iter().map(|k| k.as_c_str()).collect();
+    // SAFETY: a fresh text[] in the current (batch) context.
+    let arr = unsafe { crate::datum::text_array(&refs) };
+    as_extension_owner(|| {
+        let mut cursor = Cursor::open(sql, &[(pg_sys::TEXTARRAYOID, Some(arr))])?;
+        let mut known = HashSet::new();
+        cursor.fetch(rows.len() as i64 + 1, |tuple, desc| {
+            let mut isnull = false;
+            // SAFETY: column 1 is the key's ordinality, an int8.
+            let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
+            if !isnull {
+                known.insert(d.value() as i64);
+            }
+            Ok(())
+        })?;
+        Ok(known)
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn baseline(tbl: Option<PgRelation>, batch_size: default!(Option<i32>, 10000)) -> i64 {
+    let _q = crate::quiet::Quiet::enter();
+    let rel = tbl.ok_or(AuditError::NullArgument("tbl")).or_raise();
+    let batch = batch_size.ok_or(AuditError::NullArgument("batch_size")).or_raise();
+    baseline_impl(&rel, batch).or_raise()
+}
