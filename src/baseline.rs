@@ -31,7 +31,7 @@ use pgrx::PgRelation;
 
 use crate::chain::append::append_row;
 use crate::errors::{AuditError, OrRaise, Result};
-use crate::live_rows::{BatchMemory, Cursor, Encoder, FreshSnapshot};
+use crate::live_rows::{text_bytes, BatchMemory, Cursor, Encoder, FreshSnapshot};
 use crate::log::Row;
 use crate::privilege::as_extension_owner;
 use crate::time_travel::Table;
@@ -92,10 +92,11 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
     let enc = Encoder::new(rel)?;
     let info = crate::capture::actor::current()?;
     let ext = crate::ext::ext_state()?;
+    // One index scan per partition for the whole batch's keys, not a probe per key.
     let known_sql = format!(
-        "SELECT u.i FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(k, i)
-          WHERE EXISTS (SELECT FROM audit.log l WHERE {f} AND l.row_id OPERATOR(pg_catalog.=) u.k)
-             OR EXISTS (SELECT FROM audit.log l WHERE {f} AND l.old_row_id OPERATOR(pg_catalog.=) u.k)",
+        "SELECT row_id FROM audit.log WHERE {f} AND row_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])
+         UNION ALL
+         SELECT old_row_id FROM audit.log WHERE {f} AND old_row_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])",
         f = t.log_filter()
     );
     let scan = format!("SELECT {a} FROM {} {a}", t.qname, a = enc.alias);
@@ -126,8 +127,8 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
                 break;
             }
             let known = mem.run(|| known_keys(&known_sql, &rows))?;
-            for (i, (key, image)) in rows.into_iter().enumerate() {
-                if known.contains(&(i as i64 + 1)) {
+            for (key, image) in rows {
+                if known.contains(&key) {
                     continue;
                 }
                 let row = Row {
@@ -151,10 +152,9 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
     })
 }
 
-/// Which of the batch's keys (by 1-based position) the log already has a row for,
-/// under the key or as the key a row moved away from. Read on the same snapshot
-/// as the table.
-fn known_keys(sql: &str, rows: &[(Vec<u8>, Datum)]) -> Result<HashSet<i64>> {
+/// Which of the batch's keys the log already has a row for, under the key or as
+/// the key a row moved away from. Read on the same snapshot as the table.
+fn known_keys(sql: &str, rows: &[(Vec<u8>, Datum)]) -> Result<HashSet<Vec<u8>>> {
     let keys: Vec<CString> = rows
         .iter()
         .map(|(k, _)| CString::new(k.clone()))
@@ -166,15 +166,18 @@ fn known_keys(sql: &str, rows: &[(Vec<u8>, Datum)]) -> Result<HashSet<i64>> {
     as_extension_owner(|| {
         let mut cursor = Cursor::open(sql, &[(pg_sys::TEXTARRAYOID, Some(arr))])?;
         let mut known = HashSet::new();
-        cursor.fetch(rows.len() as i64 + 1, |tuple, desc| {
+        // Each key at most once per log row: loop until the cursor is drained.
+        while cursor.fetch(10_000, |tuple, desc| {
             let mut isnull = false;
-            // SAFETY: column 1 is the key's ordinality, an int8.
+            // SAFETY: column 1 is a row_id, text.
             let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
             if !isnull {
-                known.insert(d.value() as i64);
+                // SAFETY: a non-null text datum.
+                known.insert(unsafe { text_bytes(d) });
             }
             Ok(())
-        })?;
+        })? > 0
+        {}
         Ok(known)
     })
 }

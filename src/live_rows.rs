@@ -113,10 +113,15 @@ impl Drop for FreshSnapshot {
 }
 
 /// A memory context reset after every batch: encoding a row allocates, and a
-/// scan of a million rows must not keep them all.
+/// scan of a million rows must not keep them all. Its first block is big and
+/// survives each reset, so a batch reuses the pages of the one before instead
+/// of having fresh ones mapped (page faults were a third of verify_table's time).
 pub(crate) struct BatchMemory {
     cxt: pg_sys::MemoryContext,
 }
+
+/// The block a batch context keeps across resets.
+const KEPT_BLOCK: usize = 4 << 20;
 
 impl BatchMemory {
     pub(crate) fn new() -> BatchMemory {
@@ -125,8 +130,8 @@ impl BatchMemory {
             pg_sys::AllocSetContextCreateExtended(
                 pg_sys::CurrentMemoryContext,
                 c"audit_ext batch".as_ptr(),
-                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                KEPT_BLOCK,
+                KEPT_BLOCK,
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             )
         };

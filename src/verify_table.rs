@@ -67,9 +67,16 @@ enum Step {
 
 /// Why a row is bad, for the detail of the first one.
 enum Bad {
-    Changed { live: Vec<u8>, logged: Vec<u8> },
+    Changed {
+        live: Vec<u8>,
+        logged: Vec<u8>,
+    },
     Missing,
-    NotLogged { baseline: bool },
+    /// `pruned`: retention has removed log partitions, perhaps this row's rows.
+    NotLogged {
+        baseline: bool,
+        pruned: bool,
+    },
     Deleted,
 }
 
@@ -81,9 +88,11 @@ impl Bad {
                 changed_columns(live, logged)
             ),
             Bad::Missing => "is missing: the log says it is live, but the table has no such row (deleted behind the trigger)".into(),
-            Bad::NotLogged { baseline: false } => "has no row in the log, and the table has no baseline: \
+            Bad::NotLogged { pruned: true, .. } => "has no row in the log: inserted behind the trigger, \
+                 or retention removed every log row of it (audit.baseline() records such rows again)".into(),
+            Bad::NotLogged { baseline: false, .. } => "has no row in the log, and the table has no baseline: \
                  rows that predate tracking are only explained after audit.baseline()".into(),
-            Bad::NotLogged { baseline: true } => "has no row in the log (inserted behind the trigger)".into(),
+            Bad::NotLogged { baseline: true, .. } => "has no row in the log (inserted behind the trigger)".into(),
             Bad::Deleted => "exists, but the log says it was deleted or moved to another key \
                  (put back behind the trigger)".into(),
         }
@@ -118,11 +127,16 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
     t.need_key()?;
     let enc = Encoder::new(rel)?;
     let f = t.log_filter();
-    let baseline = as_extension_owner(|| {
-        Ok(crate::query::one::<bool>(&format!(
+    let (baseline, pruned) = as_extension_owner(|| {
+        let baseline = crate::query::one::<bool>(&format!(
             "SELECT EXISTS (SELECT FROM audit.log WHERE {f} AND operation OPERATOR(pg_catalog.=) 'SNAPSHOT')"
         ))?
-        .unwrap_or(false))
+        .unwrap_or(false);
+        let pruned = crate::query::one::<bool>(
+            "SELECT EXISTS (SELECT FROM audit.horizon WHERE horizon OPERATOR(pg_catalog.>) '-infinity')",
+        )?
+        .unwrap_or(false);
+        Ok((baseline, pruned))
     })?;
     let log_sql = format!(
         "WITH cut AS (SELECT COALESCE(pg_catalog.max(id), 0) AS id FROM audit.log
@@ -175,7 +189,7 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
                     r.rows_checked += 1;
                     r.unexplained += 1;
                     check_order(&mut last_live, &l.key)?;
-                    Some((l.key, Bad::NotLogged { baseline }))
+                    Some((l.key, Bad::NotLogged { baseline, pruned }))
                 }
                 Step::LogOnly => {
                     let g = log.pop_front().expect("peeked");
