@@ -3,10 +3,11 @@
 //!
 //! The state of a row at time `at` is read from the first change after `at`
 //! (one index probe): INSERT means it did not exist, UPDATE means
-//! `new_values || old_values`, DELETE means `old_values`, a SNAPSHOT (audit.baseline)
-//! means `new_values`; with no later change it is the live row. Reads of the log run as the extension owner; reads of
-//! live rows and undo's writes run as the caller, so table privileges apply and
-//! no user code (casts, output functions) runs with the owner's rights.
+//! `new_values || old_values`, DELETE means `old_values`, a SNAPSHOT
+//! (audit.baseline) means `new_values`; with no later change it is the live
+//! row. Reads of the log run as the extension owner; reads of live rows and
+//! undo's writes run as the caller, so table privileges apply and no user code
+//! (casts, output functions) runs with the owner's rights.
 
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgRelation};
