@@ -284,9 +284,62 @@ CREATE FUNCTION audit."track"(
 	"exclude" TEXT[] DEFAULT '{}',
 	"redact" TEXT[] DEFAULT '{}',
 	"reads" bool DEFAULT false,
-	"writes" bool DEFAULT true
+	"writes" bool DEFAULT true,
+	"baseline" bool DEFAULT false
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'track_wrapper';
-REVOKE ALL ON FUNCTION audit.track(regclass, text[], text[], bool, bool) FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit.track(regclass, text[], text[], bool, bool, bool) FROM PUBLIC;
+
+-- The tables themselves (src/baseline.rs, src/verify_table.rs): SNAPSHOT rows for
+-- rows the log does not know, the live table checked against the log, and verify()
+-- with a list of tables to check that way too. operation is plain text, so
+-- SNAPSHOT needs no change to audit.log or to the row hash.
+/* <begin connected objects> */
+-- audit_ext::baseline::baseline
+CREATE  FUNCTION "baseline"(
+	"tbl" regclass, /* Option < PgRelation > */
+	"batch_size" INT DEFAULT 10000 /* Option < i32 > */
+) RETURNS bigint /* i64 */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'baseline_wrapper';
+/* </end connected objects> */
+REVOKE ALL ON FUNCTION audit.baseline(regclass, integer) FROM PUBLIC;
+/* <begin connected objects> */
+-- audit_ext::verify_table::verify_table
+CREATE  FUNCTION "verify_table"(
+	"tbl" regclass /* Option < PgRelation > */
+) RETURNS TABLE (
+	"ok" bool,  /* bool */
+	"rows_checked" bigint,  /* i64 */
+	"missing" bigint,  /* i64 */
+	"unexplained" bigint,  /* i64 */
+	"changed" bigint,  /* i64 */
+	"first_bad_row_id" TEXT,  /* Option < String > */
+	"detail" TEXT  /* String */
+)
+STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'verify_table_wrapper';
+/* </end connected objects> */
+REVOKE ALL ON FUNCTION audit.verify_table(regclass) FROM PUBLIC;
+DROP FUNCTION audit.verify(jsonb);
+/* <begin connected objects> */
+-- audit_ext::chain::verify::verify
+CREATE FUNCTION "verify"(
+	"digest" jsonb DEFAULT NULL,
+	"tables" regclass[] DEFAULT NULL
+) RETURNS TABLE (
+	"ok" bool,
+	"blocks" bigint,
+	"rows" bigint,
+	"first_bad_id" bigint,
+	"detail" TEXT
+)
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'verify_wrapper';
+/* </end connected objects> */
+REVOKE ALL ON FUNCTION audit.verify(jsonb, regclass[]) FROM PUBLIC;

@@ -55,6 +55,10 @@ pub enum AuditError {
     BadDigest(String),
     #[error("audit_ext is not installed in this database")]
     NotInstalled,
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    BaselineRefused(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]
@@ -89,6 +93,8 @@ impl AuditError {
             AuditError::NeedsUpdate(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::SealWaitTimedOut => ERRCODE_LOCK_NOT_AVAILABLE,
             AuditError::BadDigest(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            AuditError::InvalidArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            AuditError::BaselineRefused(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::Internal(_) | AuditError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
     }

@@ -6,12 +6,14 @@
 use pgrx::prelude::*;
 
 mod access;
+mod baseline;
 mod capture;
 mod chain;
 mod datum;
 mod ddl;
 mod errors;
 mod ext;
+mod live_rows;
 mod log;
 mod partitions;
 mod privilege;
@@ -26,6 +28,7 @@ mod subxact;
 mod time_travel;
 mod tracking;
 mod undo;
+mod verify_table;
 mod version;
 mod worker;
 

@@ -3,10 +3,11 @@
 //!
 //! The state of a row at time `at` is read from the first change after `at`
 //! (one index probe): INSERT means it did not exist, UPDATE means
-//! `new_values || old_values`, DELETE means `old_values`; with no later change
-//! it is the live row. Reads of the log run as the extension owner; reads of
-//! live rows and undo's writes run as the caller, so table privileges apply and
-//! no user code (casts, output functions) runs with the owner's rights.
+//! `new_values || old_values`, DELETE means `old_values`, a SNAPSHOT
+//! (audit.baseline) means `new_values`; with no later change it is the live
+//! row. Reads of the log run as the extension owner; reads of live rows and
+//! undo's writes run as the caller, so table privileges apply and no user code
+//! (casts, output functions) runs with the owner's rights.
 
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgRelation};
@@ -202,12 +203,17 @@ impl Table {
 
     /// SQL expression giving a live row's row_id, as the trigger writes it, on alias `t`.
     fn key_expr(&self) -> String {
+        self.key_expr_on("t")
+    }
+
+    /// As [`Self::key_expr`], on the (quoted) alias `alias`.
+    pub(crate) fn key_expr_on(&self, alias: &str) -> String {
         if self.key.len() == 1 {
             // The type's output function, as the trigger uses (bool::text would say 'true').
-            return format!("pg_catalog.format('%s', t.{})", quote_ident(&self.key[0].0));
+            return format!("pg_catalog.format('%s', {alias}.{})", quote_ident(&self.key[0].0));
         }
         let cols: Vec<String> =
-            self.key.iter().map(|(c, _)| format!("t.{}", quote_ident(c))).collect();
+            self.key.iter().map(|(c, _)| format!("{alias}.{}", quote_ident(c))).collect();
         format!("pg_catalog.jsonb_build_array({})::pg_catalog.text", cols.join(", "))
     }
 
@@ -304,6 +310,8 @@ fn state_from_first_change(
         "UPDATE" if key_moved_in => None, // the key arrived with this change
         "UPDATE" => merge(new, old),
         "DELETE" => old,
+        // audit.baseline's record of the row as it was then (and since tracking began).
+        "SNAPSHOT" => new,
         _ => None,
     }
 }
@@ -445,6 +453,7 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
                   WHEN operation OPERATOR(pg_catalog.=) 'INSERT' THEN NULL
                   WHEN operation OPERATOR(pg_catalog.=) 'UPDATE' AND moved_in THEN NULL
                   WHEN operation OPERATOR(pg_catalog.=) 'UPDATE' THEN new_values OPERATOR(pg_catalog.||) old_values
+                  WHEN operation OPERATOR(pg_catalog.=) 'SNAPSHOT' THEN new_values
                   ELSE old_values END
            FROM firsts",
         names = t.log_filter()

@@ -18,7 +18,7 @@ fn qualified_name(rel: &PgRelation) -> String {
 }
 
 /// Refuse what cannot be tracked, and callers who do not own the table.
-fn check_trackable(rel: &PgRelation) -> Result<()> {
+pub(crate) fn check_trackable(rel: &PgRelation) -> Result<()> {
     let name = qualified_name(rel);
     // SAFETY: rd_rel is valid while the relation is open.
     let (relkind, persistence) =
@@ -285,12 +285,24 @@ fn track(
     redact: default!(Option<Vec<Option<String>>>, "'{}'"),
     reads: default!(Option<bool>, false),
     writes: default!(Option<bool>, true),
+    baseline: default!(Option<bool>, false),
 ) {
     let what = Record {
         reads: reads.ok_or(AuditError::NullArgument("reads")).or_raise(),
         writes: writes.ok_or(AuditError::NullArgument("writes")).or_raise(),
     };
-    track_impl(tbl, exclude, redact, what).or_raise()
+    let baseline = baseline.ok_or(AuditError::NullArgument("baseline")).or_raise();
+    let relid = tbl.as_ref().map(|r| r.oid());
+    track_impl(tbl, exclude, redact, what).or_raise();
+    if let (true, Some(relid)) = (baseline, relid) {
+        // In track's own transaction, so its row locks are none but its reads are
+        // one snapshot long: for a big table, track first and baseline apart.
+        // SAFETY: the table was opened (and locked) by track_impl's argument already.
+        let rel =
+            unsafe { PgRelation::with_lock(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+        let _q = crate::quiet::Quiet::enter();
+        crate::baseline::baseline_impl(&rel, crate::baseline::DEFAULT_BATCH).or_raise();
+    }
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

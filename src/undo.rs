@@ -1,4 +1,6 @@
 //! audit.undo: reverses one transaction's changes from the log, newest first.
+//! A SNAPSHOT (audit.baseline) records a row, it does not change one: it is
+//! never undone, and it is no "later change" that would block an undo.
 //! It validates everything (each table still exists and has a key, no later
 //! change by another transaction, no TRUNCATE, no value the log lacks) before it
 //! changes anything, so a refused undo changes nothing. Reads of the log run as
@@ -32,7 +34,13 @@ fn undo_impl(txid: Option<i64>, force: Option<bool>) -> Result<i64> {
     let force = force.unwrap_or(false);
     let steps = load_steps(txid)?;
     if steps.is_empty() {
-        return Err(AuditError::UndoNothing(txid));
+        return Err(if took_baseline(txid)? {
+            AuditError::UndoRefused(format!(
+                "transaction {txid} only took a baseline (SNAPSHOT rows), which changed no table: a baseline is never undone"
+            ))
+        } else {
+            AuditError::UndoNothing(txid)
+        });
     }
     let targets = validate(txid, force, &steps)?;
     apply(txid, force, &steps, &targets)
@@ -44,7 +52,8 @@ fn load_steps(txid: i64) -> Result<Vec<Step>> {
         Spi::connect(|c| -> Result<Vec<Step>> {
             let rows = c.select(
                 "SELECT id, schema_name, table_name, operation, row_id, old_values FROM audit.log
-                  WHERE txid OPERATOR(pg_catalog.=) $1 AND operation OPERATOR(pg_catalog.<>) 'DDL'
+                  WHERE txid OPERATOR(pg_catalog.=) $1
+                    AND operation OPERATOR(pg_catalog.<>) ALL (ARRAY['DDL', 'SNAPSHOT'])
                   ORDER BY id DESC",
                 None,
                 &[txid.into()],
@@ -62,6 +71,18 @@ fn load_steps(txid: i64) -> Result<Vec<Step>> {
             }
             Ok(v)
         })
+    })
+}
+
+/// Whether the transaction wrote SNAPSHOT rows (audit.baseline), which undo skips.
+fn took_baseline(txid: i64) -> Result<bool> {
+    as_extension_owner(|| {
+        Ok(Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM audit.log WHERE txid OPERATOR(pg_catalog.=) $1
+                             AND operation OPERATOR(pg_catalog.=) 'SNAPSHOT')",
+            &[txid.into()],
+        )?
+        .unwrap_or(false))
     })
 }
 
@@ -105,6 +126,7 @@ fn validate(txid: i64, force: bool, steps: &[Step]) -> Result<Targets> {
                         "SELECT (SELECT id FROM audit.log
                           WHERE {} AND (row_id OPERATOR(pg_catalog.=) $1 OR old_row_id OPERATOR(pg_catalog.=) $1)
                             AND id OPERATOR(pg_catalog.>) $2 AND txid OPERATOR(pg_catalog.<>) $3
+                            AND operation OPERATOR(pg_catalog.<>) 'SNAPSHOT'
                           ORDER BY id LIMIT 1)",
                         t.log_filter()
                     ),

@@ -156,7 +156,7 @@ fn maintain_by_a_granted_role_runs_no_user_code() {
         "CREATE EXTENSION audit_ext;
          CREATE ROLE eve;
          GRANT USAGE ON SCHEMA audit TO eve;
-         GRANT EXECUTE ON FUNCTION audit.maintain(timestamptz), audit.seal(), audit.verify(jsonb) TO eve;",
+         GRANT EXECUTE ON FUNCTION audit.maintain(timestamptz), audit.seal(), audit.verify(jsonb, regclass[]) TO eve;",
     )
     .unwrap();
     rows_in_default(&mut db);

@@ -29,7 +29,7 @@ fn capture<'a>(
 
 /// A tuple's columns, deformed once: reading 15 columns one by one with
 /// heap_getattr walks the tuple again for each column after the first varlena.
-struct Deformed {
+pub(crate) struct Deformed {
     values: Vec<Datum>,
     nulls: Vec<bool>,
 }
@@ -37,7 +37,7 @@ struct Deformed {
 impl Deformed {
     /// # Safety
     /// `tuple` must match `tupdesc`; the datums point into it and live as long as it does.
-    unsafe fn new(tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Deformed {
+    pub(crate) unsafe fn new(tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Deformed {
         // SAFETY: tupdesc is the relation's; the arrays hold natts entries.
         unsafe {
             let natts = (*tupdesc).natts as usize;
@@ -77,10 +77,16 @@ unsafe fn column_value(
 }
 
 /// The whole tracked row as jsonb, through the relation's prepared builder.
+/// Also how audit.baseline and audit.verify_table see a live row, so that all
+/// three write and compare exactly the same image.
 ///
 /// # Safety
 /// `row` must be deformed from a tuple of the relation `cfg` describes, still alive.
-unsafe fn encode_row(cfg: &RelConfig, row: &Deformed, key: Option<&[u8]>) -> errors::Result<Datum> {
+pub(crate) unsafe fn encode_row(
+    cfg: &RelConfig,
+    row: &Deformed,
+    key: Option<&[u8]>,
+) -> errors::Result<Datum> {
     let mut values = Vec::with_capacity(cfg.columns.len());
     for col in &cfg.columns {
         // SAFETY: forwarded from the caller.
@@ -131,7 +137,7 @@ unsafe fn encode_changed(
 ///
 /// # Safety
 /// `row` must be deformed from a tuple of the relation `cfg` describes, still alive.
-unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> errors::Result<Option<Vec<u8>>> {
+pub(crate) unsafe fn row_key(cfg: &RelConfig, row: &Deformed) -> errors::Result<Option<Vec<u8>>> {
     if cfg.key.is_empty() {
         return Ok(None);
     }

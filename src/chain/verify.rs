@@ -8,7 +8,7 @@ use std::ptr::{self, NonNull};
 
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::{varlena, JsonB, PgMemoryContexts};
+use pgrx::{varlena, JsonB, PgMemoryContexts, PgRelation};
 
 use crate::chain::hash::{self, BlockFields, RootBuilder, RowFields};
 use crate::chain::jsonb_text;
@@ -813,9 +813,30 @@ fn row_fields<'a>(
     })
 }
 
-#[pg_extern(stable, parallel_safe)]
+// The SQL is written out because pgrx has no regclass[] argument type: the
+// tables arrive as their oids. Keep it equal to sql/audit_ext--0.1.0--0.2.0.sql.
+#[pg_extern(
+    stable,
+    parallel_safe,
+    sql = r#"
+CREATE FUNCTION "verify"(
+	"digest" jsonb DEFAULT NULL,
+	"tables" regclass[] DEFAULT NULL
+) RETURNS TABLE (
+	"ok" bool,
+	"blocks" bigint,
+	"rows" bigint,
+	"first_bad_id" bigint,
+	"detail" TEXT
+)
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'verify_wrapper';
+"#
+)]
 fn verify(
-    digest: default!(Option<JsonB>, "NULL"),
+    digest: Option<JsonB>,
+    tables: Option<Vec<Option<pg_sys::Oid>>>,
 ) -> TableIterator<
     'static,
     (
@@ -826,7 +847,24 @@ fn verify(
         name!(detail, String),
     ),
 > {
-    let r = verify_impl(digest.map(|j| j.0)).or_raise();
+    let mut r = verify_impl(digest.map(|j| j.0)).or_raise();
+    // The tables as well (audit.verify_table), each as the caller: the log's
+    // proof and the tables' in one answer.
+    let tables: Vec<PgRelation> = tables
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        // SAFETY: each oid came in as a regclass; with_lock opens and locks it (or raises).
+        .map(|oid| unsafe {
+            PgRelation::with_lock(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE)
+        })
+        .collect();
+    if !tables.is_empty() {
+        let _q = crate::quiet::Quiet::enter();
+        let (ok, detail) = crate::verify_table::verify_tables(tables).or_raise();
+        r.ok &= ok;
+        r.detail = format!("{}; tables: {detail}", r.detail);
+    }
     TableIterator::once((r.ok, r.blocks, r.rows, r.first_bad_id, r.detail))
 }
 

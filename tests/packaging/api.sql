@@ -26,7 +26,7 @@ SELECT pg_temp.check(false, 'functions not exercised by tests/packaging/api.sql:
    AND p.proname NOT IN (
          -- the API, called below
          'track', 'untrack', 'state_at', 'table_at', 'history', 'undo', 'seal', 'verify', 'digest',
-         'maintain', 'version', 'status',
+         'maintain', 'version', 'status', 'baseline', 'verify_table',
          -- internal, exercised below through DML, DDL, DROP and TRUNCATE
          'capture', '_on_ddl', '_on_drop', '_on_drop_start', '_guard_truncate', '_guard_secret', '_record_ddl', '_check_drop',
          -- run by the upgrade script; a second call finds nothing left to adopt
@@ -64,6 +64,21 @@ SELECT pg_temp.refused(format('SELECT audit.undo(%s)', txid), '40001')
   FROM audit.log WHERE table_name = 'users' AND changed_by = 'bob@corp';
 SELECT pg_temp.check(audit.undo(txid, force => true) = 1, 'undo with force')
   FROM audit.log WHERE table_name = 'users' AND changed_by = 'bob@corp';
+
+-- a baseline and the table's own proof, on a table made after the upgrade
+CREATE TABLE ledger_t (id int PRIMARY KEY, v numeric);
+INSERT INTO ledger_t SELECT g, g / 4.0 FROM generate_series(1, 30) g;
+SELECT audit.track('ledger_t', baseline => true);
+SELECT pg_temp.check(audit.baseline('ledger_t') = 0, 'a second baseline writes nothing');
+SELECT pg_temp.check(ok AND rows_checked = 30, 'verify_table: ' || detail) FROM audit.verify_table('ledger_t');
+SET session_replication_role = replica;
+UPDATE ledger_t SET v = 0 WHERE id = 3;
+RESET session_replication_role;
+SELECT pg_temp.check(NOT ok AND changed = 1 AND first_bad_row_id = '3', 'verify_table catches: ' || detail)
+  FROM audit.verify_table('ledger_t');
+SELECT pg_temp.check(NOT ok, 'verify(tables) catches it too') FROM audit.verify(NULL, ARRAY['ledger_t'::regclass]);
+UPDATE ledger_t SET v = 3 / 4.0 WHERE id = 3;
+SELECT pg_temp.check(ok, 'verify_table after a logged repair: ' || detail) FROM audit.verify_table('ledger_t');
 
 -- track and untrack, DDL records, drop protection
 CREATE TABLE items (id int PRIMARY KEY, name text);

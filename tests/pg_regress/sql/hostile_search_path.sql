@@ -79,6 +79,9 @@ SELECT pg_catalog.count(*) AS rows_now FROM audit.table_at('public.shadow_t', pg
 SELECT audit.seal() OPERATOR(pg_catalog.>) 0 AS sealed;
 SELECT ok FROM audit.verify();
 SELECT ok FROM audit.verify(audit.digest());
+SELECT audit.baseline('public.shadow_t') AS baselined;
+SELECT ok, rows_checked FROM audit.verify_table('public.shadow_t');
+SELECT ok FROM audit.verify(audit.digest(), ARRAY['public.shadow_t'::pg_catalog.regclass]);
 SELECT audit.maintain() OPERATOR(pg_catalog.?) 'created' AS maintained;
 SELECT seal_ok, maintain_ok FROM audit.status();
 SELECT audit.undo((SELECT l.txid FROM audit.history('public.shadow_t', '2') l

@@ -1,0 +1,229 @@
+//! audit.baseline: one `SNAPSHOT` row per live row of a tracked table that the
+//! log knows nothing about, so that the log alone explains every row, also
+//! those that predate tracking (audit.verify_table relies on it).
+//!
+//! Why no row is missed or doubled while writers run, without locking their rows:
+//! everything is judged at one snapshot S, taken once this baseline holds its
+//! table's turn (below). The table is read through a cursor on S, and a row gets
+//! a SNAPSHOT only if the log, also read on S, has no row for its key. A writer
+//! whose change committed before S is seen by both reads: its key has a log row
+//! and is skipped. A writer that commits after S wrote its own INSERT, UPDATE or
+//! DELETE row in its own transaction; so its key may end up with a SNAPSHOT of
+//! the image at S *and* a real change, in either id order. verify_table gives a
+//! real change precedence over a SNAPSHOT, so the pair means what the real change
+//! says, which is the truth. A row inserted after S is not in the cursor and is
+//! explained by its INSERT. Two baselines of one table take turns on its
+//! audit.tracked row, and the second takes its S after the first has committed,
+//! so it finds the first one's keys in the log: no key gets two SNAPSHOTs. Under
+//! REPEATABLE READ, S would be the transaction's, older than that wait, so
+//! baseline refuses to run there. A re-run writes nothing for keys already in the
+//! log, which is why it is safe to repeat.
+//!
+//! The table is read as the caller (output functions and casts are user code);
+//! the log is read and written as the extension owner, as the trigger writes it.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+
+use pgrx::pg_sys::{self, Datum};
+use pgrx::prelude::*;
+use pgrx::PgRelation;
+
+use crate::chain::append::append_row;
+use crate::errors::{AuditError, OrRaise, Result};
+use crate::live_rows::{text_bytes, BatchMemory, Cursor, Encoder, FreshSnapshot};
+use crate::log::Row;
+use crate::privilege::as_extension_owner;
+use crate::time_travel::Table;
+
+/// Rows encoded and written per batch: memory is bounded by this many row images.
+pub const DEFAULT_BATCH: i32 = 10_000;
+
+pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
+    crate::query::refuse_during_recovery(c"audit.baseline()");
+    if batch < 1 {
+        return Err(AuditError::InvalidArgument(format!(
+            "batch_size must be at least 1, not {batch}"
+        )));
+    }
+    crate::tracking::check_trackable(rel)?;
+    let t = Table::load(rel)?;
+    t.need_key()?;
+    // SAFETY: a plain read of the transaction's isolation level.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Err(AuditError::BaselineRefused(format!(
+            "audit.baseline({}) needs READ COMMITTED: under a transaction snapshot it could not see \
+             a baseline that another session committed while it waited",
+            t.qname
+        )));
+    }
+    let truncated = as_extension_owner(|| {
+        // One baseline of a table at a time: the second waits here, before its reads.
+        let writes = Spi::get_one_with_args::<bool>(
+            "SELECT writes FROM audit.tracked WHERE relid OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+            &[rel.oid().into()],
+        )?;
+        if writes != Some(true) {
+            return Err(AuditError::BaselineRefused(format!(
+                "{} is tracked for reads only: its changes are not recorded, so there is nothing to baseline",
+                t.qname
+            )));
+        }
+        Ok(Spi::get_one::<bool>(&format!(
+            "SELECT EXISTS (SELECT FROM audit.log WHERE {} AND row_id IS NULL
+                               AND operation OPERATOR(pg_catalog.=) 'TRUNCATE')",
+            t.log_filter()
+        ))?
+        .unwrap_or(false))
+    })?;
+    if truncated {
+        // Every row live now came after the TRUNCATE, so through the trigger: a
+        // SNAPSHOT could only vouch for one that did not.
+        pgrx::notice!(
+            "{} was truncated since tracking began: every live row must be explained by a change \
+             after that, so there is nothing to baseline",
+            t.qname
+        );
+        return Ok(0);
+    }
+
+    // S: taken after the wait above, so a baseline committed meanwhile is seen.
+    let _s = FreshSnapshot::take();
+    let enc = Encoder::new(rel)?;
+    let info = crate::capture::actor::current()?;
+    let ext = crate::ext::ext_state()?;
+    // One index scan per partition for the whole batch's keys, not a probe per key.
+    let known_sql = format!(
+        "SELECT row_id FROM audit.log WHERE {f} AND row_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])
+         UNION ALL
+         SELECT old_row_id FROM audit.log WHERE {f} AND old_row_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])",
+        f = t.log_filter()
+    );
+    let scan = format!("SELECT {a} FROM {} {a}", t.qname, a = enc.alias);
+    let mem = BatchMemory::new();
+    Spi::connect(|_| -> Result<i64> {
+        let mut cursor = Cursor::open(&scan, &[])?;
+        let mut written = 0i64;
+        loop {
+            let mut rows: Vec<(Vec<u8>, Datum)> = Vec::new();
+            let n = mem.run(|| {
+                cursor.fetch(batch as i64, |tuple, desc| {
+                    let mut isnull = false;
+                    // SAFETY: column 1 of the scan is the whole row, of the table's row type.
+                    let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
+                    if isnull {
+                        return Ok(());
+                    }
+                    // SAFETY: as above; the image is built in the batch context, not in the tuple.
+                    let (key, image) = unsafe { enc.encode(d)? };
+                    let key = key.ok_or_else(|| {
+                        AuditError::Internal(format!("a row of {} has a NULL key", t.qname))
+                    })?;
+                    rows.push((key, image));
+                    Ok(())
+                })
+            })?;
+            if n == 0 {
+                break;
+            }
+            let known = mem.run(|| known_keys(&known_sql, &rows))?;
+            for (key, image) in rows {
+                if known.contains(&key) {
+                    continue;
+                }
+                let row = Row {
+                    schema: enc.schema_name(),
+                    table: enc.table_name(),
+                    operation: "SNAPSHOT",
+                    row_id: Some(key),
+                    old_row_id: None,
+                    old_values: None,
+                    new_values: Some(image),
+                    changed: None,
+                };
+                // SAFETY: the image is a jsonb datum of the batch context, alive until its reset.
+                mem.run(|| unsafe { append_row(&ext, &info.actor(), row) })?;
+                written += 1;
+            }
+            mem.reset();
+            pgrx::check_for_interrupts!();
+        }
+        Ok(written)
+    })
+}
+
+/// Which of the batch's keys the log already has a row for, under the key or as
+/// the key a row moved away from. Read on the same snapshot as the table.
+fn known_keys(sql: &str, rows: &[(Vec<u8>, Datum)]) -> Result<HashSet<Vec<u8>>> {
+    let keys: Vec<CString> = rows
+        .iter()
+        .map(|(k, _)| CString::new(k.clone()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| AuditError::Internal("a row key holds a NUL byte".into()))?;
+    let refs: Vec<&std::ffi::CStr> = keys.iter().map(|k| k.as_c_str()).collect();
+    // SAFETY: a fresh text[] in the current (batch) context.
+    let arr = unsafe { crate::datum::text_array(&refs) };
+    as_extension_owner(|| {
+        let mut cursor = Cursor::open(sql, &[(pg_sys::TEXTARRAYOID, Some(arr))])?;
+        let mut known = HashSet::new();
+        // Each key at most once per log row: loop until the cursor is drained.
+        while cursor.fetch(10_000, |tuple, desc| {
+            let mut isnull = false;
+            // SAFETY: column 1 is a row_id, text.
+            let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
+            if !isnull {
+                // SAFETY: a non-null text datum.
+                known.insert(unsafe { text_bytes(d) });
+            }
+            Ok(())
+        })? > 0
+        {}
+        Ok(known)
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn baseline(tbl: Option<PgRelation>, batch_size: default!(Option<i32>, 10000)) -> i64 {
+    let _q = crate::quiet::Quiet::enter();
+    let rel = tbl.ok_or(AuditError::NullArgument("tbl")).or_raise();
+    let batch = batch_size.ok_or(AuditError::NullArgument("batch_size")).or_raise();
+    baseline_impl(&rel, batch).or_raise()
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// A SNAPSHOT holds exactly the image the trigger logs for the same row:
+    /// dropped and generated columns, arrays, numerics' scale and the redaction
+    /// marker included. verify_table relies on it.
+    #[pg_test]
+    fn a_snapshot_is_the_image_the_trigger_logs() {
+        Spi::run(
+            "CREATE EXTENSION IF NOT EXISTS audit_ext;
+             CREATE TABLE snap (id int PRIMARY KEY, gone int, a int[], n numeric, t text,
+                                g int GENERATED ALWAYS AS (id * 2) STORED, secret text);
+             ALTER TABLE snap DROP COLUMN gone;
+             INSERT INTO snap (id, a, n, t, secret) VALUES (1, '{1,NULL}', 1.50, 'x\"y', 's');
+             SELECT audit.track('snap', redact => '{secret}', baseline => true);
+             INSERT INTO snap (id, a, n, t, secret) VALUES (2, '{1,NULL}', 1.50, 'x\"y', 's');",
+        )
+        .unwrap();
+        let same = Spi::get_one::<bool>(
+            "SELECT (SELECT new_values::text FROM audit.log WHERE table_name = 'snap' AND operation = 'SNAPSHOT')
+                  = replace(replace((SELECT new_values::text FROM audit.log WHERE table_name = 'snap'
+                                      AND operation = 'INSERT'), '\"g\": 4', '\"g\": 2'), '\"id\": 2', '\"id\": 1')",
+        )
+        .unwrap();
+        assert_eq!(same, Some(true));
+        let row_id = Spi::get_one::<String>(
+            "SELECT row_id FROM audit.log WHERE table_name = 'snap' AND operation = 'SNAPSHOT'",
+        )
+        .unwrap();
+        assert_eq!(row_id.as_deref(), Some("1"));
+        // Hashed and sealed like any other row.
+        Spi::run("SELECT audit.seal()").unwrap();
+        assert_eq!(Spi::get_one::<bool>("SELECT ok FROM audit.verify()").unwrap(), Some(true));
+    }
+}

@@ -1,0 +1,344 @@
+//! audit.verify_table: does the live table hold what the log says it must hold
+//! now? verify() proves the log was not rewritten; this proves the table was not
+//! changed behind the trigger (session_replication_role = replica, a disabled
+//! trigger, a TRUNCATE with triggers off, ...).
+//!
+//! One pass: the table's rows and the log's last image per key, both in row_id
+//! order (bytewise, COLLATE "C"), merged here. Both are cursors opened
+//! read-only, so on one snapshot, the calling statement's: a change that
+//! commits meanwhile is in neither, and one made earlier in the caller's own
+//! transaction is in both (a change and its log row commit together).
+//!
+//! The log's image of a key is its newest row after the table's last logged
+//! TRUNCATE, a real change (INSERT, UPDATE, DELETE, or a move away from the key)
+//! taking precedence over a SNAPSHOT (src/baseline.rs says why). Ids order the
+//! changes of one key: a second writer of a row waits for the first to commit
+//! before its trigger draws an id.
+//!
+//! The table is read as the caller (casts and output functions are user code)
+//! and each row is encoded by the trigger's own encoder, so excluded columns are
+//! absent and redacted ones are markers on both sides. Images are compared as
+//! jsonb_out's exact text, so a numeric's scale or a string's bytes count.
+
+use std::collections::VecDeque;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgRelation;
+
+use crate::chain::append::jsonb_text;
+use crate::errors::{AuditError, OrRaise, Result};
+use crate::live_rows::{text_bytes, BatchMemory, Cursor, Encoder};
+use crate::privilege::as_extension_owner;
+use crate::time_travel::Table;
+
+/// Rows fetched from each side at a time.
+const FETCH: i64 = 2_000;
+
+#[derive(Debug, Default)]
+pub struct TableReport {
+    pub ok: bool,
+    pub rows_checked: i64,
+    pub missing: i64,
+    pub unexplained: i64,
+    pub changed: i64,
+    pub first_bad_row_id: Option<String>,
+    pub detail: String,
+}
+
+/// The log's last word on one key.
+struct LogEntry {
+    key: Vec<u8>,
+    /// Whether the key is live after it (INSERT, UPDATE, SNAPSHOT).
+    live: bool,
+    image: Option<Vec<u8>>,
+}
+
+struct LiveEntry {
+    key: Vec<u8>,
+    image: Vec<u8>,
+}
+
+enum Step {
+    LiveOnly,
+    LogOnly,
+    Both,
+}
+
+/// Why a row is bad, for the detail of the first one.
+enum Bad {
+    Changed {
+        live: Vec<u8>,
+        logged: Vec<u8>,
+    },
+    Missing,
+    /// `pruned`: retention has removed log partitions, perhaps this row's rows.
+    NotLogged {
+        baseline: bool,
+        pruned: bool,
+    },
+    Deleted,
+}
+
+impl Bad {
+    fn describe(&self) -> String {
+        match self {
+            Bad::Changed { live, logged } => format!(
+                "differs from the log's last image of it in column(s) {}: changed behind the trigger",
+                changed_columns(live, logged)
+            ),
+            Bad::Missing => "is missing: the log says it is live, but the table has no such row (deleted behind the trigger)".into(),
+            Bad::NotLogged { pruned: true, .. } => "has no row in the log: inserted behind the trigger, \
+                 or retention removed every log row of it (audit.baseline() records such rows again)".into(),
+            Bad::NotLogged { baseline: false, .. } => "has no row in the log, and the table has no baseline: \
+                 rows that predate tracking are only explained after audit.baseline()".into(),
+            Bad::NotLogged { baseline: true, .. } => "has no row in the log (inserted behind the trigger)".into(),
+            Bad::Deleted => "exists, but the log says it was deleted or moved to another key \
+                 (put back behind the trigger)".into(),
+        }
+    }
+}
+
+/// The top-level keys whose values differ between two images (for the detail
+/// only: the verdict compares the exact text).
+fn changed_columns(live: &[u8], logged: &[u8]) -> String {
+    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
+    match (parse(live), parse(logged)) {
+        (Some(serde_json::Value::Object(a)), Some(serde_json::Value::Object(b))) => {
+            let mut cols: Vec<&String> = a
+                .keys()
+                .chain(b.keys().filter(|k| !a.contains_key(*k)))
+                .filter(|k| a.get(*k) != b.get(*k))
+                .collect();
+            cols.sort();
+            let cols: Vec<String> = cols.into_iter().map(|c| c.to_string()).collect();
+            if cols.is_empty() {
+                "?".into()
+            } else {
+                cols.join(", ")
+            }
+        }
+        _ => "?".into(),
+    }
+}
+
+pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
+    let t = Table::load(rel)?; // SELECT on the table, as state_at needs
+    t.need_key()?;
+    let enc = Encoder::new(rel)?;
+    let f = t.log_filter();
+    let (baseline, pruned) = as_extension_owner(|| {
+        let baseline = crate::query::one::<bool>(&format!(
+            "SELECT EXISTS (SELECT FROM audit.log WHERE {f} AND operation OPERATOR(pg_catalog.=) 'SNAPSHOT')"
+        ))?
+        .unwrap_or(false);
+        let pruned = crate::query::one::<bool>(
+            "SELECT EXISTS (SELECT FROM audit.horizon WHERE horizon OPERATOR(pg_catalog.>) '-infinity')",
+        )?
+        .unwrap_or(false);
+        Ok((baseline, pruned))
+    })?;
+    let log_sql = format!(
+        "WITH cut AS (SELECT COALESCE(pg_catalog.max(id), 0) AS id FROM audit.log
+                       WHERE {f} AND row_id IS NULL AND operation OPERATOR(pg_catalog.=) 'TRUNCATE'),
+              ev AS (SELECT row_id COLLATE pg_catalog.\"C\" AS k, id, operation AS op, new_values AS img
+                       FROM audit.log WHERE {f} AND row_id IS NOT NULL
+                        AND id OPERATOR(pg_catalog.>) (SELECT cut.id FROM cut)
+                     UNION ALL
+                     SELECT old_row_id COLLATE pg_catalog.\"C\", id, 'MOVED', NULL
+                       FROM audit.log WHERE {f} AND old_row_id IS NOT NULL
+                        AND id OPERATOR(pg_catalog.>) (SELECT cut.id FROM cut))
+         SELECT DISTINCT ON (k) k, op OPERATOR(pg_catalog.=) ANY (ARRAY['INSERT', 'UPDATE', 'SNAPSHOT']), img
+           FROM ev ORDER BY k, op OPERATOR(pg_catalog.=) 'SNAPSHOT', id DESC"
+    );
+    let live_sql = format!(
+        "SELECT ({}) COLLATE pg_catalog.\"C\" AS k, {a} FROM {} {a} ORDER BY 1",
+        t.key_expr_on(&enc.alias),
+        t.qname,
+        a = enc.alias
+    );
+    let mem = BatchMemory::new();
+    Spi::connect(|_| -> Result<TableReport> {
+        let mut log_cur = as_extension_owner(|| Cursor::open(&log_sql, &[]))?;
+        let mut live_cur = Cursor::open(&live_sql, &[])?;
+        let (mut log, mut live) = (VecDeque::new(), VecDeque::new());
+        let (mut log_done, mut live_done) = (false, false);
+        let mut r = TableReport::default();
+        let mut first: Option<(Vec<u8>, Bad)> = None;
+        let mut last_live: Option<Vec<u8>> = None;
+        loop {
+            if log.is_empty() && !log_done {
+                log_done =
+                    as_extension_owner(|| mem.run(|| fetch_log(&mut log_cur, &mut log)))? == 0;
+                mem.reset();
+            }
+            if live.is_empty() && !live_done {
+                live_done = mem.run(|| fetch_live(&mut live_cur, &enc, &mut live))? == 0;
+                mem.reset();
+            }
+            // Which side holds the smaller key (both: the same key).
+            let step = match (live.front(), log.front()) {
+                (None, None) => break,
+                (Some(l), g) if g.is_none_or(|g: &LogEntry| l.key < g.key) => Step::LiveOnly,
+                (l, Some(g)) if l.is_none_or(|l: &LiveEntry| g.key < l.key) => Step::LogOnly,
+                _ => Step::Both,
+            };
+            let bad = match step {
+                Step::LiveOnly => {
+                    let l = live.pop_front().expect("peeked");
+                    r.rows_checked += 1;
+                    r.unexplained += 1;
+                    check_order(&mut last_live, &l.key)?;
+                    Some((l.key, Bad::NotLogged { baseline, pruned }))
+                }
+                Step::LogOnly => {
+                    let g = log.pop_front().expect("peeked");
+                    if g.live {
+                        r.missing += 1;
+                        Some((g.key, Bad::Missing))
+                    } else {
+                        None
+                    }
+                }
+                Step::Both => {
+                    let l = live.pop_front().expect("peeked");
+                    let g = log.pop_front().expect("peeked");
+                    r.rows_checked += 1;
+                    check_order(&mut last_live, &l.key)?;
+                    if !g.live {
+                        r.unexplained += 1;
+                        Some((l.key, Bad::Deleted))
+                    } else if g.image.as_deref() != Some(l.image.as_slice()) {
+                        r.changed += 1;
+                        Some((
+                            l.key,
+                            Bad::Changed { live: l.image, logged: g.image.unwrap_or_default() },
+                        ))
+                    } else {
+                        None
+                    }
+                }
+            };
+            if first.is_none() {
+                first = bad;
+            }
+        }
+        r.ok = first.is_none();
+        match first {
+            None => {
+                r.detail = format!("{} live row(s) of {} match the log", r.rows_checked, t.qname)
+            }
+            Some((key, why)) => {
+                let key = String::from_utf8_lossy(&key).into_owned();
+                r.detail = format!(
+                    "{}: {} changed, {} missing, {} unexplained; first: row {key} {}",
+                    t.qname,
+                    r.changed,
+                    r.missing,
+                    r.unexplained,
+                    why.describe()
+                );
+                r.first_bad_row_id = Some(key);
+            }
+        }
+        Ok(r)
+    })
+}
+
+/// The live side must come in the log side's order, or the merge would count
+/// rows that are there as missing: a guard on the key rule's two spellings.
+fn check_order(last: &mut Option<Vec<u8>>, key: &[u8]) -> Result<()> {
+    if last.as_deref().is_some_and(|p| p >= key) {
+        return Err(AuditError::Internal(format!(
+            "verify_table: live keys out of order at {}",
+            String::from_utf8_lossy(key)
+        )));
+    }
+    *last = Some(key.to_vec());
+    Ok(())
+}
+
+fn fetch_log(cur: &mut Cursor, out: &mut VecDeque<LogEntry>) -> Result<usize> {
+    cur.fetch(FETCH, |tuple, desc| {
+        let (mut kn, mut ln, mut inull) = (false, false, false);
+        // SAFETY: the log query's columns: k text (not NULL), live bool, img jsonb.
+        unsafe {
+            let k = pg_sys::SPI_getbinval(tuple, desc, 1, &mut kn);
+            let live = pg_sys::SPI_getbinval(tuple, desc, 2, &mut ln);
+            let img = pg_sys::SPI_getbinval(tuple, desc, 3, &mut inull);
+            if kn {
+                return Ok(());
+            }
+            out.push_back(LogEntry {
+                key: text_bytes(k),
+                live: !ln && live.value() != 0,
+                image: if inull { None } else { Some(jsonb_text(img)?) },
+            });
+        }
+        Ok(())
+    })
+}
+
+fn fetch_live(cur: &mut Cursor, enc: &Encoder, out: &mut VecDeque<LiveEntry>) -> Result<usize> {
+    cur.fetch(FETCH, |tuple, desc| {
+        let (mut kn, mut rn) = (false, false);
+        // SAFETY: the live query's columns: k text, then the whole row of the table's type.
+        unsafe {
+            let k = pg_sys::SPI_getbinval(tuple, desc, 1, &mut kn);
+            let row = pg_sys::SPI_getbinval(tuple, desc, 2, &mut rn);
+            if kn || rn {
+                return Err(AuditError::Internal("a live row without a key".into()));
+            }
+            let (_, image) = enc.encode(row)?;
+            out.push_back(LiveEntry { key: text_bytes(k), image: jsonb_text(image)? });
+        }
+        Ok(())
+    })
+}
+
+#[allow(clippy::type_complexity)] // the result's columns, as pgrx spells them
+#[pg_extern(stable, parallel_safe)]
+fn verify_table(
+    tbl: Option<PgRelation>,
+) -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(rows_checked, i64),
+        name!(missing, i64),
+        name!(unexplained, i64),
+        name!(changed, i64),
+        name!(first_bad_row_id, Option<String>),
+        name!(detail, String),
+    ),
+> {
+    let relid = tbl.as_ref().map(|r| r.oid());
+    let _q = crate::quiet::Quiet::enter();
+    let rel = tbl.ok_or(AuditError::NullArgument("tbl")).or_raise();
+    let r = verify_table_impl(&rel).or_raise();
+    if let Some(relid) = relid {
+        // What it read is the table: a read, for access auditing, as time travel notes its own.
+        crate::access::note_function_read(relid, "audit.verify_table", r.rows_checked);
+    }
+    TableIterator::once((
+        r.ok,
+        r.rows_checked,
+        r.missing,
+        r.unexplained,
+        r.changed,
+        r.first_bad_row_id,
+        r.detail,
+    ))
+}
+
+/// Folds the table checks into verify()'s report: one call, both proofs.
+pub fn verify_tables(tables: Vec<PgRelation>) -> Result<(bool, String)> {
+    let mut ok = true;
+    let mut parts = Vec::new();
+    for rel in tables {
+        let r = verify_table_impl(&rel)?;
+        ok &= r.ok;
+        parts.push(r.detail);
+    }
+    Ok((ok, parts.join("; ")))
+}
