@@ -237,6 +237,8 @@ fn own_reads_are_quiet_but_the_reading_functions_and_log_reads_are_recorded() {
          SELECT count(*) FROM audit.table_at('customers', now());
          SELECT count(*) FROM audit.history('customers', '1');
          SELECT audit.seal(); SELECT * FROM audit.verify();
+         SELECT rows_checked FROM audit.verify_table('customers');
+         SELECT ok FROM audit.verify(tables => ARRAY['customers']::regclass[]);
          SELECT count(*) FROM audit.log;",
     )
     .unwrap();
@@ -259,7 +261,7 @@ fn own_reads_are_quiet_but_the_reading_functions_and_log_reads_are_recorded() {
         .query_one("SELECT count(*) FROM audit.access_log WHERE table_name = 'customers'", &[])
         .unwrap()
         .get(0);
-    assert_eq!(own, 4, "the UPDATE's read, and one per reading function: {own}");
+    assert_eq!(own, 6, "the UPDATE's read, and one per reading function: {own}");
     let functions: Vec<(String, i64)> = db
         .query(
             "SELECT command, rows FROM audit.access_log
@@ -275,7 +277,9 @@ fn own_reads_are_quiet_but_the_reading_functions_and_log_reads_are_recorded() {
         vec![
             ("audit.state_at".to_string(), 1),
             ("audit.table_at".to_string(), 10),
-            ("audit.history".to_string(), 1)
+            ("audit.history".to_string(), 1),
+            ("audit.verify_table".to_string(), 10),
+            ("audit.verify".to_string(), 10)
         ]
     );
     c.assert_no_crash();
