@@ -42,8 +42,8 @@ pub fn drain() -> Result<usize> {
         crate::log::sink::flush();
     }
     let mut batch = TAKEN.with(|t| std::mem::take(&mut *t.borrow_mut()));
-    queue::take(db, BATCH, &mut batch);
-    let written = write_batch(&ext, db, &batch);
+    let n = queue::take(db, BATCH, &mut batch);
+    let written = write_batch(&ext, db, &batch[..n]);
     TAKEN.with(|t| *t.borrow_mut() = batch);
     written
 }
@@ -93,12 +93,7 @@ pub fn discard() {
     // SAFETY: a plain read of the database this worker is connected to.
     let db = unsafe { pg_sys::MyDatabaseId };
     let mut batch = Vec::new();
-    loop {
-        queue::take(db, BATCH, &mut batch);
-        if batch.is_empty() {
-            break;
-        }
-    }
+    while queue::take(db, BATCH, &mut batch) > 0 {}
 }
 
 /// A timestamp as timestamptz's text output.

@@ -309,7 +309,7 @@ pub fn push(rec: &Record) -> bool {
             while (*q.meta(i)).seq != 0 {
                 i = (i + 1) % s.capacity;
             }
-            ptr::copy_nonoverlapping(rec, q.rec(i), 1);
+            copy_used(rec, q.rec(i));
             // seq last: a slot whose copy was interrupted stays free.
             *q.meta(i) = Meta { seq: s.next_seq, db: rec.h.db };
             s.next_seq += 1;
@@ -393,16 +393,14 @@ pub fn drainer_gone() {
     }
 }
 
-/// Takes up to `max` of `db`'s records, oldest first, into `out` (emptied
-/// first; the worker keeps it from batch to batch, so that a batch allocates
-/// nothing: fresh 4 KiB records cost page faults).
-pub fn take(db: Oid, max: usize, out: &mut Vec<Record>) {
-    out.clear();
-    let Some(q) = Locked::take() else { return };
+/// Takes up to `max` of `db`'s records, oldest first, into `buf[..n]`; returns
+/// n. The worker keeps `buf` from batch to batch (it only grows), so that a
+/// batch allocates nothing: fresh 4 KiB records cost page faults.
+pub fn take(db: Oid, max: usize, buf: &mut Vec<Record>) -> usize {
+    let Some(q) = Locked::take() else { return 0 };
     let mut found: Vec<(u64, usize)> = Vec::new();
-    // SAFETY: we hold the lock; every index is below capacity. `out` has room for
-    // `found.len()` records after reserve(), and each is fully written (a plain
-    // copy of a Copy type) before set_len counts it.
+    // SAFETY: we hold the lock; every index is below capacity. Each record is copied
+    // over an initialized Record of `buf`, as many bytes as it uses (see used_bytes).
     unsafe {
         let s = &mut *q.0;
         for i in 0..s.capacity {
@@ -413,13 +411,29 @@ pub fn take(db: Oid, max: usize, out: &mut Vec<Record>) {
         }
         found.sort_unstable();
         found.truncate(max);
-        out.reserve(found.len());
+        if buf.len() < found.len() {
+            buf.resize(found.len(), *Record::new(super::record::Kind::Read));
+        }
         for (k, &(_, i)) in found.iter().enumerate() {
-            ptr::copy_nonoverlapping(q.rec(i), out.as_mut_ptr().add(k), 1);
+            copy_used(q.rec(i), &mut buf[k]);
             (*q.meta(i)).seq = 0;
         }
-        out.set_len(found.len());
         s.used -= found.len();
+    }
+    found.len()
+}
+
+/// Copies the bytes of a record that are in use: its header and its texts, a few
+/// hundred bytes of the 4 KiB, under the queue's lock both ways.
+///
+/// # Safety
+/// `from` must point to a record written whole by [`push`] (or read back from the
+/// spool); `to` must not overlap it.
+unsafe fn copy_used(from: *const Record, to: *mut Record) {
+    // SAFETY: the caller's contract; used_bytes() is at most size_of::<Record>().
+    unsafe {
+        let n = (*from).used_bytes();
+        ptr::copy_nonoverlapping(from.cast::<u8>(), to.cast::<u8>(), n);
     }
 }
 

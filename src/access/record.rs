@@ -144,6 +144,13 @@ impl Record {
         &self.text[start..start + self.h.lens[i] as usize]
     }
 
+    /// The bytes of this record in use: the header, then its texts (the rest of
+    /// the buffer is never read). Queue copies move only these.
+    pub fn used_bytes(&self) -> usize {
+        let text: usize = self.h.lens.iter().map(|&l| l as usize).sum();
+        (std::mem::offset_of!(Record, text) + text).min(RECORD_BYTES)
+    }
+
     pub fn truncated(&self, which: Text) -> bool {
         self.h.truncated & (1 << which as usize) != 0
     }
@@ -184,6 +191,13 @@ mod tests {
         assert!(r.truncated(Text::Statement) && !r.truncated(Text::Table));
         assert!(std::str::from_utf8(r.text(Text::Statement)).is_ok());
         assert_eq!(r.text(Text::Parameters), b"");
+        // A queue copy moves the header and exactly the texts' bytes; cut texts fill it.
+        let texts: usize = fields.iter().take(NTEXT - 2).map(|f| f.len()).sum::<usize>()
+            + r.text(Text::Statement).len();
+        assert_eq!(r.used_bytes(), std::mem::offset_of!(Record, text) + texts);
+        let mut short = Record::new(Kind::Read);
+        short.set_texts([b"s", b"t", b"", b"", b"", b"", b"", b"", b""], |_, n| n);
+        assert_eq!(short.used_bytes(), std::mem::offset_of!(Record, text) + 2);
         r.set_column(1);
         r.set_column(1664);
         r.set_column(1665); // beyond the limit: ignored
