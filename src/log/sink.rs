@@ -302,7 +302,6 @@ unsafe fn insert_now(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool
 /// before it starts a subtransaction: rows kept across one wait for their own
 /// level, unless the writer must be reopened meanwhile (an invalidation), which
 /// writes them first, in the inner subtransaction.
-
 ///
 /// # Safety
 /// As [`insert`]. The datums need not outlive the call: the row is copied.
