@@ -75,6 +75,12 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
     crate::access::set_launcher_latch(unsafe { pg_sys::MyLatch });
     let mut last_round: Option<std::time::Instant> = None;
     loop {
+        // Waiting for a worker to finish resets this process's latch, the SIGTERM's
+        // wake-up included: without this look at the flag, a shutdown that came then
+        // would wait for the next sleep to end (up to audit.naptime, or an hour paused).
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
         if BackgroundWorker::sighup_received() {
             // SAFETY: the standard reload in a background worker's main loop.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -111,6 +117,9 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
         // of records queued meanwhile are gone: look before sleeping. Only at records
         // a worker can write: a database the launcher does not serve keeps its own.
         let waiting = crate::access::waiting_databases_before_sleep();
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
         if dbs.iter().any(|(oid, db)| waiting.contains(oid) && served(db)) {
             if !BackgroundWorker::wait_latch(Some(READS_LINGER)) {
                 break;

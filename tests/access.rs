@@ -826,3 +826,33 @@ fn reads_in_a_database_the_worker_does_not_serve() {
     assert_eq!(lost[0].0, Some(5));
     c.assert_no_crash();
 }
+
+/// A fast shutdown while the launcher waits on a reads worker ends at once. That
+/// wait resets the launcher's latch, SIGTERM's wake-up included, and a launcher
+/// that only looked at the latch then slept out its nap (an hour here) while
+/// the postmaster waited for it. Several rounds, at different points of the
+/// worker's stay.
+#[test]
+fn a_fast_shutdown_while_a_reads_worker_runs_is_prompt() {
+    let c = cluster();
+    {
+        let mut db = c.connect("postgres");
+        setup(&mut db);
+    }
+    for round in 0..6u64 {
+        {
+            let mut app = c.connect("postgres");
+            app.batch_execute("SELECT name FROM customers WHERE id = 1").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20 + 60 * round));
+        let t = Instant::now();
+        c.stop("fast");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "round {round}: the stop took {:?}",
+            t.elapsed()
+        );
+        c.start_again();
+    }
+    c.assert_no_crash();
+}
