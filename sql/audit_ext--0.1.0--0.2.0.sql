@@ -327,7 +327,7 @@ AS 'MODULE_PATHNAME', 'verify_table_wrapper';
 REVOKE ALL ON FUNCTION audit.verify_table(regclass) FROM PUBLIC;
 DROP FUNCTION audit.verify(jsonb);
 /* <begin connected objects> */
--- audit_ext::chain::verify::verify
+-- audit_ext::chain::verify::verify_with_tables
 CREATE FUNCTION "verify"(
 	"digest" jsonb DEFAULT NULL,
 	"tables" regclass[] DEFAULT NULL
@@ -340,6 +340,6 @@ CREATE FUNCTION "verify"(
 )
 STABLE PARALLEL SAFE
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'verify_wrapper';
+AS 'MODULE_PATHNAME', 'verify_with_tables_wrapper';
 /* </end connected objects> */
 REVOKE ALL ON FUNCTION audit.verify(jsonb, regclass[]) FROM PUBLIC;

@@ -813,6 +813,30 @@ fn row_fields<'a>(
     })
 }
 
+/// 0.1.0's `audit.verify(digest jsonb)` calls this symbol (verify_wrapper) with
+/// one argument: between a package upgrade and `ALTER EXTENSION audit_ext
+/// UPDATE`, the new library serves the old definition. 0.2.0's two-argument
+/// function has a symbol of its own, so no SQL is made for this one.
+#[pg_extern(
+    stable,
+    parallel_safe,
+    sql = "-- audit.verify(jsonb) of 0.1.0 calls verify_wrapper; 0.2.0 defines audit.verify(jsonb, regclass[])"
+)]
+fn verify(
+    digest: Option<JsonB>,
+) -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(blocks, i64),
+        name!(rows, i64),
+        name!(first_bad_id, Option<i64>),
+        name!(detail, String),
+    ),
+> {
+    verify_with_tables(digest, None)
+}
+
 // The SQL is written out because pgrx has no regclass[] argument type: the
 // tables arrive as their oids. Keep it equal to sql/audit_ext--0.1.0--0.2.0.sql.
 #[pg_extern(
@@ -831,10 +855,10 @@ CREATE FUNCTION "verify"(
 )
 STABLE PARALLEL SAFE
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'verify_wrapper';
+AS 'MODULE_PATHNAME', 'verify_with_tables_wrapper';
 "#
 )]
-fn verify(
+fn verify_with_tables(
     digest: Option<JsonB>,
     tables: Option<Vec<Option<pg_sys::Oid>>>,
 ) -> TableIterator<
