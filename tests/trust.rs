@@ -522,6 +522,13 @@ fn seal_returns_with_every_earlier_commit_sealed_beside_the_worker() {
             }
         }));
     }
+    // The first writer's commit first: before it there is nothing to seal, and
+    // digest() rightly refuses an empty chain (55000), on a slow machine too.
+    let t = std::time::Instant::now();
+    while db.query_one("SELECT count(*) FROM audit.log", &[]).unwrap().get::<_, i64>(0) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no writer committed within 30 s");
+        thread::sleep(Duration::from_millis(10));
+    }
     for round in 0..30 {
         let committed: i64 =
             db.query_one("SELECT coalesce(max(id), 0) FROM audit.log", &[]).unwrap().get(0);
