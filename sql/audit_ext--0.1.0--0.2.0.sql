@@ -228,7 +228,9 @@ REVOKE ALL ON FUNCTION audit._guard_secret() FROM PUBLIC;
 
 -- Access auditing (src/access/): what each tracked table records, and the reads.
 ALTER TABLE audit.tracked ADD COLUMN writes boolean NOT NULL DEFAULT true,
-                          ADD COLUMN reads  boolean NOT NULL DEFAULT false;
+                          ADD COLUMN reads  boolean NOT NULL DEFAULT false,
+                          -- What an UPDATE's new_values holds (src/image.rs).
+                          ADD COLUMN capture text NOT NULL DEFAULT 'full' CHECK (capture IN ('full', 'changes'));
 CREATE OR REPLACE VIEW audit.tracked_tables AS
 SELECT t.relid         AS tbl,
        n.nspname::text AS schema_name,
@@ -237,7 +239,8 @@ SELECT t.relid         AS tbl,
        t.redact,
        t.tracked_since,
        t.writes,
-       t.reads
+       t.reads,
+       t.capture
   FROM audit.tracked t
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;
@@ -285,12 +288,13 @@ CREATE FUNCTION audit."track"(
 	"redact" TEXT[] DEFAULT '{}',
 	"reads" bool DEFAULT false,
 	"writes" bool DEFAULT true,
-	"baseline" bool DEFAULT false
+	"baseline" bool DEFAULT false,
+	"capture" TEXT DEFAULT 'full'
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'track_wrapper';
-REVOKE ALL ON FUNCTION audit.track(regclass, text[], text[], bool, bool, bool) FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit.track(regclass, text[], text[], bool, bool, bool, text) FROM PUBLIC;
 
 -- The tables themselves (src/baseline.rs, src/verify_table.rs): SNAPSHOT rows for
 -- rows the log does not know, the live table checked against the log, and verify()

@@ -45,7 +45,10 @@ CREATE TABLE audit.tracked (
     tracked_since timestamptz NOT NULL DEFAULT now(),
     -- What is recorded: changes (audit.log), reads (audit.access_log), or both.
     writes        boolean     NOT NULL DEFAULT true,
-    reads         boolean     NOT NULL DEFAULT false
+    reads         boolean     NOT NULL DEFAULT false,
+    -- What an UPDATE's new_values holds: the whole row ('full') or only the
+    -- changed columns ('changes'); src/image.rs says how states are rebuilt.
+    capture       text        NOT NULL DEFAULT 'full' CHECK (capture IN ('full', 'changes'))
 );
 
 CREATE VIEW audit.tracked_tables AS
@@ -56,7 +59,8 @@ SELECT t.relid         AS tbl,
        t.redact,
        t.tracked_since,
        t.writes,
-       t.reads
+       t.reads,
+       t.capture
   FROM audit.tracked t
   JOIN pg_catalog.pg_class c ON c.oid = t.relid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;

@@ -19,6 +19,12 @@
 //! baseline refuses to run there. A re-run writes nothing for keys already in the
 //! log, which is why it is safe to repeat.
 //!
+//! "Has a row" means a whole image (crate::image): a key whose log rows are all
+//! partial (capture 'changes', a row older than tracking) gets a SNAPSHOT too.
+//! The readers put every partial row of the key over it, in order: a partial
+//! row sets columns to values, so one that the image at S already includes
+//! sets them again to what they are.
+//!
 //! The table is read as the caller (output functions and casts are user code);
 //! the log is read and written as the extension owner, as the trigger writes it.
 
@@ -95,9 +101,11 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
     // One index scan per partition for the whole batch's keys, not a probe per key.
     let known_sql = format!(
         "SELECT row_id FROM audit.log WHERE {f} AND row_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])
+            AND NOT COALESCE({partial}, false)
          UNION ALL
          SELECT old_row_id FROM audit.log WHERE {f} AND old_row_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])",
-        f = t.log_filter()
+        f = t.log_filter(),
+        partial = crate::image::partial_sql("old_row_id IS NOT NULL")
     );
     let scan = format!("SELECT {a} FROM {} {a}", t.qname, a = enc.alias);
     let mem = BatchMemory::new();

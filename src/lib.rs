@@ -13,6 +13,7 @@ mod datum;
 mod ddl;
 mod errors;
 mod ext;
+mod image;
 mod live_rows;
 mod log;
 mod partitions;

@@ -15,6 +15,8 @@ pub static CONTEXT_SETTINGS: GucSetting<Option<CString>> =
 pub static PARTITION_INTERVAL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1 month"));
 pub static PREMAKE: GucSetting<i32> = GucSetting::<i32>::new(3);
+/// crate::image: how often a `changes`-mode UPDATE writes the whole row.
+pub static IMAGE_EVERY: GucSetting<i32> = GucSetting::<i32>::new(crate::image::DEFAULT_IMAGE_EVERY);
 pub static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static RETENTION_MODE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"drop"));
@@ -125,6 +127,16 @@ pub fn init() {
         &PREMAKE,
         0,
         MAX_PREMAKE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"audit.image_every",
+        c"A capture => 'changes' UPDATE also writes the whole new row about once in this many (0: only when its key moves).",
+        c"Shorter walks for time travel against more bytes per UPDATE; see crate::image.",
+        &IMAGE_EVERY,
+        0,
+        1_000_000,
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -22,6 +22,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use pgrx::PgOid;
 
 use crate::errors::{AuditError, OrRaise, Result};
+use crate::image::{self, Change};
 use crate::privilege::{as_extension_owner, require_select};
 use crate::quote::{ident as quote_ident, literal as quote_literal};
 
@@ -284,99 +285,176 @@ impl Table {
     }
 }
 
-/// The state implied by the first change after a moment (see the module docs).
-fn state_from_first_change(
-    op: &str,
-    as_old_key: bool,
-    key_moved_in: bool,
-    old: Option<Value>,
-    new: Option<Value>,
-) -> Option<Value> {
-    let merge = |new: Option<Value>, old: Option<Value>| {
-        let mut base = match new {
-            Some(Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
-        if let Some(Value::Object(o)) = old {
-            base.extend(o);
-        }
-        Some(Value::Object(base))
-    };
-    if as_old_key {
-        return merge(new, old); // the row left this key: before that change it had it
-    }
-    match op {
-        "INSERT" => None,
-        "UPDATE" if key_moved_in => None, // the key arrived with this change
-        "UPDATE" => merge(new, old),
-        "DELETE" => old,
-        // audit.baseline's record of the row as it was then (and since tracking began).
-        "SNAPSHOT" => new,
-        _ => None,
-    }
+/// A log row's change for crate::image, from columns `first..first+4` of `r`:
+/// operation, old_values, new_values, changed_fields, old_row_id IS NOT NULL.
+fn change_at(r: &pgrx::spi::SpiHeapTupleData, first: usize, as_old_key: bool) -> Result<Change> {
+    Ok(Change {
+        op: r.get::<String>(first)?.unwrap_or_default(),
+        old: r.get::<JsonB>(first + 1)?.map(|j| j.0),
+        new: r.get::<JsonB>(first + 2)?.map(|j| j.0),
+        fields: r.get::<Vec<String>>(first + 3)?,
+        as_old_key,
+        key_moved_in: !as_old_key && r.get::<bool>(first + 4)?.unwrap_or(false),
+    })
 }
 
-struct Change {
-    op: String,
-    old: Option<Value>,
-    new: Option<Value>,
-    as_old_key: bool,
-    key_moved_in: bool,
-    changed_at: TimestampWithTimeZone,
-}
-
-/// The first change after `at` touching `row_id` (under it, or moving away from it),
-/// and the first TRUNCATE after `at`.
-fn first_change_after(
+/// The first TRUNCATE of the table after `at` (it logs no rows: what it removed
+/// is unknown from then on).
+fn first_truncate_after(
+    c: &SpiClient<'_>,
     t: &Table,
-    row_id: &str,
     at: TimestampWithTimeZone,
-) -> Result<(Option<Change>, Option<TimestampWithTimeZone>)> {
-    as_extension_owner(|| {
-        Spi::connect(|c| -> Result<(Option<Change>, Option<TimestampWithTimeZone>)> {
-            let mut best: Option<(TimestampWithTimeZone, i64, Change)> = None;
-            for (col, as_old) in [("row_id", false), ("old_row_id", true)] {
-                let q = format!(
-                    "SELECT operation, old_values, new_values, old_row_id IS NOT NULL, changed_at, id
-                       FROM audit.log
-                      WHERE {names} AND {col} OPERATOR(pg_catalog.=) $1
+) -> Result<Option<TimestampWithTimeZone>> {
+    Ok(select_kept(
+        c,
+        &format!(
+            "SELECT changed_at FROM audit.log
+              WHERE {} AND row_id IS NULL AND changed_at OPERATOR(pg_catalog.>) $1
+                AND operation OPERATOR(pg_catalog.=) 'TRUNCATE'
+              ORDER BY changed_at, id LIMIT 1",
+            t.log_filter()
+        ),
+        &[at.into()],
+    )?
+    .next()
+    .and_then(|r| r.get::<TimestampWithTimeZone>(1).ok().flatten()))
+}
+
+/// Changes fetched at a time while walking forward over one row's changes.
+const WALK_PAGE: i64 = 64;
+
+/// A walk over one row's changes, each with its time.
+type Walk = Vec<(Change, TimestampWithTimeZone)>;
+
+/// The state of `row_id` at `at`: the state before its first change after `at`
+/// (crate::image walks on past partial changes), or the live row.
+fn state_at_moment(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Result<Option<Value>> {
+    let cols =
+        "operation, old_values, new_values, changed_fields, old_row_id IS NOT NULL, changed_at, id";
+    let (walk, truncated) = as_extension_owner(|| {
+        Spi::connect(|c| -> Result<(Walk, Option<TimestampWithTimeZone>)> {
+            let trunc = first_truncate_after(c, t, at)?;
+            // The first move away from the key ends the walk: that row is always whole.
+            let away = select_kept(
+                c,
+                &format!(
+                    "SELECT {cols} FROM audit.log
+                      WHERE {names} AND old_row_id OPERATOR(pg_catalog.=) $1
                         AND changed_at OPERATOR(pg_catalog.>) $2
                       ORDER BY changed_at, id LIMIT 1",
                     names = t.log_filter()
-                );
-                let mut rows = select_kept(c, &q, &[row_id.to_string().into(), at.into()])?;
-                if let Some(r) = rows.next() {
-                    let when = r.get::<TimestampWithTimeZone>(5)?.unwrap_or(at);
-                    let id = r.get::<i64>(6)?.unwrap_or(0);
-                    let ch = Change {
-                        op: r.get::<String>(1)?.unwrap_or_default(),
-                        old: r.get::<JsonB>(2)?.map(|j| j.0),
-                        new: r.get::<JsonB>(3)?.map(|j| j.0),
-                        as_old_key: as_old,
-                        key_moved_in: !as_old && r.get::<bool>(4)?.unwrap_or(false),
-                        changed_at: when,
-                    };
-                    if best.as_ref().is_none_or(|(w, i, _)| (when, id) < (*w, *i)) {
-                        best = Some((when, id, ch));
-                    }
-                }
-            }
-            let trunc = select_kept(
-                c,
-                &format!(
-                    "SELECT changed_at FROM audit.log
-                          WHERE {} AND row_id IS NULL AND changed_at OPERATOR(pg_catalog.>) $1
-                            AND operation OPERATOR(pg_catalog.=) 'TRUNCATE'
-                          ORDER BY changed_at, id LIMIT 1",
-                    t.log_filter()
                 ),
-                &[at.into()],
+                &[row_id.to_string().into(), at.into()],
             )?
             .next()
-            .and_then(|r| r.get::<TimestampWithTimeZone>(1).ok().flatten());
-            Ok((best.map(|b| b.2), trunc))
+            .map(|r| -> Result<_> {
+                Ok((
+                    change_at(&r, 1, true)?,
+                    r.get::<TimestampWithTimeZone>(6)?.unwrap_or(at),
+                    r.get::<i64>(7)?.unwrap_or(0),
+                ))
+            })
+            .transpose()?;
+            let page = format!(
+                "SELECT {cols} FROM audit.log
+                  WHERE {names} AND row_id OPERATOR(pg_catalog.=) $1
+                    AND changed_at OPERATOR(pg_catalog.>=) $2
+                    AND (changed_at OPERATOR(pg_catalog.>) $2 OR id OPERATOR(pg_catalog.>) $3)
+                  ORDER BY changed_at, id LIMIT {WALK_PAGE}",
+                names = t.log_filter()
+            );
+            // The walk: changes up to the first complete one (crate::image).
+            let mut walk = Vec::new();
+            let (mut after, mut after_id) = (at, i64::MAX); // first page: strictly after `at`
+            loop {
+                let mut n = 0;
+                let mut done = false;
+                for r in select_kept(
+                    c,
+                    &page,
+                    &[row_id.to_string().into(), after.into(), after_id.into()],
+                )? {
+                    n += 1;
+                    let when = r.get::<TimestampWithTimeZone>(6)?.unwrap_or(at);
+                    let id = r.get::<i64>(7)?.unwrap_or(0);
+                    (after, after_id) = (when, id);
+                    if away.as_ref().is_some_and(|(_, w, i)| (*w, *i) < (when, id)) {
+                        done = true;
+                        break;
+                    }
+                    let ch = change_at(&r, 1, false)?;
+                    let partial = ch.partial();
+                    walk.push((ch, when));
+                    if !partial {
+                        done = true;
+                        break;
+                    }
+                }
+                if done || n < WALK_PAGE {
+                    break;
+                }
+            }
+            if walk.last().is_none_or(|(ch, _)| ch.partial()) {
+                if let Some((ch, when, _)) = away {
+                    walk.push((ch, when));
+                }
+            }
+            Ok((walk, trunc))
         })
-    })
+    })?;
+    // A TRUNCATE (which logs no rows) inside the walk, or before the live row it
+    // would end at, leaves the state unknown.
+    let complete = walk.last().is_some_and(|(ch, _)| !ch.partial());
+    if let Some(tr) = truncated {
+        if walk.iter().any(|(_, when)| *when > tr) || !complete {
+            // The walk forward crosses the TRUNCATE: walk back from `at` instead.
+            return state_after_changes_until(t, row_id, at)?.ok_or_else(|| t.truncated(tr));
+        }
+    }
+    let before = image::before_first(walk.into_iter().map(|(ch, _)| ch));
+    if complete {
+        return Ok(image::resolve(before, || None));
+    }
+    let live =
+        t.live_rows(&format!("WHERE {}", t.key_predicate(1)), &[row_id.to_string().into()])?;
+    Ok(image::resolve(before, || live.into_iter().next().map(|(_, v)| v)))
+}
+
+/// Changes read going back from a moment: past this many without a whole image,
+/// the state is left unknown.
+const BACK_WALK: i64 = 1_024;
+
+/// The state after the last change of `row_id` up to `at`, walking back to a
+/// whole image (crate::image); None if none is found.
+fn state_after_changes_until(
+    t: &Table,
+    row_id: &str,
+    at: TimestampWithTimeZone,
+) -> Result<Option<Option<Value>>> {
+    let q = format!(
+        "SELECT operation, old_values, new_values, changed_fields, moved, as_old FROM (
+           (SELECT operation, old_values, new_values, changed_fields, old_row_id IS NOT NULL AS moved,
+                   false AS as_old, changed_at, id
+              FROM audit.log WHERE {names} AND row_id OPERATOR(pg_catalog.=) $1
+               AND changed_at OPERATOR(pg_catalog.<=) $2 ORDER BY changed_at DESC, id DESC LIMIT {BACK_WALK})
+           UNION ALL
+           (SELECT operation, old_values, new_values, changed_fields, true, true, changed_at, id
+              FROM audit.log WHERE {names} AND old_row_id OPERATOR(pg_catalog.=) $1
+               AND changed_at OPERATOR(pg_catalog.<=) $2 ORDER BY changed_at DESC, id DESC LIMIT 1)
+         ) ch ORDER BY changed_at DESC, id DESC",
+        names = t.log_filter()
+    );
+    let changes = as_extension_owner(|| {
+        Spi::connect(|c| -> Result<Vec<Change>> {
+            let mut v = Vec::new();
+            for r in select_kept(c, &q, &[row_id.to_string().into(), at.into()])? {
+                let as_old = r.get::<bool>(6)?.unwrap_or(false);
+                v.push(change_at(&r, 1, as_old)?);
+            }
+            Ok(v)
+        })
+    })?;
+    Ok(image::after_last(changes))
 }
 
 fn state_at_impl(
@@ -390,19 +468,7 @@ fn state_at_impl(
     let t = Table::load(&rel)?;
     t.need_key()?;
     t.check_at(at)?;
-    let (change, truncated) = first_change_after(&t, &row_id, at)?;
-    match (change, truncated) {
-        (Some(ch), tr) if tr.is_none_or(|tr| ch.changed_at <= tr) => {
-            Ok(state_from_first_change(&ch.op, ch.as_old_key, ch.key_moved_in, ch.old, ch.new))
-        }
-        (_, Some(tr)) => Err(t.truncated(tr)),
-        (None, None) => {
-            let live =
-                t.live_rows(&format!("WHERE {}", t.key_predicate(1)), &[row_id.clone().into()])?;
-            Ok(live.into_iter().next().map(|(_, v)| v))
-        }
-        (Some(_), None) => unreachable!("covered by the first arm"),
-    }
+    state_at_moment(&t, &row_id, at)
 }
 
 /// What a reading function returned is the table's data: a read of it, for
@@ -432,49 +498,75 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
     let t = Table::load(&rel)?;
     t.need_key()?;
     t.check_at(at)?;
-    let (_, truncated) = first_change_after(&t, "\u{0}", at)?;
+    let truncated = as_extension_owner(|| Spi::connect(|c| first_truncate_after(c, &t, at)))?;
     if let Some(tr) = truncated {
         return Err(t.truncated(tr));
     }
+    // Each key's changes after `at`, up to its first complete one (crate::image).
     let q = format!(
         "WITH ch AS (
-            SELECT row_id AS k, false AS as_old, old_row_id IS NOT NULL AS moved_in, operation, old_values, new_values, changed_at, id
+            SELECT row_id AS k, false AS as_old, old_row_id IS NOT NULL AS moved_in, operation,
+                   old_values, new_values, changed_fields, changed_at, id
               FROM audit.log
              WHERE {names} AND changed_at OPERATOR(pg_catalog.>) $1 AND row_id IS NOT NULL
             UNION ALL
-            SELECT old_row_id, true, false, operation, old_values, new_values, changed_at, id
+            SELECT old_row_id, true, false, operation, old_values, new_values, changed_fields, changed_at, id
               FROM audit.log
              WHERE {names} AND changed_at OPERATOR(pg_catalog.>) $1 AND old_row_id IS NOT NULL
-         ), firsts AS (
-            SELECT DISTINCT ON (k) * FROM ch ORDER BY k, changed_at, id
+         ), marked AS (
+            SELECT ch.*, pg_catalog.count(*) FILTER (WHERE NOT COALESCE({partial}, false)) OVER (
+                     PARTITION BY k ORDER BY changed_at, id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING
+                   ) AS completes_before
+              FROM ch
          )
-         SELECT k, CASE
-                  WHEN as_old THEN new_values OPERATOR(pg_catalog.||) old_values
-                  WHEN operation OPERATOR(pg_catalog.=) 'INSERT' THEN NULL
-                  WHEN operation OPERATOR(pg_catalog.=) 'UPDATE' AND moved_in THEN NULL
-                  WHEN operation OPERATOR(pg_catalog.=) 'UPDATE' THEN new_values OPERATOR(pg_catalog.||) old_values
-                  WHEN operation OPERATOR(pg_catalog.=) 'SNAPSHOT' THEN new_values
-                  ELSE old_values END
-           FROM firsts",
-        names = t.log_filter()
+         SELECT k, operation, old_values, new_values, changed_fields, moved_in, as_old
+           FROM marked WHERE completes_before OPERATOR(pg_catalog.=) 0
+          ORDER BY k, changed_at, id",
+        names = t.log_filter(),
+        partial = image::partial_sql("as_old OR moved_in")
     );
     // Rows changed after `at` come from the log (as the owner), the rest from the table (as the caller).
-    let mut changed = std::collections::HashSet::new();
+    let mut known = std::collections::HashSet::new();
+    let mut overlays = HashMap::new();
     let mut out = Vec::new();
     as_extension_owner(|| {
         Spi::connect(|c| -> Result<()> {
-            for r in c.select(&q, None, &[at.into()])? {
-                changed.insert(r.get::<String>(1)?.unwrap_or_default());
-                if let Some(j) = r.get::<JsonB>(2)? {
-                    out.push(j.0);
+            let mut key: Option<String> = None;
+            let mut run: Vec<Change> = Vec::new();
+            let mut finish = |k: String, run: Vec<Change>, out: &mut Vec<Value>| {
+                match image::before_first(run) {
+                    image::Before::Known(v) => {
+                        known.insert(k);
+                        out.extend(v);
+                    }
+                    image::Before::Overlay(m) => {
+                        overlays.insert(k, m);
+                    }
                 }
+            };
+            for r in c.select(&q, None, &[at.into()])? {
+                let k = r.get::<String>(1)?.unwrap_or_default();
+                let as_old = r.get::<bool>(7)?.unwrap_or(false);
+                if key.as_ref() != Some(&k) {
+                    if let Some(prev) = key.replace(k.clone()) {
+                        finish(prev, std::mem::take(&mut run), &mut out);
+                    }
+                }
+                run.push(change_at(&r, 2, as_old)?);
+            }
+            if let Some(prev) = key {
+                finish(prev, run, &mut out);
             }
             Ok(())
         })
     })?;
     for (k, v) in t.live_rows("", &[])? {
-        if !changed.contains(&k) {
-            out.push(v);
+        if known.contains(&k) {
+            continue;
+        }
+        match overlays.remove(&k) {
+            Some(m) => out.extend(image::resolve(image::Before::Overlay(m), || Some(v))),
+            None => out.push(v),
         }
     }
     Ok(out)
@@ -493,24 +585,23 @@ fn table_at(
 }
 
 /// A row's history, each log row made into `T` by `row` (the pg_extern's own
-/// column list, so that the columns are written down once).
+/// column list, so that the columns are written down once), with the row's
+/// state after it: NULL once it is deleted or has left the key.
 fn history_impl<T>(
     rel: Option<PgRelation>,
     row_id: Option<String>,
     row: impl Fn(&pgrx::spi::SpiHeapTupleData) -> Result<T>,
-) -> Result<Vec<T>> {
+) -> Result<Vec<(T, Option<Value>)>> {
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
     let row_id = row_id.ok_or(AuditError::NullArgument("row_id"))?;
     let t = Table::load(&rel)?;
     t.need_key()?;
-    as_extension_owner(|| {
-        Spi::connect(|c| -> Result<Vec<T>> {
+    let (rows, changes, truncated_after_last) = as_extension_owner(|| {
+        Spi::connect(|c| -> Result<(Vec<T>, Vec<Change>, bool)> {
             let rows = c.select(
                 &format!(
                     "SELECT id, changed_at, txid, operation, changed_by, changed_fields, old_values, new_values,
-                            CASE WHEN operation OPERATOR(pg_catalog.=) 'DELETE' THEN NULL
-                                 WHEN row_id OPERATOR(pg_catalog.<>) $1 THEN NULL
-                                 ELSE new_values END
+                            row_id OPERATOR(pg_catalog.<>) $1, old_row_id IS NOT NULL
                        FROM audit.log
                       WHERE {} AND (row_id OPERATOR(pg_catalog.=) $1 OR old_row_id OPERATOR(pg_catalog.=) $1)
                       ORDER BY changed_at, id",
@@ -519,9 +610,54 @@ fn history_impl<T>(
                 None,
                 &[row_id.clone().into()],
             )?;
-            rows.map(|r| row(&r)).collect()
+            let (mut out, mut changes) = (Vec::new(), Vec::new());
+            let mut last_at = None;
+            for r in rows {
+                out.push(row(&r)?);
+                let as_old = r.get::<bool>(9)?.unwrap_or(false);
+                changes.push(Change {
+                    op: r.get::<String>(4)?.unwrap_or_default(),
+                    old: r.get::<JsonB>(7)?.map(|j| j.0),
+                    new: r.get::<JsonB>(8)?.map(|j| j.0),
+                    fields: r.get::<Vec<String>>(6)?,
+                    as_old_key: as_old,
+                    key_moved_in: !as_old && r.get::<bool>(10)?.unwrap_or(false),
+                });
+                last_at = r.get::<TimestampWithTimeZone>(2)?;
+            }
+            let truncated = match last_at {
+                Some(at) => first_truncate_after(c, &t, at)?.is_some(),
+                None => false,
+            };
+            Ok((out, changes, truncated))
         })
-    })
+    })?;
+    // States forward from each complete change; a run of partial ones before the
+    // first complete change (a row older than tracking) is known backward from the
+    // first complete change after it, or from the live row.
+    let mut states: Vec<Option<Value>> = Vec::with_capacity(changes.len());
+    let mut running: Option<Option<Value>> = None; // None: not known going forward
+    for (i, ch) in changes.iter().enumerate() {
+        running = image::step(running, ch);
+        let state = match &running {
+            Some(v) => v.clone(),
+            None => {
+                // The state after change i is the state before change i+1.
+                let before = image::before_first(changes[i + 1..].iter().cloned());
+                if matches!(before, image::Before::Known(_)) || truncated_after_last {
+                    image::resolve(before, || None)
+                } else {
+                    let live = t.live_rows(
+                        &format!("WHERE {}", t.key_predicate(1)),
+                        &[row_id.clone().into()],
+                    )?;
+                    image::resolve(before, || live.into_iter().next().map(|(_, v)| v))
+                }
+            }
+        };
+        states.push(state);
+    }
+    Ok(rows.into_iter().zip(states).collect())
 }
 
 #[allow(clippy::type_complexity)] // the result's columns, as pgrx spells them
@@ -555,10 +691,12 @@ fn history(
             r.get(6)?,
             r.get(7)?,
             r.get(8)?,
-            r.get(9)?,
         ))
     });
     let rows = rows.or_raise();
     noted(relid, "audit.history", rows.len() as i64);
-    TableIterator::new(rows)
+    TableIterator::new(
+        rows.into_iter()
+            .map(|((a, b, c, d, e, f, g, h), state)| (a, b, c, d, e, f, g, h, state.map(JsonB))),
+    )
 }

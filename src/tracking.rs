@@ -100,6 +100,36 @@ fn clean_list(v: Option<Vec<Option<String>>>) -> Result<Vec<String>> {
 pub struct Record {
     pub writes: bool,
     pub reads: bool,
+    pub capture: Capture,
+}
+
+/// What an UPDATE's audit row holds (`audit.track(…, capture => …)`):
+/// crate::image says how both are read back.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Capture {
+    /// new_values is the whole new row (0.1.0's contract).
+    Full,
+    /// new_values holds only the changed columns, as old_values does.
+    Changes,
+}
+
+impl Capture {
+    pub fn parse(s: &str) -> Result<Capture> {
+        match s {
+            "full" => Ok(Capture::Full),
+            "changes" => Ok(Capture::Changes),
+            other => Err(AuditError::InvalidArgument(format!(
+                "capture must be 'full' or 'changes', not '{other}'"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capture::Full => "full",
+            Capture::Changes => "changes",
+        }
+    }
 }
 
 pub fn track_impl(
@@ -162,18 +192,22 @@ pub fn track_impl(
         )?;
         if crate::version::schema_is_current()? {
             Spi::run_with_args(
-                "INSERT INTO audit.tracked (relid, exclude, redact, writes, reads) VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO audit.tracked (relid, exclude, redact, writes, reads, capture)
+                 VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (relid) DO UPDATE
                    SET exclude = EXCLUDED.exclude, redact = EXCLUDED.redact,
-                       writes = EXCLUDED.writes, reads = EXCLUDED.reads",
+                       writes = EXCLUDED.writes, reads = EXCLUDED.reads, capture = EXCLUDED.capture",
                 &[
                     relid.into(),
                     exclude.clone().into(),
                     redact.clone().into(),
                     what.writes.into(),
                     what.reads.into(),
+                    what.capture.as_str().into(),
                 ],
             )?;
+        } else if what.capture != Capture::Full {
+            return Err(AuditError::NeedsUpdate("capture => 'changes'"));
         } else if what.reads || !what.writes {
             return Err(AuditError::NeedsUpdate("recording reads"));
         } else {
@@ -286,10 +320,15 @@ fn track(
     reads: default!(Option<bool>, false),
     writes: default!(Option<bool>, true),
     baseline: default!(Option<bool>, false),
+    capture: default!(Option<String>, "'full'"),
 ) {
     let what = Record {
         reads: reads.ok_or(AuditError::NullArgument("reads")).or_raise(),
         writes: writes.ok_or(AuditError::NullArgument("writes")).or_raise(),
+        capture: capture
+            .ok_or(AuditError::NullArgument("capture"))
+            .and_then(|c| Capture::parse(&c))
+            .or_raise(),
     };
     let baseline = baseline.ok_or(AuditError::NullArgument("baseline")).or_raise();
     let relid = tbl.as_ref().map(|r| r.oid());

@@ -52,6 +52,9 @@ struct LogEntry {
     /// Whether the key is live after it (INSERT, UPDATE, SNAPSHOT).
     live: bool,
     image: Option<Vec<u8>>,
+    /// The newest row holds only changed columns (capture 'changes'): the
+    /// image is folded from the key's rows (crate::image) before it is compared.
+    partial: bool,
 }
 
 struct LiveEntry {
@@ -78,6 +81,8 @@ enum Bad {
         pruned: bool,
     },
     Deleted,
+    /// Only partial rows (capture 'changes'), no whole image to start from.
+    NoWholeImage,
 }
 
 impl Bad {
@@ -95,6 +100,8 @@ impl Bad {
             Bad::NotLogged { baseline: true, .. } => "has no row in the log (inserted behind the trigger)".into(),
             Bad::Deleted => "exists, but the log says it was deleted or moved to another key \
                  (put back behind the trigger)".into(),
+            Bad::NoWholeImage => "has only changed columns in the log (capture 'changes') and no whole image: \
+                 it predates tracking (audit.baseline() records it whole)".into(),
         }
     }
 }
@@ -141,15 +148,25 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
     let log_sql = format!(
         "WITH cut AS (SELECT COALESCE(pg_catalog.max(id), 0) AS id FROM audit.log
                        WHERE {f} AND row_id IS NULL AND operation OPERATOR(pg_catalog.=) 'TRUNCATE'),
-              ev AS (SELECT row_id COLLATE pg_catalog.\"C\" AS k, id, operation AS op, new_values AS img
+              ev AS (SELECT row_id COLLATE pg_catalog.\"C\" AS k, id, operation AS op, new_values AS img,
+                            COALESCE({partial}, false) AS partial
                        FROM audit.log WHERE {f} AND row_id IS NOT NULL
                         AND id OPERATOR(pg_catalog.>) (SELECT cut.id FROM cut)
                      UNION ALL
-                     SELECT old_row_id COLLATE pg_catalog.\"C\", id, 'MOVED', NULL
+                     SELECT old_row_id COLLATE pg_catalog.\"C\", id, 'MOVED', NULL, false
                        FROM audit.log WHERE {f} AND old_row_id IS NOT NULL
                         AND id OPERATOR(pg_catalog.>) (SELECT cut.id FROM cut))
-         SELECT DISTINCT ON (k) k, op OPERATOR(pg_catalog.=) ANY (ARRAY['INSERT', 'UPDATE', 'SNAPSHOT']), img
-           FROM ev ORDER BY k, op OPERATOR(pg_catalog.=) 'SNAPSHOT', id DESC"
+         SELECT DISTINCT ON (k) k, op OPERATOR(pg_catalog.=) ANY (ARRAY['INSERT', 'UPDATE', 'SNAPSHOT']), img, partial
+           FROM ev ORDER BY k, op OPERATOR(pg_catalog.=) 'SNAPSHOT', id DESC",
+        partial = crate::image::partial_sql("old_row_id IS NOT NULL")
+    );
+    // A key whose newest row is partial: its rows since the last TRUNCATE, newest first.
+    let key_sql = format!(
+        "SELECT operation, old_values, new_values, changed_fields, old_row_id IS NOT NULL FROM audit.log
+          WHERE {f} AND row_id OPERATOR(pg_catalog.=) $1
+            AND id OPERATOR(pg_catalog.>) (SELECT COALESCE(pg_catalog.max(id), 0) FROM audit.log
+                                            WHERE {f} AND row_id IS NULL AND operation OPERATOR(pg_catalog.=) 'TRUNCATE')
+          ORDER BY id DESC"
     );
     let live_sql = format!(
         "SELECT ({}) COLLATE pg_catalog.\"C\" AS k, {a} FROM {} {a} ORDER BY 1",
@@ -171,6 +188,10 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
                 log_done =
                     as_extension_owner(|| mem.run(|| fetch_log(&mut log_cur, &mut log)))? == 0;
                 mem.reset();
+                for g in log.iter_mut().filter(|g| g.partial) {
+                    g.image = as_extension_owner(|| mem.run(|| folded_image(&key_sql, &g.key)))?;
+                    mem.reset();
+                }
             }
             if live.is_empty() && !live_done {
                 live_done = mem.run(|| fetch_live(&mut live_cur, &enc, &mut live))? == 0;
@@ -208,6 +229,9 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
                     if !g.live {
                         r.unexplained += 1;
                         Some((l.key, Bad::Deleted))
+                    } else if g.image.is_none() {
+                        r.unexplained += 1;
+                        Some((l.key, Bad::NoWholeImage))
                     } else if g.image.as_deref() != Some(l.image.as_slice()) {
                         r.changed += 1;
                         Some((
@@ -260,12 +284,13 @@ fn check_order(last: &mut Option<Vec<u8>>, key: &[u8]) -> Result<()> {
 
 fn fetch_log(cur: &mut Cursor, out: &mut VecDeque<LogEntry>) -> Result<usize> {
     cur.fetch(FETCH, |tuple, desc| {
-        let (mut kn, mut ln, mut inull) = (false, false, false);
-        // SAFETY: the log query's columns: k text (not NULL), live bool, img jsonb.
+        let (mut kn, mut ln, mut inull, mut pn) = (false, false, false, false);
+        // SAFETY: the log query's columns: k text (not NULL), live bool, img jsonb, partial bool.
         unsafe {
             let k = pg_sys::SPI_getbinval(tuple, desc, 1, &mut kn);
             let live = pg_sys::SPI_getbinval(tuple, desc, 2, &mut ln);
             let img = pg_sys::SPI_getbinval(tuple, desc, 3, &mut inull);
+            let partial = pg_sys::SPI_getbinval(tuple, desc, 4, &mut pn);
             if kn {
                 return Ok(());
             }
@@ -273,10 +298,41 @@ fn fetch_log(cur: &mut Cursor, out: &mut VecDeque<LogEntry>) -> Result<usize> {
                 key: text_bytes(k),
                 live: !ln && live.value() != 0,
                 image: if inull { None } else { Some(jsonb_text(img)?) },
+                partial: !pn && partial.value() != 0,
             });
         }
         Ok(())
     })
+}
+
+/// The image after a key's newest partial row: folded back to its last whole
+/// image (crate::image), as jsonb_out's text; None when there is none.
+fn folded_image(key_sql: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    let key = String::from_utf8_lossy(key).into_owned();
+    let changes = Spi::connect(|c| -> Result<Vec<crate::image::Change>> {
+        let mut v = Vec::new();
+        for r in c.select(key_sql, None, &[key.into()])? {
+            v.push(crate::image::Change {
+                op: r.get::<String>(1)?.unwrap_or_default(),
+                old: r.get::<pgrx::JsonB>(2)?.map(|j| j.0),
+                new: r.get::<pgrx::JsonB>(3)?.map(|j| j.0),
+                fields: r.get::<Vec<String>>(4)?,
+                as_old_key: false,
+                key_moved_in: r.get::<bool>(5)?.unwrap_or(false),
+            });
+        }
+        Ok(v)
+    })?;
+    match crate::image::after_last(changes).flatten() {
+        None => Ok(None),
+        // Back through jsonb_in: the text compared is jsonb_out's, as for every image.
+        Some(v) => {
+            let text = std::ffi::CString::new(v.to_string())
+                .map_err(|_| AuditError::Internal("a NUL in a folded image".into()))?;
+            // SAFETY: serde_json writes valid JSON; jsonb_text reads the fresh datum.
+            unsafe { jsonb_text(crate::capture::encode::jsonb_from_str(&text)) }.map(Some)
+        }
+    }
 }
 
 fn fetch_live(cur: &mut Cursor, enc: &Encoder, out: &mut VecDeque<LiveEntry>) -> Result<usize> {

@@ -34,6 +34,8 @@ pub struct RelConfig {
     pub key: Vec<crate::row_key::KeyColumn>,
     /// The output function of a one-column key: row_id is its text.
     pub key_output: Oid,
+    /// `capture => 'changes'`: an UPDATE stores only its changed columns (crate::image).
+    pub changes: bool,
     pub natts: usize,
     /// Encodes a whole row (redacted columns as their text markers).
     pub full_row: super::encode::ObjectBuilder,
@@ -130,16 +132,23 @@ pub unsafe fn rel_config(rel: pg_sys::Relation, owner: Oid) -> Result<Rc<RelConf
 unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
     // SAFETY: rel is open.
     let relid = unsafe { (*rel).rd_id };
-    /// The tracked relation whose name the rows carry, its excluded and redacted columns.
-    type Tracked = (Oid, Vec<String>, Vec<String>);
+    /// The tracked relation whose name the rows carry, its excluded and redacted
+    /// columns, and whether it captures changes only.
+    type Tracked = (Oid, Vec<String>, Vec<String>, bool);
+    // 0.1.0's audit.tracked (before ALTER EXTENSION UPDATE) has no capture column.
+    let capture = if crate::version::schema_is_current()? {
+        "t.capture OPERATOR(pg_catalog.=) 'changes'"
+    } else {
+        "false"
+    };
     let found = Spi::connect(|client| -> Result<Option<Tracked>> {
         let mut rows = client.select(
-            "SELECT a.relid::pg_catalog.oid, t.exclude, t.redact
+            &format!("SELECT a.relid::pg_catalog.oid, t.exclude, t.redact, {capture}
                FROM (SELECT $1::pg_catalog.regclass, 0::pg_catalog.int8
                      UNION ALL
                      SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS a(relid, ord)
                JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid
-              ORDER BY a.ord LIMIT 1",
+              ORDER BY a.ord LIMIT 1"),
             None,
             &[relid.into()],
         )?;
@@ -149,12 +158,13 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
                 r.get::<Oid>(1)?.unwrap_or(relid),
                 r.get::<Vec<String>>(2)?.unwrap_or_default(),
                 r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                r.get::<bool>(4)?.unwrap_or(false),
             ))),
         }
     })?;
     // A trigger without a tracked row (e.g. restored before audit.tracked) still records
     // everything, under the relation's own name: never lose a change.
-    let (named, exclude, redact) = found.unwrap_or((relid, vec![], vec![]));
+    let (named, exclude, redact, changes) = found.unwrap_or((relid, vec![], vec![], false));
     // Names as bytes in the database encoding, which need not be UTF-8.
     // SAFETY: the relation (or its tracked ancestor) exists while rel is open; both
     // lookups return palloc'd C strings, or NULL if it vanished concurrently.
@@ -214,6 +224,7 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
         columns,
         key,
         key_output,
+        changes,
         natts: tupdesc.len(),
         changed: RefCell::new(None),
     })

@@ -232,7 +232,15 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> errors::Result<()> {
                 }
                 changed = Some(diff.iter().map(|&i| cfg.columns[i].name.as_c_str()).collect());
                 old_values = Some(encode_changed(&cfg, &diff, &old, key)?);
-                new_values = Some(encode_row(&cfg, &new, key)?);
+                // A key that moves is always written whole: time travel follows a
+                // key, and the row it left must be complete on its own.
+                new_values = Some(
+                    if cfg.changes && old_row_id.is_none() && !crate::image::draw_full_image() {
+                        encode_changed(&cfg, &diff, &new, key)?
+                    } else {
+                        encode_row(&cfg, &new, key)?
+                    },
+                );
             }
             _ => {}
         }

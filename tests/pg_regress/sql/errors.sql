@@ -21,7 +21,7 @@ SELECT count(*) AS tracked FROM audit.tracked_tables WHERE table_name = 't';
 -- A caller who does not own the table.
 CREATE ROLE audit_regress_nobody;
 GRANT USAGE ON SCHEMA audit TO audit_regress_nobody;
-GRANT EXECUTE ON FUNCTION audit.track(regclass, text[], text[], boolean, boolean, boolean) TO audit_regress_nobody;
+GRANT EXECUTE ON FUNCTION audit.track(regclass, text[], text[], boolean, boolean, boolean, text) TO audit_regress_nobody;
 SET ROLE audit_regress_nobody;
 SELECT audit.track('t');
 -- PUBLIC has no privilege on the log.
