@@ -52,3 +52,15 @@ BEGIN
         FROM unnest(lat) AS x;
 END;
 $$;
+
+-- Updates one row `total` times, one transaction each: a row with a long history.
+CREATE PROCEDURE bench_hot(tbl regclass, row_id bigint, total int)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('app.current_user', 'hot-row-job@example.com', false);
+    FOR i IN 1 .. total LOOP
+        EXECUTE format('UPDATE %s SET balance = balance + 1, updated_at = now() WHERE id = $1', tbl) USING row_id;
+        COMMIT;
+    END LOOP;
+END;
+$$;
