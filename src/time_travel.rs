@@ -5,7 +5,8 @@
 //! (one index probe): INSERT means it did not exist, UPDATE means
 //! `new_values || old_values`, DELETE means `old_values`, a SNAPSHOT
 //! (audit.baseline) means `new_values`; with no later change it is the live
-//! row. Reads of the log run as the extension owner; reads of live rows and
+//! row. An UPDATE that stored only its changed columns (capture 'changes')
+//! makes the walk go on to the next change, as crate::image says. Reads of the log run as the extension owner; reads of live rows and
 //! undo's writes run as the caller, so table privileges apply and no user code
 //! (casts, output functions) runs with the owner's rights.
 
