@@ -172,7 +172,7 @@ fn known_keys(sql: &str, rows: &[(Vec<u8>, Datum)]) -> Result<HashSet<Vec<u8>>> 
     // SAFETY: a fresh text[] in the current (batch) context.
     let arr = unsafe { crate::datum::text_array(&refs) };
     as_extension_owner(|| {
-        let mut cursor = Cursor::open(sql, &[(pg_sys::TEXTARRAYOID, Some(arr))])?;
+        let mut cursor = Cursor::open_generic(sql, &[(pg_sys::TEXTARRAYOID, Some(arr))])?;
         let mut known = HashSet::new();
         // Each key at most once per log row: loop until the cursor is drained.
         while cursor.fetch(10_000, |tuple, desc| {

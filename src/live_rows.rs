@@ -29,6 +29,17 @@ impl Cursor {
     /// Opens `sql` with parameters `args` (type, value; None is NULL), as the
     /// current user: privileges are checked now, as that user.
     pub(crate) fn open(sql: &str, args: &[(Oid, Option<Datum>)]) -> Result<Cursor> {
+        Self::open_with(sql, args, 0)
+    }
+
+    /// As [`Cursor::open`], planned without looking at the parameters' values: for
+    /// a large array parameter, whose selectivity the planner would otherwise
+    /// estimate element by element, for every partition, at every call.
+    pub(crate) fn open_generic(sql: &str, args: &[(Oid, Option<Datum>)]) -> Result<Cursor> {
+        Self::open_with(sql, args, pg_sys::CURSOR_OPT_GENERIC_PLAN as i32)
+    }
+
+    fn open_with(sql: &str, args: &[(Oid, Option<Datum>)], options: i32) -> Result<Cursor> {
         let sql = CString::new(sql).map_err(|_| AuditError::Internal("NUL in a query".into()))?;
         let mut types: Vec<Oid> = args.iter().map(|a| a.0).collect();
         let mut values: Vec<Datum> = args.iter().map(|a| a.1.unwrap_or(Datum::from(0))).collect();
@@ -45,7 +56,7 @@ impl Cursor {
                 values.as_mut_ptr(),
                 nulls.as_ptr(),
                 true,
-                0,
+                options,
             )
         };
         if portal.is_null() {
