@@ -18,7 +18,10 @@
 //! The table is read as the caller (casts and output functions are user code)
 //! and each row is encoded by the trigger's own encoder, so excluded columns are
 //! absent and redacted ones are markers on both sides. Images are compared as
-//! jsonb_out's exact text, so a numeric's scale or a string's bytes count.
+//! jsonb_out's exact text, so a numeric's scale or a string's bytes count: first
+//! as binary jsonb (the same bytes have the same text, and a row the trigger
+//! encoded is encoded again to the same bytes), and only when those differ as
+//! text, which is the verdict.
 
 use std::collections::VecDeque;
 
@@ -51,6 +54,7 @@ struct LogEntry {
     key: Vec<u8>,
     /// Whether the key is live after it (INSERT, UPDATE, SNAPSHOT).
     live: bool,
+    /// The binary jsonb (a whole varlena, detoasted).
     image: Option<Vec<u8>>,
     /// The newest row holds only changed columns (capture 'changes'): the
     /// image is folded from the key's rows (crate::image) before it is compared.
@@ -59,7 +63,38 @@ struct LogEntry {
 
 struct LiveEntry {
     key: Vec<u8>,
+    /// The binary jsonb, as for [`LogEntry::image`].
     image: Vec<u8>,
+}
+
+/// A jsonb datum's bytes, detoasted, header included.
+///
+/// # Safety
+/// `d` must be a valid, non-null jsonb datum.
+unsafe fn jsonb_bytes(d: pg_sys::Datum) -> Vec<u8> {
+    // SAFETY: detoasting a valid varlena; the copy is taken before anything is freed.
+    unsafe {
+        let p = pg_sys::pg_detoast_datum(d.cast_mut_ptr());
+        std::slice::from_raw_parts(p as *const u8, pgrx::varlena::varsize_any(p)).to_vec()
+    }
+}
+
+/// jsonb_out's text of jsonb bytes taken by [`jsonb_bytes`].
+fn bytes_text(b: &[u8]) -> Result<Vec<u8>> {
+    // SAFETY: a palloc'd (so aligned) copy of a whole, detoasted jsonb varlena.
+    unsafe {
+        let p = pg_sys::palloc(b.len()) as *mut u8;
+        std::ptr::copy_nonoverlapping(b.as_ptr(), p, b.len());
+        let text = jsonb_text(pg_sys::Datum::from(p));
+        pg_sys::pfree(p.cast());
+        text
+    }
+}
+
+/// Whether two images have the same text: the same bytes do; other bytes are
+/// compared as text (a numeric's binary form can differ for one text).
+fn same_image(live: &[u8], logged: &[u8]) -> Result<bool> {
+    Ok(live == logged || bytes_text(live)? == bytes_text(logged)?)
 }
 
 enum Step {
@@ -232,12 +267,10 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
                     } else if g.image.is_none() {
                         r.unexplained += 1;
                         Some((l.key, Bad::NoWholeImage))
-                    } else if g.image.as_deref() != Some(l.image.as_slice()) {
+                    } else if !same_image(&l.image, g.image.as_deref().unwrap_or_default())? {
                         r.changed += 1;
-                        Some((
-                            l.key,
-                            Bad::Changed { live: l.image, logged: g.image.unwrap_or_default() },
-                        ))
+                        let logged = bytes_text(g.image.as_deref().unwrap_or_default())?;
+                        Some((l.key, Bad::Changed { live: bytes_text(&l.image)?, logged }))
                     } else {
                         None
                     }
@@ -297,7 +330,7 @@ fn fetch_log(cur: &mut Cursor, out: &mut VecDeque<LogEntry>) -> Result<usize> {
             out.push_back(LogEntry {
                 key: text_bytes(k),
                 live: !ln && live.value() != 0,
-                image: if inull { None } else { Some(jsonb_text(img)?) },
+                image: if inull { None } else { Some(jsonb_bytes(img)) },
                 partial: !pn && partial.value() != 0,
             });
         }
@@ -306,7 +339,7 @@ fn fetch_log(cur: &mut Cursor, out: &mut VecDeque<LogEntry>) -> Result<usize> {
 }
 
 /// The image after a key's newest partial row: folded back to its last whole
-/// image (crate::image), as jsonb_out's text; None when there is none.
+/// image (crate::image), as jsonb bytes; None when there is none.
 fn folded_image(key_sql: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
     let key = String::from_utf8_lossy(key).into_owned();
     let changes = Spi::connect(|c| -> Result<Vec<crate::image::Change>> {
@@ -325,12 +358,12 @@ fn folded_image(key_sql: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
     })?;
     match crate::image::after_last(changes).flatten() {
         None => Ok(None),
-        // Back through jsonb_in: the text compared is jsonb_out's, as for every image.
+        // Back through jsonb_in: compared as every image is.
         Some(v) => {
             let text = std::ffi::CString::new(v.to_string())
                 .map_err(|_| AuditError::Internal("a NUL in a folded image".into()))?;
-            // SAFETY: serde_json writes valid JSON; jsonb_text reads the fresh datum.
-            unsafe { jsonb_text(crate::capture::encode::jsonb_from_str(&text)) }.map(Some)
+            // SAFETY: serde_json writes valid JSON; the fresh datum is read at once.
+            Ok(Some(unsafe { jsonb_bytes(crate::capture::encode::jsonb_from_str(&text)) }))
         }
     }
 }
@@ -346,7 +379,7 @@ fn fetch_live(cur: &mut Cursor, enc: &Encoder, out: &mut VecDeque<LiveEntry>) ->
                 return Err(AuditError::Internal("a live row without a key".into()));
             }
             let (_, image) = enc.encode(row)?;
-            out.push_back(LiveEntry { key: text_bytes(k), image: jsonb_text(image)? });
+            out.push_back(LiveEntry { key: text_bytes(k), image: jsonb_bytes(image) });
         }
         Ok(())
     })
