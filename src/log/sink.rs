@@ -370,9 +370,11 @@ pub unsafe fn insert_buffered(
     !matches!(done, Buffered::NotDirect)
 }
 
-/// Rows kept now.
+/// Rows kept now; 0 while the writer is at work: a statement started from
+/// inside it (a log partition's constraint calling a SQL function) must not
+/// flush under it; the writer's own operation writes or keeps its rows.
 pub fn buffered() -> usize {
-    SINK.with(|s| s.borrow().as_ref().map_or(0, |s| s.buffered))
+    SINK.with(|s| s.try_borrow().ok().and_then(|s| s.as_ref().map(|s| s.buffered)).unwrap_or(0))
 }
 
 /// Writes the rows kept by the current subtransaction, if any (rows an
