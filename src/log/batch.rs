@@ -464,13 +464,16 @@ mod tests {
     fn a_rolled_back_savepoint_leaves_none_of_its_rows() {
         setup("saved");
         Spi::run(
-            "DO $$ BEGIN
+            "DO $$ DECLARE n bigint; BEGIN
                UPDATE saved SET v = v + 1;
                BEGIN
+                 -- Inside the savepoint, the statement before it is all there.
+                 SELECT count(*) INTO n FROM audit.log WHERE table_name = 'saved' AND operation = 'UPDATE';
                  UPDATE saved SET v = v + 10;
                  UPDATE saved SET v = v + 10 WHERE id <= 10;
-                 RAISE EXCEPTION 'roll back';
-               EXCEPTION WHEN raise_exception THEN NULL;
+                 RAISE EXCEPTION '%', n;
+               EXCEPTION WHEN raise_exception THEN
+                 PERFORM set_config('audit_test.inner', SQLERRM, true);
                END;
                UPDATE saved SET v = v + 100 WHERE id <= 1500;
              END $$",
@@ -482,6 +485,12 @@ mod tests {
                     AND (new_values->>'v')::int = {v}"
             ))
         };
+        let inner = Spi::get_one::<String>("SELECT current_setting('audit_test.inner', true)");
+        assert_eq!(
+            inner.unwrap(),
+            Some(ROWS.to_string()),
+            "the savepoint saw the statement before it"
+        );
         assert_eq!(n(1), ROWS, "the outer statement's rows stay");
         assert_eq!(n(101), 1500, "the statement after the rollback is written");
         assert_eq!(n(11) + n(21), 0, "the rolled back statements leave nothing");
