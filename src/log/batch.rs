@@ -380,8 +380,8 @@ pub unsafe fn may_keep(rel: pg_sys::Relation, capture: Oid) -> bool {
     let keep = keep && table_ok;
     FRAMES.with(|f| {
         if let Some(f) = f.borrow_mut().last_mut() {
-            // Not one of the tables checked at the start: something else fires here,
-            // so nothing more is kept in this frame.
+            // A table that does not qualify (for a statement, one its check did not
+            // see: something else fires rows here) ends keeping for the whole frame.
             f.keep = Some(keep);
             if table.is_none() {
                 f.tables.push((relid, table_ok));
