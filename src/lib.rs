@@ -45,6 +45,10 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         access::init();
     }
+    // After access auditing's hooks, so that ours run first (log::batch says why).
+    // Also when not preloaded: the library is loaded at its first use, and every
+    // statement after that can have its audit rows batched.
+    log::batch::install();
     worker::register();
 }
 

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use pgrx::pg_sys::{self, Datum};
 use pgrx::prelude::*;
 
-use crate::chain::append::{append_row, jsonb_text};
+use crate::chain::append::{append_captured_row, jsonb_text};
 use crate::chain::hash;
 use crate::datum::{output_bytes, text_datum};
 // Not `Result`: #[pg_trigger] expands to code that names std's Result unqualified.
@@ -257,7 +257,7 @@ unsafe fn capture_event(td: &pg_sys::TriggerData) -> errors::Result<()> {
         changed,
     };
     // SAFETY: the datums were built above as valid jsonb in the current memory context.
-    unsafe { append_row(&ext, &info.actor(), row) }
+    unsafe { append_captured_row(&ext, &info.actor(), row, td) }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

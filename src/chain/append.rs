@@ -7,14 +7,42 @@ use pgrx::pg_sys::{self, Datum};
 use crate::chain::hash::{self, RowFields};
 use crate::errors::{AuditError, Result};
 use crate::ext::ExtState;
-use crate::log::{self, Actor, Row, Stamp, PG_EPOCH_OFFSET_US};
+use crate::log::{self, Actor, Row, Stamp, Write, PG_EPOCH_OFFSET_US};
 use crate::privilege::AsOwner;
 
-/// Stamps `row` with id, time, txid and hash, and stores it as the extension owner.
+/// Stamps `row` with id, time, txid and hash, and stores it as the extension owner,
+/// at once.
 ///
 /// # Safety
 /// `old_values`, `new_values` and `actor.session_info` must be valid jsonb datums.
 pub unsafe fn append_row(ext: &ExtState, actor: &Actor, row: Row) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { append(ext, actor, row, Write::Now) }
+}
+
+/// [`append_row`] for the capture trigger: the row may be written with the
+/// statement's others in one multi-insert, when log::batch finds that nothing
+/// can look at the log before the statement ends. Its id is drawn now, so ids
+/// keep the order of the changes.
+///
+/// # Safety
+/// As [`append_row`]; `td` must be the TriggerData of the running trigger call.
+pub unsafe fn append_captured_row(
+    ext: &ExtState,
+    actor: &Actor,
+    row: Row,
+    td: &pg_sys::TriggerData,
+) -> Result<()> {
+    // SAFETY: the trigger's relation is open and its Trigger valid while it runs.
+    let keep = unsafe { log::batch::may_keep(td.tg_relation, (*td.tg_trigger).tgfoid) };
+    let write = if keep { Write::Batched } else { Write::Now };
+    // SAFETY: forwarded from the caller.
+    unsafe { append(ext, actor, row, write) }
+}
+
+/// # Safety
+/// As [`append_row`].
+unsafe fn append(ext: &ExtState, actor: &Actor, row: Row, write: Write) -> Result<()> {
     // SAFETY: plain accessors of transaction state.
     let (txid, changed_at) = unsafe {
         (
@@ -52,7 +80,7 @@ pub unsafe fn append_row(ext: &ExtState, actor: &Actor, row: Row) -> Result<()> 
     let row_hash = hash::row_hash(&fields);
     let stamp = Stamp { id, changed_at, txid, row_hash: &row_hash };
     // SAFETY: forwarded from the caller.
-    unsafe { log::store(ext, actor, &row, &stamp) }
+    unsafe { log::store(ext, actor, &row, &stamp, write) }
 }
 
 /// The next id of the chain (the caller runs as the extension owner). The

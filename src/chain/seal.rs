@@ -115,6 +115,9 @@ pub enum Wait {
 
 pub fn seal_impl(wait: Wait) -> Result<i64> {
     crate::query::refuse_during_recovery(c"audit.seal()");
+    // Rows of this transaction still kept for a multi-insert would be missing from
+    // the range sealed now, and land in it later.
+    crate::log::batch::flush_before_read();
     let ext = crate::ext::ext_state()?.ext;
     as_extension_owner(|| {
         if wait == Wait::Yes {

@@ -45,6 +45,7 @@ macro_rules! layout {
 }
 
 pub mod access;
+pub mod batch;
 pub mod sink;
 
 use std::cell::Cell;
@@ -125,11 +126,27 @@ pub struct Stamp<'a> {
     pub row_hash: &'a [u8],
 }
 
+/// How [`store`] writes a row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// Now, as the next statement of this transaction may read it.
+    Now,
+    /// Possibly kept for one multi-insert with the statement's other rows
+    /// (log::batch decided that nothing can look before the statement's end).
+    Batched,
+}
+
 /// Stores one row. The caller runs as the extension owner.
 ///
 /// # Safety
 /// `old_values`, `new_values` and `actor.session_info` must be valid jsonb datums.
-pub unsafe fn store(ext: &ExtState, actor: &Actor, row: &Row, stamp: &Stamp) -> Result<()> {
+pub unsafe fn store(
+    ext: &ExtState,
+    actor: &Actor,
+    row: &Row,
+    stamp: &Stamp,
+    write: Write,
+) -> Result<()> {
     let mut vals: [Option<Datum>; NCOLS] = [None; NCOLS];
     // SAFETY: text_datum and text_array build fresh datums in the current memory context.
     unsafe {
@@ -154,7 +171,13 @@ pub unsafe fn store(ext: &ExtState, actor: &Actor, row: &Row, stamp: &Stamp) -> 
     let nulls = vals.map(|v| v.is_none());
 
     // SAFETY: values hold audit.log's columns in table order, of COLUMN_TYPES.
-    if unsafe { sink::insert(ext.log, ext.log_default, &values, &nulls) } {
+    let done = unsafe {
+        match write {
+            Write::Now => sink::insert(ext.log, ext.log_default, &values, &nulls),
+            Write::Batched => sink::insert_buffered(ext.log, ext.log_default, &values, &nulls),
+        }
+    };
+    if done {
         return Ok(());
     }
     // The executor's INSERT routes the row itself: take the parent and the default

@@ -56,11 +56,22 @@ struct Sink {
     buffer: Vec<*mut pg_sys::TupleTableSlot>,
     buffered: usize,
     buffered_leaf: *mut pg_sys::ResultRelInfo,
+    /// The command id the kept rows are written with: the one current when they
+    /// were kept, so that a flush sees to it that they are visible exactly where
+    /// rows written at once would have been (see [`insert_buffered`]).
+    buffered_cid: pg_sys::CommandId,
+    /// The kept rows' tuple bytes, to bound the buffer's memory by size too.
+    buffered_bytes: usize,
 }
 
 /// Rows one multi-insert takes at most: the worker's batch, so that a batch
 /// of read records is one heap write per page, and memory stays bounded by it.
 pub const MULTI_INSERT_ROWS: usize = 1_000;
+
+/// Tuple bytes one multi-insert takes at most: a few rows with large images
+/// (a changed 5 MB column) are written as soon as they pass it, so the
+/// buffer's memory is bounded by this and one row, never by a statement's size.
+pub const MULTI_INSERT_BYTES: usize = 1 << 20;
 
 thread_local! {
     static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
@@ -71,6 +82,18 @@ thread_local! {
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
     /// The subtransaction whose rows are buffered.
     static BUFFER_SUBXACT: Cell<pg_sys::SubTransactionId> = const { Cell::new(0) };
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+thread_local! {
+    /// Multi-inserts this backend has made, for tests that a statement's rows are batched.
+    static MULTI_INSERTS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many multi-inserts this backend has made (tests only).
+#[cfg(any(test, feature = "pg_test"))]
+pub fn multi_inserts() -> u64 {
+    MULTI_INSERTS.with(|m| m.get())
 }
 
 #[pg_guard]
@@ -220,6 +243,8 @@ unsafe fn open(log: Oid, log_default: Oid) -> Sink {
             buffer: Vec::new(),
             buffered: 0,
             buffered_leaf: std::ptr::null_mut(),
+            buffered_cid: pg_sys::CommandId::MAX, // InvalidCommandId
+            buffered_bytes: 0,
         }
     }
 }
@@ -297,7 +322,11 @@ unsafe fn insert_now(log: Oid, log_default: Oid, values: &[Datum], nulls: &[bool
 /// then its index entries. The rows are written, in order, by [`flush`], by the
 /// next [`insert`], when the buffer is full or the partition changes, and
 /// before the subtransaction that buffered them commits; they vanish if it
-/// aborts. Returns false, having written nothing (and flushed what was kept),
+/// aborts. Each row is written with the command id that was current when it
+/// was kept (rows kept under different ones are written in separate
+/// multi-inserts): a flush that comes after the command counter has moved on
+/// (at the start of a nested statement) leaves the rows visible to exactly the
+/// commands that would have seen them written at once. Returns false, having written nothing (and flushed what was kept),
 /// when the row's partition needs the executor's full INSERT. A caller flushes
 /// before it starts a subtransaction: rows kept across one wait for their own
 /// level, unless the writer must be reopened meanwhile (an invalidation), which
@@ -341,9 +370,11 @@ pub unsafe fn insert_buffered(
     !matches!(done, Buffered::NotDirect)
 }
 
-/// Rows kept now.
-fn buffered() -> usize {
-    SINK.with(|s| s.borrow().as_ref().map_or(0, |s| s.buffered))
+/// Rows kept now; 0 while the writer is at work: a statement started from
+/// inside it (a log partition's constraint calling a SQL function) must not
+/// flush under it; the writer's own operation writes or keeps its rows.
+pub fn buffered() -> usize {
+    SINK.with(|s| s.try_borrow().ok().and_then(|s| s.as_ref().map(|s| s.buffered)).unwrap_or(0))
 }
 
 /// Writes the rows kept by the current subtransaction, if any (rows an
@@ -509,7 +540,10 @@ unsafe fn buffer(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> Buffered {
             write_buffered(s);
             return Buffered::NotDirect;
         };
-        if s.buffered > 0 && s.buffered_leaf != leaf {
+        // Marks the command id used, as an insert at once would, so that the next
+        // CommandCounterIncrement starts a new command that sees the row.
+        let cid = pg_sys::GetCurrentCommandId(true);
+        if s.buffered > 0 && (s.buffered_leaf != leaf || s.buffered_cid != cid) {
             write_buffered(s);
         }
         if s.buffered == s.buffer.len() {
@@ -527,9 +561,15 @@ unsafe fn buffer(s: &mut Sink, values: &[Datum], nulls: &[bool]) -> Buffered {
         let b = s.buffer[s.buffered];
         pg_sys::ExecCopySlot(b, s.slot);
         pg_sys::ExecClearTuple(s.slot);
+        // A heap-tuple slot, just filled: its tuple is the copy.
+        let tuple = (*b.cast::<pg_sys::HeapTupleTableSlot>()).tuple;
+        if !tuple.is_null() {
+            s.buffered_bytes += (*tuple).t_len as usize;
+        }
         s.buffered += 1;
         s.buffered_leaf = leaf;
-        if s.buffered >= MULTI_INSERT_ROWS {
+        s.buffered_cid = cid;
+        if s.buffered >= MULTI_INSERT_ROWS || s.buffered_bytes >= MULTI_INSERT_BYTES {
             Buffered::Full
         } else {
             Buffered::Kept
@@ -555,8 +595,11 @@ unsafe fn write_buffered(s: &mut Sink) {
         let n = s.buffered;
         // Taken now: should an error interrupt the insert, nothing is written twice.
         s.buffered = 0;
-        let cid = pg_sys::GetCurrentCommandId(true);
+        s.buffered_bytes = 0;
+        let cid = s.buffered_cid;
         (*s.estate).es_output_cid = cid;
+        #[cfg(any(test, feature = "pg_test"))]
+        MULTI_INSERTS.with(|m| m.set(m.get() + 1));
         pg_sys::table_multi_insert(
             (*leaf).ri_RelationDesc,
             s.buffer.as_mut_ptr(),
@@ -582,6 +625,7 @@ unsafe fn discard(s: &mut Sink) {
         unsafe { pg_sys::ExecClearTuple(s.buffer[i]) };
     }
     s.buffered = 0;
+    s.buffered_bytes = 0;
 }
 
 struct RestoreOwner(pg_sys::ResourceOwner);
