@@ -21,6 +21,7 @@ mod privilege;
 mod query;
 mod quiet;
 mod quote;
+mod raw_hooks;
 mod row_key;
 mod secret;
 mod settings;

@@ -19,6 +19,10 @@ use pgrx::PgList;
 use super::record::{Kind, Outcome, Record, NTEXT};
 use super::{enqueue, targets};
 use crate::quiet;
+use crate::raw_hooks::{
+    raw_standard_executor_end, raw_standard_executor_finish, raw_standard_executor_run,
+    raw_standard_executor_start, raw_standard_process_utility,
+};
 
 static mut PREV_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_RUN: pg_sys::ExecutorRun_hook_type = None;
@@ -422,46 +426,8 @@ unsafe extern "C-unwind" fn subxact_callback(
 // ---- the hooks ----------------------------------------------------------------------------
 //
 // Each hook is a plain frame around a call of the previous hook (or PostgreSQL's
-// standard function) through an unguarded declaration: an ERROR raised below
-// passes through it exactly as through C, with every field of the error intact
-// (pgrx's guard would rebuild the error and lose its constraint, table and
-// context fields, for every statement of the server). Such a frame holds nothing
-// that needs dropping; the Rust work happens before and after, in guarded helpers.
-
-unsafe extern "C-unwind" {
-    #[link_name = "standard_ExecutorStart"]
-    fn raw_standard_executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32);
-    #[cfg(not(feature = "pg18"))]
-    #[link_name = "standard_ExecutorRun"]
-    fn raw_standard_executor_run(
-        qd: *mut pg_sys::QueryDesc,
-        direction: pg_sys::ScanDirection::Type,
-        count: u64,
-        execute_once: bool,
-    );
-    #[cfg(feature = "pg18")]
-    #[link_name = "standard_ExecutorRun"]
-    fn raw_standard_executor_run(
-        qd: *mut pg_sys::QueryDesc,
-        direction: pg_sys::ScanDirection::Type,
-        count: u64,
-    );
-    #[link_name = "standard_ExecutorFinish"]
-    fn raw_standard_executor_finish(qd: *mut pg_sys::QueryDesc);
-    #[link_name = "standard_ExecutorEnd"]
-    fn raw_standard_executor_end(qd: *mut pg_sys::QueryDesc);
-    #[link_name = "standard_ProcessUtility"]
-    fn raw_standard_process_utility(
-        pstmt: *mut pg_sys::PlannedStmt,
-        query: *const c_char,
-        read_only_tree: bool,
-        context: pg_sys::ProcessUtilityContext::Type,
-        params: pg_sys::ParamListInfo,
-        env: *mut pg_sys::QueryEnvironment,
-        dest: *mut pg_sys::DestReceiver,
-        qc: *mut pg_sys::QueryCompletion,
-    );
-}
+// standard function, crate::raw_hooks says why unguarded); the Rust work happens
+// before and after, in guarded helpers.
 
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
 

@@ -44,6 +44,9 @@
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void};
 
+use crate::raw_hooks::{
+    raw_standard_executor_finish, raw_standard_executor_start, raw_standard_process_utility,
+};
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::PgList;
@@ -190,27 +193,9 @@ unsafe extern "C-unwind" fn before_utility(pstmt: *mut pg_sys::PlannedStmt) -> u
 }
 
 // The hooks are plain frames around the previous hook or PostgreSQL's standard
-// function, declared without pgrx's guard, as crate::access::hooks explains: an
-// ERROR below passes through them as through C. The Rust work is in the guarded
-// helpers above. A frame that an ERROR skips is dropped at the abort.
-
-unsafe extern "C-unwind" {
-    #[link_name = "standard_ExecutorStart"]
-    fn raw_standard_executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32);
-    #[link_name = "standard_ExecutorFinish"]
-    fn raw_standard_executor_finish(qd: *mut pg_sys::QueryDesc);
-    #[link_name = "standard_ProcessUtility"]
-    fn raw_standard_process_utility(
-        pstmt: *mut pg_sys::PlannedStmt,
-        query: *const c_char,
-        read_only_tree: bool,
-        context: pg_sys::ProcessUtilityContext::Type,
-        params: pg_sys::ParamListInfo,
-        env: *mut pg_sys::QueryEnvironment,
-        dest: *mut pg_sys::DestReceiver,
-        qc: *mut pg_sys::QueryCompletion,
-    );
-}
+// function (crate::raw_hooks): an ERROR below passes through them as through C.
+// The Rust work is in the guarded helpers above. A frame that an ERROR skips is
+// dropped at the abort.
 
 unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     // SAFETY: a guarded helper, then the previous hook or the standard function with
