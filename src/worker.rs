@@ -65,6 +65,16 @@ const RESTART_AFTER: Duration = Duration::from_secs(5);
 /// shutdown; its latch wakes it for those, so this timeout is only a backstop.
 const PAUSED_WAKEUP: Duration = Duration::from_secs(3600);
 
+/// Whether a SIGTERM came. pgrx's flag is cleared by reading it, so a look that
+/// only leaves an inner loop would make every later look say no (a fast shutdown
+/// then hung, the launcher napping on); the flag PostgreSQL's handler sets beside
+/// it stays set.
+fn shutdown_requested() -> bool {
+    let _ = BackgroundWorker::sigterm_received();
+    // SAFETY: a plain read of a sig_atomic_t that the SIGTERM handler sets.
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
@@ -78,7 +88,7 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
         // Waiting for a worker to finish resets this process's latch, the SIGTERM's
         // wake-up included: without this look at the flag, a shutdown that came then
         // would wait for the next sleep to end (up to audit.naptime, or an hour paused).
-        if BackgroundWorker::sigterm_received() {
+        if shutdown_requested() {
             break;
         }
         if BackgroundWorker::sighup_received() {
@@ -99,7 +109,7 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
         if due {
             last_round = Some(std::time::Instant::now());
             for (_, db) in dbs.iter().filter(|(_, db)| served(db)) {
-                if BackgroundWorker::sigterm_received() {
+                if shutdown_requested() {
                     break;
                 }
                 run_in(db, Mode::Round);
@@ -107,7 +117,7 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
         } else {
             let waiting = crate::access::waiting_databases();
             for (_, db) in dbs.iter().filter(|(oid, db)| waiting.contains(oid) && served(db)) {
-                if BackgroundWorker::sigterm_received() {
+                if shutdown_requested() {
                     break;
                 }
                 run_in(db, Mode::Reads);
@@ -117,7 +127,7 @@ pub extern "C-unwind" fn audit_ext_launcher_main(_arg: pg_sys::Datum) {
         // of records queued meanwhile are gone: look before sleeping. Only at records
         // a worker can write: a database the launcher does not serve keeps its own.
         let waiting = crate::access::waiting_databases_before_sleep();
-        if BackgroundWorker::sigterm_received() {
+        if shutdown_requested() {
             break;
         }
         if dbs.iter().any(|(oid, db)| waiting.contains(oid) && served(db)) {
@@ -325,7 +335,7 @@ fn write_reads(db: &str, linger: bool) {
         // A failure ends this worker: the next one starts afresh (and finds out,
         // say, that the extension was dropped).
         let Some(n) = n else { break };
-        if BackgroundWorker::sigterm_received() {
+        if shutdown_requested() {
             break;
         }
         if !linger {

@@ -179,3 +179,30 @@ fn with_preload_create_extension_is_quiet() {
     let (_a, got) = create_extension_notices(&c);
     assert!(!got.contains("cron.schedule"), "no scheduling notice with the worker: {got:?}");
 }
+
+/// A fast shutdown that comes while the launcher goes through its round of
+/// databases is prompt. pgrx's SIGTERM flag is cleared by reading it: the
+/// launcher once read it between two databases, left the round, and then napped
+/// on for good, as if no shutdown had come (seen in the package install test).
+/// Stops at spread-out points of the rounds, several databases each.
+#[test]
+fn a_fast_shutdown_during_the_launchers_round_is_prompt() {
+    let c = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 1"));
+    for db in ["w1", "w2", "w3", "w4"] {
+        c.create_db(db);
+        install(&c, db);
+    }
+    for round in 0..12u64 {
+        sleep(Duration::from_millis(1000 + 97 * round));
+        let t = Instant::now();
+        c.stop("fast");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "round {round}: the stop took {:?}\n--- server log ---\n{}",
+            t.elapsed(),
+            c.log_contents()
+        );
+        c.start_again();
+    }
+    c.assert_no_crash();
+}
