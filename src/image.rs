@@ -102,6 +102,23 @@ fn over(base: Option<Value>, top: Map<String, Value>) -> Option<Value> {
 }
 
 impl Change {
+    /// A log row's change, from columns `first..first+4` of `r`: operation,
+    /// old_values, new_values, changed_fields, old_row_id IS NOT NULL.
+    pub fn from_row(
+        r: &pgrx::spi::SpiHeapTupleData,
+        first: usize,
+        as_old_key: bool,
+    ) -> crate::errors::Result<Change> {
+        Ok(Change {
+            op: r.get::<String>(first)?.unwrap_or_default(),
+            old: r.get::<pgrx::JsonB>(first + 1)?.map(|j| j.0),
+            new: r.get::<pgrx::JsonB>(first + 2)?.map(|j| j.0),
+            fields: r.get::<Vec<String>>(first + 3)?,
+            as_old_key,
+            key_moved_in: !as_old_key && r.get::<bool>(first + 4)?.unwrap_or(false),
+        })
+    }
+
     /// An UPDATE whose new_values holds only changed columns (see the module docs).
     pub fn partial(&self) -> bool {
         self.op == "UPDATE"

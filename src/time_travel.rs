@@ -286,19 +286,6 @@ impl Table {
     }
 }
 
-/// A log row's change for crate::image, from columns `first..first+4` of `r`:
-/// operation, old_values, new_values, changed_fields, old_row_id IS NOT NULL.
-fn change_at(r: &pgrx::spi::SpiHeapTupleData, first: usize, as_old_key: bool) -> Result<Change> {
-    Ok(Change {
-        op: r.get::<String>(first)?.unwrap_or_default(),
-        old: r.get::<JsonB>(first + 1)?.map(|j| j.0),
-        new: r.get::<JsonB>(first + 2)?.map(|j| j.0),
-        fields: r.get::<Vec<String>>(first + 3)?,
-        as_old_key,
-        key_moved_in: !as_old_key && r.get::<bool>(first + 4)?.unwrap_or(false),
-    })
-}
-
 /// The first TRUNCATE of the table after `at` (it logs no rows: what it removed
 /// is unknown from then on).
 fn first_truncate_after(
@@ -350,7 +337,7 @@ fn state_at_moment(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Result
             .next()
             .map(|r| -> Result<_> {
                 Ok((
-                    change_at(&r, 1, true)?,
+                    Change::from_row(&r, 1, true)?,
                     r.get::<TimestampWithTimeZone>(6)?.unwrap_or(at),
                     r.get::<i64>(7)?.unwrap_or(0),
                 ))
@@ -383,7 +370,7 @@ fn state_at_moment(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Result
                         done = true;
                         break;
                     }
-                    let ch = change_at(&r, 1, false)?;
+                    let ch = Change::from_row(&r, 1, false)?;
                     let partial = ch.partial();
                     walk.push((ch, when));
                     if !partial {
@@ -450,7 +437,7 @@ fn state_after_changes_until(
             let mut v = Vec::new();
             for r in select_kept(c, &q, &[row_id.to_string().into(), at.into()])? {
                 let as_old = r.get::<bool>(6)?.unwrap_or(false);
-                v.push(change_at(&r, 1, as_old)?);
+                v.push(Change::from_row(&r, 1, as_old)?);
             }
             Ok(v)
         })
@@ -553,7 +540,7 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
                         finish(prev, std::mem::take(&mut run), &mut out);
                     }
                 }
-                run.push(change_at(&r, 2, as_old)?);
+                run.push(Change::from_row(&r, 2, as_old)?);
             }
             if let Some(prev) = key {
                 finish(prev, run, &mut out);

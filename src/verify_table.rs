@@ -345,14 +345,7 @@ fn folded_image(key_sql: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
     let changes = Spi::connect(|c| -> Result<Vec<crate::image::Change>> {
         let mut v = Vec::new();
         for r in c.select(key_sql, None, &[key.into()])? {
-            v.push(crate::image::Change {
-                op: r.get::<String>(1)?.unwrap_or_default(),
-                old: r.get::<pgrx::JsonB>(2)?.map(|j| j.0),
-                new: r.get::<pgrx::JsonB>(3)?.map(|j| j.0),
-                fields: r.get::<Vec<String>>(4)?,
-                as_old_key: false,
-                key_moved_in: r.get::<bool>(5)?.unwrap_or(false),
-            });
+            v.push(crate::image::Change::from_row(&r, 1, false)?);
         }
         Ok(v)
     })?;
