@@ -35,7 +35,7 @@ use pgrx::pg_sys::{self, Datum};
 use pgrx::prelude::*;
 use pgrx::PgRelation;
 
-use crate::chain::append::append_row;
+use crate::chain::append::append_kept_row;
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::live_rows::{text_bytes, BatchMemory, Cursor, Encoder, FreshSnapshot};
 use crate::log::Row;
@@ -149,10 +149,14 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
                     new_values: Some(image),
                     changed: None,
                 };
-                // SAFETY: the image is a jsonb datum of the batch context, alive until its reset.
-                mem.run(|| unsafe { append_row(&ext, &info.actor(), row) })?;
+                // SAFETY: the image is a jsonb datum of the batch context, alive until
+                // its reset; a kept row is a copy.
+                mem.run(|| unsafe { append_kept_row(&ext, &info.actor(), row) })?;
                 written += 1;
             }
+            // The next batch's known-keys query reads the log: what this one kept
+            // is written first, in multi-inserts (as COPY writes).
+            crate::log::sink::flush();
             mem.reset();
             pgrx::check_for_interrupts!();
         }

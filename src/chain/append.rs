@@ -20,6 +20,18 @@ pub unsafe fn append_row(ext: &ExtState, actor: &Actor, row: Row) -> Result<()> 
     unsafe { append(ext, actor, row, Write::Now) }
 }
 
+/// [`append_row`] for a writer that writes many rows in one go (audit.baseline):
+/// the row may be kept and written with the next ones in one multi-insert. The
+/// caller writes what is kept with `log::sink::flush` before anything reads the
+/// log; a transaction that aborts forgets it.
+///
+/// # Safety
+/// As [`append_row`].
+pub unsafe fn append_kept_row(ext: &ExtState, actor: &Actor, row: Row) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe { append(ext, actor, row, Write::Batched) }
+}
+
 /// [`append_row`] for the capture trigger: the row may be written with the
 /// statement's others in one multi-insert, when log::batch finds that nothing
 /// can look at the log before the statement ends. Its id is drawn now, so ids
