@@ -248,3 +248,62 @@ fn without_preload_every_row_is_written() {
     assert_verifies(&mut db);
     c.assert_no_crash();
 }
+
+/// audit.baseline writes its SNAPSHOT rows in multi-inserts: each batch is
+/// written before the next one's known-keys query and before baseline returns,
+/// so its own transaction sees every row at once; a baseline cancelled part-way
+/// leaves none, and the log's indexes stay sound either way.
+#[test]
+fn a_baseline_in_multi_inserts_is_whole_at_once_and_nothing_when_cancelled() {
+    let c = Cluster::start(ClusterOpts::new().preload(true));
+    setup(&c, 1);
+    let mut db = c.connect("postgres");
+    let snapshots = "SELECT count(*) FROM audit.log WHERE operation = 'SNAPSHOT'";
+    // Batches (700) that neither fill a multi-insert (1000) nor divide ROWS.
+    db.batch_execute("BEGIN").unwrap();
+    assert_eq!(one(&mut db, "SELECT audit.baseline('bulk_0', batch_size => 700)"), ROWS as i64);
+    assert_eq!(one(&mut db, snapshots), ROWS as i64, "visible in its own transaction");
+    assert_eq!(
+        one(&mut db, "SELECT count(DISTINCT row_id) FROM audit.log WHERE operation = 'SNAPSHOT'"),
+        ROWS as i64
+    );
+    assert_statements_whole(&mut db, 0);
+    db.batch_execute("COMMIT").unwrap();
+    let ok: bool = db.query_one("SELECT ok FROM audit.verify_table('bulk_0')", &[]).unwrap().get(0);
+    assert!(ok);
+
+    // A bigger table, and a baseline stopped by statement_timeout part-way.
+    db.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, v text NOT NULL);
+         INSERT INTO big SELECT g, repeat('x', 50) FROM generate_series(1, 40000) g;
+         SELECT audit.track('big');",
+    )
+    .unwrap();
+    let mut cancelled = 0;
+    for ms in [800, 400, 200, 100, 50, 25] {
+        db.batch_execute(&format!("BEGIN; SET LOCAL statement_timeout = {ms}; SAVEPOINT s;"))
+            .unwrap();
+        match db.query_one("SELECT audit.baseline('big', batch_size => 300)", &[]) {
+            Ok(_) => db.batch_execute("ROLLBACK").unwrap(),
+            Err(e) => {
+                assert_eq!(e.code(), Some(&postgres::error::SqlState::QUERY_CANCELED), "{e}");
+                cancelled += 1;
+                db.batch_execute("ROLLBACK TO s; SET LOCAL statement_timeout = 0").unwrap();
+                assert_eq!(
+                    one(&mut db, "SELECT count(*) FROM audit.log WHERE table_name = 'big' AND operation = 'SNAPSHOT'"),
+                    0,
+                    "a cancelled baseline ({ms} ms) leaves no row"
+                );
+                assert_statements_whole(&mut db, 0);
+                db.batch_execute("COMMIT").unwrap();
+            }
+        }
+    }
+    assert!(cancelled > 0, "no timeout stopped a baseline of 40000 rows");
+    assert_eq!(one(&mut db, "SELECT audit.baseline('big')"), 40_000);
+    let ok: bool = db.query_one("SELECT ok FROM audit.verify_table('big')", &[]).unwrap().get(0);
+    assert!(ok);
+    db.query_one("SELECT audit.seal()", &[]).unwrap();
+    assert_verifies(&mut db);
+    c.assert_no_crash();
+}
