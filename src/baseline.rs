@@ -107,9 +107,23 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
         f = t.log_filter(),
         partial = crate::image::partial_sql("old_row_id IS NOT NULL")
     );
+    // When the log holds no more of the table's keys than one batch has rows
+    // (above all: none, on a first baseline), they are read once, into a set no
+    // bigger than a batch, instead of looked up batch by batch: each lookup
+    // descends every partition's index once per key of the batch.
+    let all_known_sql = format!(
+        "SELECT k FROM (SELECT row_id AS k FROM audit.log WHERE {f} AND row_id IS NOT NULL
+                          AND NOT COALESCE({partial}, false)
+                        UNION ALL
+                        SELECT old_row_id FROM audit.log WHERE {f} AND old_row_id IS NOT NULL) s
+          LIMIT $1",
+        f = t.log_filter(),
+        partial = crate::image::partial_sql("old_row_id IS NOT NULL")
+    );
     let scan = format!("SELECT {a} FROM {} {a}", t.qname, a = enc.alias);
     let mem = BatchMemory::new();
     Spi::connect(|_| -> Result<i64> {
+        let few_known = all_known(&all_known_sql, batch as i64)?;
         let mut cursor = Cursor::open(&scan, &[])?;
         let mut written = 0i64;
         loop {
@@ -134,7 +148,14 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
             if n == 0 {
                 break;
             }
-            let known = mem.run(|| known_keys(&known_sql, &rows))?;
+            let looked_up;
+            let known = match &few_known {
+                Some(k) => k,
+                None => {
+                    looked_up = mem.run(|| known_keys(&known_sql, &rows))?;
+                    &looked_up
+                }
+            };
             for (key, image) in rows {
                 if known.contains(&key) {
                     continue;
@@ -161,6 +182,29 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
             pgrx::check_for_interrupts!();
         }
         Ok(written)
+    })
+}
+
+/// Every key the log has a row for (as in [`known_keys`]), if there are at most
+/// `limit` of them; None if there are more.
+fn all_known(sql: &str, limit: i64) -> Result<Option<HashSet<Vec<u8>>>> {
+    as_extension_owner(|| {
+        let mut cursor = Cursor::open(sql, &[(pg_sys::INT8OID, Some(Datum::from(limit + 1)))])?;
+        let mut known = HashSet::new();
+        let mut n = 0i64;
+        while cursor.fetch(10_000, |tuple, desc| {
+            n += 1;
+            let mut isnull = false;
+            // SAFETY: column 1 is a row_id, text.
+            let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
+            if !isnull {
+                // SAFETY: a non-null text datum.
+                known.insert(unsafe { text_bytes(d) });
+            }
+            Ok(())
+        })? > 0
+        {}
+        Ok((n <= limit).then_some(known))
     })
 }
 
