@@ -109,6 +109,138 @@ pub struct ObjectBuilder {
     keys: Vec<Datum>,
     /// For each argument pair, in jsonb key order: the index of its value in `build`'s input.
     order: Vec<usize>,
+    /// When every value's type has a fixed rule (see [`Kind`]): the keys' bytes
+    /// and the values' kinds, in jsonb key order, for [`ObjectBuilder::build_direct`].
+    direct: Option<Vec<(Vec<u8>, Kind)>>,
+}
+
+/// How a value of one type becomes jsonb, exactly as `to_jsonb` (datum_to_jsonb)
+/// makes it, for the types whose rule needs no lookup at each call:
+/// `jsonb_build_object` looks up every argument's type category, and writes
+/// integers and numerics as text and parses them again, for every row.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// text, varchar, bpchar: a string of the value's bytes (their output
+    /// functions return exactly those bytes).
+    Text,
+    /// int2, int4, int8: the number, as numeric_in would read its output.
+    Int(i16),
+    /// numeric: the value itself; NaN and the infinities as strings, as their
+    /// output contains an "n" (datum_to_jsonb's test).
+    Numeric,
+    Bool,
+    /// date, timestamp, timestamptz: JsonEncodeDateTime's string.
+    DateTime(Oid),
+    /// Any other built-in scalar type (uuid, interval, inet, bytea, ...): a
+    /// string of its output function's result, which is built-in code.
+    Output(*mut pg_sys::FmgrInfo),
+}
+
+/// The [`Kind`] of type `typid`, or None when `to_jsonb`'s rule for it needs the
+/// general path: floats (their output decides), json and jsonb (embedded),
+/// arrays and composites (recursive), and every type or domain made by a user
+/// (it may have a cast to json, and its output is user code).
+///
+/// # Safety
+/// Must run inside a transaction (syscache lookups); `cxt` lives as long as the kind.
+unsafe fn kind_of(typid: Oid, cxt: pg_sys::MemoryContext) -> Option<Kind> {
+    Some(match typid {
+        pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Kind::Text,
+        pg_sys::INT2OID => Kind::Int(2),
+        pg_sys::INT4OID => Kind::Int(4),
+        pg_sys::INT8OID => Kind::Int(8),
+        pg_sys::NUMERICOID => Kind::Numeric,
+        pg_sys::BOOLOID => Kind::Bool,
+        pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => Kind::DateTime(typid),
+        pg_sys::FLOAT4OID | pg_sys::FLOAT8OID | pg_sys::JSONOID | pg_sys::JSONBOID => return None,
+        pg_sys::ANYARRAYOID | pg_sys::ANYCOMPATIBLEARRAYOID | pg_sys::RECORDARRAYOID => {
+            return None
+        }
+        t if u32::from(t) >= pg_sys::FirstNormalObjectId => return None,
+        t => {
+            // SAFETY: syscache lookups of an existing type (the caller's contract).
+            unsafe {
+                if pg_sys::get_element_type(t) != pg_sys::InvalidOid || pg_sys::type_is_rowtype(t) {
+                    return None;
+                }
+                let (mut out, mut varlena) = (pg_sys::InvalidOid, false);
+                pg_sys::getTypeOutputInfo(t, &mut out, &mut varlena);
+                let flinfo =
+                    pg_sys::MemoryContextAllocZero(cxt, std::mem::size_of::<pg_sys::FmgrInfo>())
+                        as *mut pg_sys::FmgrInfo;
+                pg_sys::fmgr_info_cxt(out, flinfo, cxt);
+                Kind::Output(flinfo)
+            }
+        }
+    })
+}
+
+/// A jsonb string value of `len` bytes at `p`, or None when it is longer than a
+/// jsonb string may be (the general path then raises PostgreSQL's own error).
+fn string_value(p: *const std::ffi::c_char, len: usize) -> Option<pg_sys::JsonbValue> {
+    if len > pg_sys::JENTRY_OFFLENMASK as usize {
+        return None;
+    }
+    let mut v = pg_sys::JsonbValue { type_: pg_sys::jbvType::jbvString, val: no_val() };
+    v.val.string =
+        pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1 { len: len as i32, val: p.cast_mut() };
+    Some(v)
+}
+
+fn no_val() -> pg_sys::JsonbValue__bindgen_ty_1 {
+    pg_sys::JsonbValue__bindgen_ty_1 { boolean: false }
+}
+
+/// The jsonb value of one non-null datum of kind `k`, built in the current
+/// memory context; None to take the general path.
+///
+/// # Safety
+/// `d` must be a valid, non-null datum of a type of kind `k`.
+unsafe fn value_of(k: Kind, d: Datum) -> Option<pg_sys::JsonbValue> {
+    let numeric = |n: pg_sys::Numeric| {
+        let mut v = pg_sys::JsonbValue { type_: pg_sys::jbvType::jbvNumeric, val: no_val() };
+        v.val.numeric = n;
+        v
+    };
+    // SAFETY: d is a valid datum of its kind's type (the caller's contract); the
+    // detoasted copies and fresh values live in the current context, which
+    // outlives the object being built.
+    unsafe {
+        match k {
+            Kind::Text => {
+                let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                string_value(pgrx::varlena::vardata_any(p), pgrx::varlena::varsize_any_exhdr(p))
+            }
+            Kind::Int(2) => Some(numeric(pg_sys::int64_to_numeric(i64::from(d.value() as i16)))),
+            Kind::Int(4) => Some(numeric(pg_sys::int64_to_numeric(i64::from(d.value() as i32)))),
+            Kind::Int(_) => Some(numeric(pg_sys::int64_to_numeric(d.value() as i64))),
+            Kind::Numeric => {
+                // A plain (4-byte header) copy, as numeric_in would make: jsonb
+                // stores a numeric's bytes as they are.
+                let n = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as pg_sys::Numeric;
+                if pg_sys::numeric_is_nan(n) || pg_sys::numeric_is_inf(n) {
+                    let s = pgrx::direct_function_call_as_datum(pg_sys::numeric_out, &[Some(d)])?;
+                    let s = s.cast_mut_ptr::<std::ffi::c_char>();
+                    string_value(s, std::ffi::CStr::from_ptr(s).to_bytes().len())
+                } else {
+                    Some(numeric(n))
+                }
+            }
+            Kind::Bool => {
+                let mut v = pg_sys::JsonbValue { type_: pg_sys::jbvType::jbvBool, val: no_val() };
+                v.val.boolean = d.value() != 0;
+                Some(v)
+            }
+            Kind::DateTime(t) => {
+                let s = pg_sys::JsonEncodeDateTime(std::ptr::null_mut(), d, t, std::ptr::null());
+                string_value(s, std::ffi::CStr::from_ptr(s).to_bytes().len())
+            }
+            Kind::Output(flinfo) => {
+                let s = pg_sys::OutputFunctionCall(flinfo, d);
+                string_value(s, std::ffi::CStr::from_ptr(s).to_bytes().len())
+            }
+        }
+    }
 }
 
 impl ObjectBuilder {
@@ -132,8 +264,12 @@ impl ObjectBuilder {
                 order.iter().map(|&i| crate::datum::text_datum(keys[i].to_bytes())).collect();
             let arg_types = order.iter().flat_map(|&i| [pg_sys::TEXTOID, types[i]]);
             let flinfo = variadic_flinfo(pg_sys::F_JSONB_BUILD_OBJECT_ANY, arg_types, cxt);
+            let direct = order
+                .iter()
+                .map(|&i| kind_of(types[i], cxt).map(|k| (keys[i].to_bytes().to_vec(), k)))
+                .collect::<Option<Vec<_>>>();
             pg_sys::MemoryContextSwitchTo(old);
-            ObjectBuilder { cxt, flinfo, keys: key_datums, order }
+            ObjectBuilder { cxt, flinfo, keys: key_datums, order, direct }
         }
     }
 
@@ -147,6 +283,59 @@ impl ObjectBuilder {
             // SAFETY: a static, valid JSON literal.
             return unsafe { jsonb_from_str(c"{}") };
         }
+        if let Some(direct) = &self.direct {
+            // SAFETY: forwarded from the caller.
+            if let Some(d) = unsafe { self.build_direct(direct, values) } {
+                return d;
+            }
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.build_general(values) }
+    }
+
+    /// The object built value by value as `to_jsonb` builds it, without
+    /// jsonb_build_object's lookups; None when a value needs the general path.
+    ///
+    /// # Safety
+    /// As [`ObjectBuilder::build`].
+    unsafe fn build_direct(
+        &self,
+        direct: &[(Vec<u8>, Kind)],
+        values: &[(Datum, bool)],
+    ) -> Option<Datum> {
+        let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
+        // SAFETY: the parse state is built in the current context; every value
+        // pushed points to memory that outlives JsonbValueToJsonb (the keys are
+        // self's, the values' bytes the caller's datums or fresh copies).
+        unsafe {
+            pg_sys::pushJsonbValue(
+                &mut state,
+                pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
+                std::ptr::null_mut(),
+            );
+            for ((key, kind), &i) in direct.iter().zip(&self.order) {
+                let mut k = string_value(key.as_ptr().cast(), key.len())?;
+                pg_sys::pushJsonbValue(&mut state, pg_sys::JsonbIteratorToken::WJB_KEY, &mut k);
+                let (d, isnull) = values[i];
+                let mut v = if isnull {
+                    pg_sys::JsonbValue { type_: pg_sys::jbvType::jbvNull, val: no_val() }
+                } else {
+                    value_of(*kind, d)?
+                };
+                pg_sys::pushJsonbValue(&mut state, pg_sys::JsonbIteratorToken::WJB_VALUE, &mut v);
+            }
+            let res = pg_sys::pushJsonbValue(
+                &mut state,
+                pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
+                std::ptr::null_mut(),
+            );
+            Some(Datum::from(pg_sys::JsonbValueToJsonb(res)))
+        }
+    }
+
+    /// # Safety
+    /// As [`ObjectBuilder::build`].
+    unsafe fn build_general(&self, values: &[(Datum, bool)]) -> Datum {
         let args = self.keys.iter().zip(&self.order).flat_map(|(&key, &i)| {
             let (value, isnull) = values[i];
             [
@@ -251,5 +440,115 @@ unsafe fn payload<'a>(p: *mut pg_sys::varlena) -> &'a [u8] {
             pgrx::varlena::vardata_any(p) as *const u8,
             pgrx::varlena::varsize_any_exhdr(p),
         )
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use std::ffi::CString;
+
+    use pgrx::pg_sys::{self, Datum, Oid};
+    use pgrx::prelude::*;
+
+    use super::ObjectBuilder;
+    use crate::live_rows::{Cursor, FreshSnapshot};
+
+    fn bytes(d: Datum) -> Vec<u8> {
+        let p = d.cast_mut_ptr::<pg_sys::varlena>();
+        // SAFETY: a fresh, plain jsonb varlena.
+        unsafe {
+            std::slice::from_raw_parts(p as *const u8, pgrx::varlena::varsize_any(p)).to_vec()
+        }
+    }
+
+    /// Every value of every type the direct builder takes comes out as the very
+    /// bytes jsonb_build_object (to_jsonb's rules) makes of it: extremes, scales,
+    /// NaN and the infinities, time zones, non-ASCII and escaped text, NULLs.
+    #[pg_test]
+    fn the_direct_builder_makes_the_bytes_jsonb_build_object_makes() {
+        Spi::run(
+            "SET TimeZone = 'Asia/Kolkata';
+             CREATE TABLE kinds (t text, v varchar(10), c char(6), i2 int2, i4 int4, i8 int8, n numeric,
+                 n2 numeric(12,2), b bool, d date, ts timestamp, tz timestamptz, u uuid, iv interval,
+                 by bytea, ip inet, nm name, tm time, ch \"char\", o oid);
+             INSERT INTO kinds VALUES
+               ('', '', '', 0, 0, 0, 0, 0, false, '2024-02-29', '2024-02-29 12:34:56.789', '2024-02-29 12:34:56.789+00',
+                'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '1 year 2 mons -3 days 04:05:06.7', '', '10.0.0.1/8', 'n', '23:59:59.999999', 'x', 0),
+               ('é\"\\\\\n\t\u{1}ü€𝄞', 'ab', 'ab', -32768, -2147483648, -9223372036854775808, -0.00000000000000000001,
+                -1234567890.12, true, '-infinity', 'infinity', '4713-01-01 BC 00:00+00', NULL, '-178000000 years', '\\x00ff',
+                '::1', '', '00:00', '', 4294967295),
+               (repeat('x', 3000), NULL, NULL, 32767, 2147483647, 9223372036854775807, 'NaN', 1.5, NULL, 'infinity',
+                '-infinity', 'infinity', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+               (NULL, 'z', 'z', NULL, NULL, NULL, 'Infinity', -0.5, NULL, NULL, NULL, '-infinity', NULL, NULL, NULL,
+                NULL, NULL, NULL, NULL, NULL),
+               (NULL, NULL, NULL, NULL, NULL, NULL, '-Infinity', NULL, NULL, '0001-01-01', '294276-12-31 23:59:59.999999',
+                '1999-12-31 23:59:59.5-11:30', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+               (NULL, NULL, NULL, NULL, NULL, NULL, 123456789012345678901234567890.123456789012345678901234567890,
+                0.10, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+               (NULL, NULL, NULL, NULL, NULL, NULL, 1000000, 100, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                NULL, NULL, NULL);",
+        )
+        .unwrap();
+        let (names, types): (Vec<CString>, Vec<Oid>) = Spi::connect(|c| {
+            c.select(
+                "SELECT attname::text, atttypid FROM pg_attribute
+                  WHERE attrelid = 'kinds'::regclass AND attnum > 0 ORDER BY attnum",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| {
+                (
+                    CString::new(r.get::<String>(1).unwrap().unwrap()).unwrap(),
+                    r.get::<Oid>(2).unwrap().unwrap(),
+                )
+            })
+            .unzip()
+        });
+        let keys: Vec<&std::ffi::CStr> = names.iter().map(|n| n.as_c_str()).collect();
+        // SAFETY: inside a transaction; keys and types have equal length.
+        let b = unsafe { ObjectBuilder::new(&keys, &types) };
+        let direct = b.direct.as_ref().expect("every column's type has a direct rule");
+        let mut rows = 0;
+        Spi::connect(|_| {
+            // A snapshot that sees this transaction's INSERT (a read-only cursor
+            // runs on the active one, taken before it).
+            let _s = FreshSnapshot::take();
+            let mut cur = Cursor::open("SELECT * FROM kinds", &[]).unwrap();
+            cur.fetch(100, |tuple, desc| {
+                let values: Vec<(Datum, bool)> = (1..=keys.len() as i32)
+                    .map(|i| {
+                        let mut isnull = false;
+                        // SAFETY: column i of the result.
+                        let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, i, &mut isnull) };
+                        (d, isnull)
+                    })
+                    .collect();
+                // SAFETY: the values are of the builder's types, in its key order.
+                let (fast, general) = unsafe {
+                    (
+                        b.build_direct(direct, &values).expect("no value needs the general path"),
+                        b.build_general(&values),
+                    )
+                };
+                assert_eq!(bytes(fast), bytes(general), "row {rows}");
+                rows += 1;
+                Ok(())
+            })
+            .unwrap();
+        });
+        assert_eq!(rows, 7);
+        // Types without a fixed rule take the general path.
+        for t in [pg_sys::FLOAT8OID, pg_sys::JSONBOID, pg_sys::INT4ARRAYOID, pg_sys::JSONOID] {
+            // SAFETY: as above.
+            let b = unsafe { ObjectBuilder::new(&[c"k"], &[t]) };
+            assert!(b.direct.is_none());
+        }
+        let domain = Spi::get_one::<Oid>("CREATE DOMAIN dint AS int; SELECT 'dint'::regtype::oid")
+            .unwrap()
+            .unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { ObjectBuilder::new(&[c"k"], &[domain]) }.direct.is_none());
     }
 }
