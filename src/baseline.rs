@@ -190,10 +190,17 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
 fn all_known(sql: &str, limit: i64) -> Result<Option<HashSet<Vec<u8>>>> {
     as_extension_owner(|| {
         let mut cursor = Cursor::open(sql, &[(pg_sys::INT8OID, Some(Datum::from(limit + 1)))])?;
-        let mut known = HashSet::new();
-        let mut n = 0i64;
-        while cursor.fetch(10_000, |tuple, desc| {
-            n += 1;
+        let (known, rows) = drain_keys(&mut cursor)?;
+        Ok((rows <= limit as usize).then_some(known))
+    })
+}
+
+/// The text keys in column 1 of every row of `cursor`, and how many rows there were.
+fn drain_keys(cursor: &mut Cursor) -> Result<(HashSet<Vec<u8>>, usize)> {
+    let mut known = HashSet::new();
+    let mut rows = 0;
+    loop {
+        let n = cursor.fetch(10_000, |tuple, desc| {
             let mut isnull = false;
             // SAFETY: column 1 is a row_id, text.
             let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
@@ -202,10 +209,12 @@ fn all_known(sql: &str, limit: i64) -> Result<Option<HashSet<Vec<u8>>>> {
                 known.insert(unsafe { text_bytes(d) });
             }
             Ok(())
-        })? > 0
-        {}
-        Ok((n <= limit).then_some(known))
-    })
+        })?;
+        if n == 0 {
+            return Ok((known, rows));
+        }
+        rows += n;
+    }
 }
 
 /// Which of the batch's keys the log already has a row for, under the key or as
@@ -221,20 +230,8 @@ fn known_keys(sql: &str, rows: &[(Vec<u8>, Datum)]) -> Result<HashSet<Vec<u8>>> 
     let arr = unsafe { crate::datum::text_array(&refs) };
     as_extension_owner(|| {
         let mut cursor = Cursor::open_generic(sql, &[(pg_sys::TEXTARRAYOID, Some(arr))])?;
-        let mut known = HashSet::new();
-        // Each key at most once per log row: loop until the cursor is drained.
-        while cursor.fetch(10_000, |tuple, desc| {
-            let mut isnull = false;
-            // SAFETY: column 1 is a row_id, text.
-            let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
-            if !isnull {
-                // SAFETY: a non-null text datum.
-                known.insert(unsafe { text_bytes(d) });
-            }
-            Ok(())
-        })? > 0
-        {}
-        Ok(known)
+        // Each key at most once per log row: the cursor is drained.
+        Ok(drain_keys(&mut cursor)?.0)
     })
 }
 
