@@ -109,9 +109,9 @@ pub struct ObjectBuilder {
     keys: Vec<Datum>,
     /// For each argument pair, in jsonb key order: the index of its value in `build`'s input.
     order: Vec<usize>,
-    /// When every value's type has a fixed rule (see [`Kind`]): the keys' bytes
-    /// and the values' kinds, in jsonb key order, for [`ObjectBuilder::build_direct`].
-    direct: Option<Vec<(Vec<u8>, Kind)>>,
+    /// When every value's type has a fixed rule (see [`Kind`]): the values'
+    /// kinds, in jsonb key order, for [`ObjectBuilder::build_direct`].
+    direct: Option<Vec<Kind>>,
 }
 
 /// How a value of one type becomes jsonb, exactly as `to_jsonb` (datum_to_jsonb)
@@ -124,7 +124,9 @@ enum Kind {
     /// functions return exactly those bytes).
     Text,
     /// int2, int4, int8: the number, as numeric_in would read its output.
-    Int(i16),
+    Int2,
+    Int4,
+    Int8,
     /// numeric: the value itself; NaN and the infinities as strings, as their
     /// output contains an "n" (datum_to_jsonb's test).
     Numeric,
@@ -146,9 +148,9 @@ enum Kind {
 unsafe fn kind_of(typid: Oid, cxt: pg_sys::MemoryContext) -> Option<Kind> {
     Some(match typid {
         pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Kind::Text,
-        pg_sys::INT2OID => Kind::Int(2),
-        pg_sys::INT4OID => Kind::Int(4),
-        pg_sys::INT8OID => Kind::Int(8),
+        pg_sys::INT2OID => Kind::Int2,
+        pg_sys::INT4OID => Kind::Int4,
+        pg_sys::INT8OID => Kind::Int8,
         pg_sys::NUMERICOID => Kind::Numeric,
         pg_sys::BOOLOID => Kind::Bool,
         pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => Kind::DateTime(typid),
@@ -211,9 +213,9 @@ unsafe fn value_of(k: Kind, d: Datum) -> Option<pg_sys::JsonbValue> {
                 let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
                 string_value(pgrx::varlena::vardata_any(p), pgrx::varlena::varsize_any_exhdr(p))
             }
-            Kind::Int(2) => Some(numeric(pg_sys::int64_to_numeric(i64::from(d.value() as i16)))),
-            Kind::Int(4) => Some(numeric(pg_sys::int64_to_numeric(i64::from(d.value() as i32)))),
-            Kind::Int(_) => Some(numeric(pg_sys::int64_to_numeric(d.value() as i64))),
+            Kind::Int2 => Some(numeric(pg_sys::int64_to_numeric(i64::from(d.value() as i16)))),
+            Kind::Int4 => Some(numeric(pg_sys::int64_to_numeric(i64::from(d.value() as i32)))),
+            Kind::Int8 => Some(numeric(pg_sys::int64_to_numeric(d.value() as i64))),
             Kind::Numeric => {
                 // A plain (4-byte header) copy, as numeric_in would make: jsonb
                 // stores a numeric's bytes as they are.
@@ -264,10 +266,7 @@ impl ObjectBuilder {
                 order.iter().map(|&i| crate::datum::text_datum(keys[i].to_bytes())).collect();
             let arg_types = order.iter().flat_map(|&i| [pg_sys::TEXTOID, types[i]]);
             let flinfo = variadic_flinfo(pg_sys::F_JSONB_BUILD_OBJECT_ANY, arg_types, cxt);
-            let direct = order
-                .iter()
-                .map(|&i| kind_of(types[i], cxt).map(|k| (keys[i].to_bytes().to_vec(), k)))
-                .collect::<Option<Vec<_>>>();
+            let direct = order.iter().map(|&i| kind_of(types[i], cxt)).collect::<Option<Vec<_>>>();
             pg_sys::MemoryContextSwitchTo(old);
             ObjectBuilder { cxt, flinfo, keys: key_datums, order, direct }
         }
@@ -298,23 +297,23 @@ impl ObjectBuilder {
     ///
     /// # Safety
     /// As [`ObjectBuilder::build`].
-    unsafe fn build_direct(
-        &self,
-        direct: &[(Vec<u8>, Kind)],
-        values: &[(Datum, bool)],
-    ) -> Option<Datum> {
+    unsafe fn build_direct(&self, kinds: &[Kind], values: &[(Datum, bool)]) -> Option<Datum> {
         let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
         // SAFETY: the parse state is built in the current context; every value
         // pushed points to memory that outlives JsonbValueToJsonb (the keys are
-        // self's, the values' bytes the caller's datums or fresh copies).
+        // self's text datums, the values' bytes the caller's datums or fresh copies).
         unsafe {
             pg_sys::pushJsonbValue(
                 &mut state,
                 pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
                 std::ptr::null_mut(),
             );
-            for ((key, kind), &i) in direct.iter().zip(&self.order) {
-                let mut k = string_value(key.as_ptr().cast(), key.len())?;
+            for ((&key, kind), &i) in self.keys.iter().zip(kinds).zip(&self.order) {
+                let key = key.cast_mut_ptr::<pg_sys::varlena>();
+                let mut k = string_value(
+                    pgrx::varlena::vardata_any(key),
+                    pgrx::varlena::varsize_any_exhdr(key),
+                )?;
                 pg_sys::pushJsonbValue(&mut state, pg_sys::JsonbIteratorToken::WJB_KEY, &mut k);
                 let (d, isnull) = values[i];
                 let mut v = if isnull {
