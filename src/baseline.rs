@@ -98,28 +98,28 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
     let enc = Encoder::new(rel)?;
     let info = crate::capture::actor::current()?;
     let ext = crate::ext::ext_state()?;
+    // The log rows that make a key known: a whole image under the key, or any
+    // row that moved away from it; `on(column)` says which keys are asked for.
+    let known_rows = |on: &dyn Fn(&str) -> String| {
+        format!(
+            "SELECT row_id AS k FROM audit.log WHERE {f} AND {} AND NOT COALESCE({partial}, false)
+             UNION ALL
+             SELECT old_row_id FROM audit.log WHERE {f} AND {}",
+            on("row_id"),
+            on("old_row_id"),
+            f = t.log_filter(),
+            partial = crate::image::partial_sql("old_row_id IS NOT NULL")
+        )
+    };
     // One index scan per partition for the whole batch's keys, not a probe per key.
-    let known_sql = format!(
-        "SELECT row_id FROM audit.log WHERE {f} AND row_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])
-            AND NOT COALESCE({partial}, false)
-         UNION ALL
-         SELECT old_row_id FROM audit.log WHERE {f} AND old_row_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])",
-        f = t.log_filter(),
-        partial = crate::image::partial_sql("old_row_id IS NOT NULL")
-    );
+    let known_sql =
+        known_rows(&|c| format!("{c} OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])"));
     // When the log holds no more of the table's keys than one batch has rows
     // (above all: none, on a first baseline), they are read once, into a set no
     // bigger than a batch, instead of looked up batch by batch: each lookup
     // descends every partition's index once per key of the batch.
-    let all_known_sql = format!(
-        "SELECT k FROM (SELECT row_id AS k FROM audit.log WHERE {f} AND row_id IS NOT NULL
-                          AND NOT COALESCE({partial}, false)
-                        UNION ALL
-                        SELECT old_row_id FROM audit.log WHERE {f} AND old_row_id IS NOT NULL) s
-          LIMIT $1",
-        f = t.log_filter(),
-        partial = crate::image::partial_sql("old_row_id IS NOT NULL")
-    );
+    let all_known_sql =
+        format!("SELECT k FROM ({}) s LIMIT $1", known_rows(&|c| format!("{c} IS NOT NULL")));
     let scan = format!("SELECT {a} FROM {} {a}", t.qname, a = enc.alias);
     let mem = BatchMemory::new();
     Spi::connect(|_| -> Result<i64> {
