@@ -177,6 +177,41 @@ unsafe fn kind_of(typid: Oid, cxt: pg_sys::MemoryContext) -> Option<Kind> {
     })
 }
 
+/// The calls of one row's direct build, declared without pgrx's guard, which
+/// costs a sigsetjmp and a thread check per call (an eighth of verify_table's
+/// time, at a dozen calls a row): [`ObjectBuilder::build_direct`] makes them all
+/// under one guard per row. An ERROR in one of them (out of memory, a value too
+/// big) longjmps to that guard across build_direct and [`value_of`], which is
+/// sound because those frames own nothing to drop: raw pointers and Copy values.
+mod raw {
+    use pgrx::pg_sys::{
+        varlena, Datum, FmgrInfo, Jsonb, JsonbIteratorToken, JsonbParseState, JsonbValue, Numeric,
+        Oid,
+    };
+    use std::ffi::{c_char, c_int};
+
+    unsafe extern "C-unwind" {
+        pub fn pushJsonbValue(
+            pstate: *mut *mut JsonbParseState,
+            seq: JsonbIteratorToken::Type,
+            jbval: *mut JsonbValue,
+        ) -> *mut JsonbValue;
+        pub fn JsonbValueToJsonb(val: *mut JsonbValue) -> *mut Jsonb;
+        pub fn int64_to_numeric(val: i64) -> Numeric;
+        pub fn pg_detoast_datum(datum: *mut varlena) -> *mut varlena;
+        pub fn pg_detoast_datum_packed(datum: *mut varlena) -> *mut varlena;
+        pub fn numeric_is_nan(num: Numeric) -> bool;
+        pub fn numeric_is_inf(num: Numeric) -> bool;
+        pub fn JsonEncodeDateTime(
+            buf: *mut c_char,
+            value: Datum,
+            typid: Oid,
+            tzp: *const c_int,
+        ) -> *mut c_char;
+        pub fn OutputFunctionCall(flinfo: *mut FmgrInfo, val: Datum) -> *mut c_char;
+    }
+}
+
 /// A jsonb string value of `len` bytes at `p`, or None when it is longer than a
 /// jsonb string may be (the general path then raises PostgreSQL's own error).
 fn string_value(p: *const std::ffi::c_char, len: usize) -> Option<pg_sys::JsonbValue> {
@@ -197,7 +232,8 @@ fn no_val() -> pg_sys::JsonbValue__bindgen_ty_1 {
 /// memory context; None to take the general path.
 ///
 /// # Safety
-/// `d` must be a valid, non-null datum of a type of kind `k`.
+/// `d` must be a valid, non-null datum of a type of kind `k`. Must run under a
+/// PostgreSQL error guard (it calls [`raw`] functions).
 unsafe fn value_of(k: Kind, d: Datum) -> Option<pg_sys::JsonbValue> {
     let numeric = |n: pg_sys::Numeric| {
         let mut v = pg_sys::JsonbValue { type_: pg_sys::jbvType::jbvNumeric, val: no_val() };
@@ -206,21 +242,22 @@ unsafe fn value_of(k: Kind, d: Datum) -> Option<pg_sys::JsonbValue> {
     };
     // SAFETY: d is a valid datum of its kind's type (the caller's contract); the
     // detoasted copies and fresh values live in the current context, which
-    // outlives the object being built.
+    // outlives the object being built. The raw calls run under build_direct's
+    // guard (the caller's contract); numeric_out, for the rare NaN, has its own.
     unsafe {
         match k {
             Kind::Text => {
-                let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                let p = raw::pg_detoast_datum_packed(d.cast_mut_ptr());
                 string_value(pgrx::varlena::vardata_any(p), pgrx::varlena::varsize_any_exhdr(p))
             }
-            Kind::Int2 => Some(numeric(pg_sys::int64_to_numeric(i64::from(d.value() as i16)))),
-            Kind::Int4 => Some(numeric(pg_sys::int64_to_numeric(i64::from(d.value() as i32)))),
-            Kind::Int8 => Some(numeric(pg_sys::int64_to_numeric(d.value() as i64))),
+            Kind::Int2 => Some(numeric(raw::int64_to_numeric(i64::from(d.value() as i16)))),
+            Kind::Int4 => Some(numeric(raw::int64_to_numeric(i64::from(d.value() as i32)))),
+            Kind::Int8 => Some(numeric(raw::int64_to_numeric(d.value() as i64))),
             Kind::Numeric => {
                 // A plain (4-byte header) copy, as numeric_in would make: jsonb
                 // stores a numeric's bytes as they are.
-                let n = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as pg_sys::Numeric;
-                if pg_sys::numeric_is_nan(n) || pg_sys::numeric_is_inf(n) {
+                let n = raw::pg_detoast_datum(d.cast_mut_ptr()) as pg_sys::Numeric;
+                if raw::numeric_is_nan(n) || raw::numeric_is_inf(n) {
                     let s = pgrx::direct_function_call_as_datum(pg_sys::numeric_out, &[Some(d)])?;
                     let s = s.cast_mut_ptr::<std::ffi::c_char>();
                     string_value(s, std::ffi::CStr::from_ptr(s).to_bytes().len())
@@ -234,11 +271,11 @@ unsafe fn value_of(k: Kind, d: Datum) -> Option<pg_sys::JsonbValue> {
                 Some(v)
             }
             Kind::DateTime(t) => {
-                let s = pg_sys::JsonEncodeDateTime(std::ptr::null_mut(), d, t, std::ptr::null());
+                let s = raw::JsonEncodeDateTime(std::ptr::null_mut(), d, t, std::ptr::null());
                 string_value(s, std::ffi::CStr::from_ptr(s).to_bytes().len())
             }
             Kind::Output(flinfo) => {
-                let s = pg_sys::OutputFunctionCall(flinfo, d);
+                let s = raw::OutputFunctionCall(flinfo, d);
                 string_value(s, std::ffi::CStr::from_ptr(s).to_bytes().len())
             }
         }
@@ -298,37 +335,40 @@ impl ObjectBuilder {
     /// # Safety
     /// As [`ObjectBuilder::build`].
     unsafe fn build_direct(&self, kinds: &[Kind], values: &[(Datum, bool)]) -> Option<Datum> {
-        let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
         // SAFETY: the parse state is built in the current context; every value
         // pushed points to memory that outlives JsonbValueToJsonb (the keys are
         // self's text datums, the values' bytes the caller's datums or fresh copies).
+        // One guard for the row's raw calls; the closure owns nothing to drop (see raw).
         unsafe {
-            pg_sys::pushJsonbValue(
-                &mut state,
-                pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
-                std::ptr::null_mut(),
-            );
-            for ((&key, kind), &i) in self.keys.iter().zip(kinds).zip(&self.order) {
-                let key = key.cast_mut_ptr::<pg_sys::varlena>();
-                let mut k = string_value(
-                    pgrx::varlena::vardata_any(key),
-                    pgrx::varlena::varsize_any_exhdr(key),
-                )?;
-                pg_sys::pushJsonbValue(&mut state, pg_sys::JsonbIteratorToken::WJB_KEY, &mut k);
-                let (d, isnull) = values[i];
-                let mut v = if isnull {
-                    pg_sys::JsonbValue { type_: pg_sys::jbvType::jbvNull, val: no_val() }
-                } else {
-                    value_of(*kind, d)?
-                };
-                pg_sys::pushJsonbValue(&mut state, pg_sys::JsonbIteratorToken::WJB_VALUE, &mut v);
-            }
-            let res = pg_sys::pushJsonbValue(
-                &mut state,
-                pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
-                std::ptr::null_mut(),
-            );
-            Some(Datum::from(pg_sys::JsonbValueToJsonb(res)))
+            pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
+                raw::pushJsonbValue(
+                    &mut state,
+                    pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
+                    std::ptr::null_mut(),
+                );
+                for ((&key, kind), &i) in self.keys.iter().zip(kinds).zip(&self.order) {
+                    let key = key.cast_mut_ptr::<pg_sys::varlena>();
+                    let mut k = string_value(
+                        pgrx::varlena::vardata_any(key),
+                        pgrx::varlena::varsize_any_exhdr(key),
+                    )?;
+                    raw::pushJsonbValue(&mut state, pg_sys::JsonbIteratorToken::WJB_KEY, &mut k);
+                    let (d, isnull) = values[i];
+                    let mut v = if isnull {
+                        pg_sys::JsonbValue { type_: pg_sys::jbvType::jbvNull, val: no_val() }
+                    } else {
+                        value_of(*kind, d)?
+                    };
+                    raw::pushJsonbValue(&mut state, pg_sys::JsonbIteratorToken::WJB_VALUE, &mut v);
+                }
+                let res = raw::pushJsonbValue(
+                    &mut state,
+                    pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
+                    std::ptr::null_mut(),
+                );
+                Some(Datum::from(raw::JsonbValueToJsonb(res)))
+            })
         }
     }
 
