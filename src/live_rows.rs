@@ -11,7 +11,7 @@ use std::ffi::{c_char, CString};
 use std::rc::Rc;
 
 use pgrx::pg_sys::{self, Datum, Oid};
-use pgrx::PgRelation;
+use pgrx::{pg_guard, PgRelation};
 
 use crate::capture::cache::RelConfig;
 use crate::capture::{encode_row, row_key, Deformed};
@@ -88,6 +88,127 @@ impl Cursor {
             pg_sys::SPI_freetuptable(table);
             Ok(count)
         }
+    }
+}
+
+/// What a [`Receiver`] hands each row to: its values and nulls, in the
+/// result's column order; an Err stops the query.
+pub(crate) type RowFn<'a> = dyn FnMut(&[Datum], &[bool]) -> Result<()> + 'a;
+
+/// A receiver of result rows that hands each to a closure as its values and
+/// nulls, straight from the executor's slot: no row is copied on the way.
+/// PostgreSQL sees only `base`.
+#[repr(C)]
+struct Receiver<'a> {
+    base: pg_sys::DestReceiver,
+    f: &'a mut RowFn<'a>,
+    error: Option<AuditError>,
+}
+
+impl<'a> Receiver<'a> {
+    fn new(f: &'a mut RowFn<'a>) -> Receiver<'a> {
+        // Nothing to set up or tear down (and nothing here can raise an ERROR).
+        unsafe extern "C-unwind" fn startup(
+            _: *mut pg_sys::DestReceiver,
+            _: std::ffi::c_int,
+            _: pg_sys::TupleDesc,
+        ) {
+        }
+        unsafe extern "C-unwind" fn nothing(_: *mut pg_sys::DestReceiver) {}
+        Receiver {
+            base: pg_sys::DestReceiver {
+                receiveSlot: Some(receive),
+                rStartup: Some(startup),
+                rShutdown: Some(nothing),
+                rDestroy: Some(nothing),
+                // Not DestSPI: SPI keeps no tuple table for a receiver of the caller's.
+                mydest: pg_sys::CommandDest::DestNone,
+            },
+            f,
+            error: None,
+        }
+    }
+
+    /// What the closure returned, once the executor has stopped.
+    fn outcome(&mut self) -> Result<()> {
+        self.error.take().map_or(Ok(()), Err)
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn receive(
+    slot: *mut pg_sys::TupleTableSlot,
+    this: *mut pg_sys::DestReceiver,
+) -> bool {
+    // SAFETY: `this` is the `base` of a Receiver handed to the executor, alive
+    // while it runs; the slot is the query's result slot, whose values stay
+    // valid until the next row.
+    unsafe {
+        let r = &mut *(this as *mut Receiver<'static>);
+        let natts = (*(*slot).tts_tupleDescriptor).natts;
+        if i32::from((*slot).tts_nvalid) < natts {
+            pg_sys::slot_getsomeattrs_int(slot, natts);
+        }
+        let n = natts as usize;
+        let values = std::slice::from_raw_parts((*slot).tts_values, n);
+        let nulls = std::slice::from_raw_parts((*slot).tts_isnull, n);
+        match (r.f)(values, nulls) {
+            Ok(()) => true,
+            Err(e) => {
+                // Stops the executor; the caller returns the error.
+                r.error = Some(e);
+                false
+            }
+        }
+    }
+}
+
+/// Runs `sql` read-only to its end, as the current user, on the active snapshot
+/// (the one a read-only cursor opened meanwhile sees), handing each result row
+/// to `f` as it comes. Unlike a cursor fetched in parts, the plan may use
+/// parallel workers.
+///
+/// `f` runs inside the query, which holds the SPI connection's executor memory:
+/// an SPI call it makes must be under a connection of its own (pgrx's
+/// `Spi::connect`); [`Cursor::push`] makes none. `f` runs in the executor's
+/// memory context, which lasts as long as the query: it must allocate in one
+/// of its own.
+pub(crate) fn stream(sql: &str, f: &mut RowFn<'_>) -> Result<()> {
+    let sql = CString::new(sql).map_err(|_| AuditError::Internal("NUL in a query".into()))?;
+    let mut r = Receiver::new(f);
+    let options =
+        pg_sys::SPIExecuteOptions { read_only: true, dest: &mut r.base, ..Default::default() };
+    // SAFETY: connected to SPI (the caller's contract); the receiver outlives the
+    // call, which runs the whole query; an ERROR raises rather than returning.
+    let rc = unsafe { pg_sys::SPI_execute_extended(sql.as_ptr(), &options) };
+    r.outcome()?;
+    if rc < 0 {
+        return Err(AuditError::Internal(format!(
+            "SPI_execute_extended returned {rc} for {sql:?}"
+        )));
+    }
+    Ok(())
+}
+
+impl Cursor {
+    /// As [`Cursor::fetch`], handing each row to `f` as its values and nulls
+    /// straight from the executor, without SPI (so also inside a [`stream`]ed
+    /// query). `f` runs in the portal's memory context, which lasts as long as
+    /// the cursor: it must allocate in one of its own. Returns how many rows there were.
+    pub(crate) fn push(&mut self, n: i64, f: &mut RowFn<'_>) -> Result<usize> {
+        let mut r = Receiver::new(f);
+        // SAFETY: the portal is open (closed only by Drop) and not running; the
+        // receiver outlives the call; an ERROR raises (and marks the portal failed).
+        let count = unsafe {
+            pg_sys::PortalRunFetch(
+                self.portal,
+                pg_sys::FetchDirection::FETCH_FORWARD,
+                n as std::ffi::c_long,
+                &mut r.base,
+            )
+        };
+        r.outcome()?;
+        Ok(count as usize)
     }
 }
 
@@ -254,7 +375,7 @@ impl Encoder {
         // SAFETY: a plain read of the current context, which outlives this call.
         let caller = unsafe { pg_sys::CurrentMemoryContext };
         // SAFETY: forwarded from the caller.
-        let (key, image) = self.scratch.run(|| unsafe { self.encode_here(d) })?;
+        let (key, image) = self.scratch.run(|| unsafe { self.encode_here(d, true) })?;
         // SAFETY: the image is a plain jsonb varlena of the scratch context, copied
         // out before that is reset.
         let image = unsafe {
@@ -268,9 +389,28 @@ impl Encoder {
         Ok((key, image))
     }
 
+    /// As [`Encoder::encode`], for a reader that has the row's key already
+    /// (verify_table reads it beside the row): the image only, as the bytes of
+    /// its whole jsonb varlena.
+    ///
     /// # Safety
-    /// As [`Encoder::encode`]; the image is built in the current context.
-    unsafe fn encode_here(&self, d: Datum) -> Result<(Option<Vec<u8>>, Datum)> {
+    /// As [`Encoder::encode`].
+    pub(crate) unsafe fn image_bytes(&self, d: Datum) -> Result<Vec<u8>> {
+        // SAFETY: forwarded from the caller.
+        let image = self.scratch.run(|| unsafe {
+            let (_, image) = self.encode_here(d, false)?;
+            let p = image.cast_mut_ptr::<pg_sys::varlena>();
+            // A plain varlena of this context, read before it is reset.
+            Ok(std::slice::from_raw_parts(p as *const u8, pgrx::varlena::varsize_any(p)).to_vec())
+        });
+        self.scratch.reset();
+        image
+    }
+
+    /// # Safety
+    /// As [`Encoder::encode`]; the image is built in the current context. The
+    /// key is made only if `with_key`.
+    unsafe fn encode_here(&self, d: Datum, with_key: bool) -> Result<(Option<Vec<u8>>, Datum)> {
         // SAFETY: a composite datum is a HeapTupleHeader varlena; its row type is
         // the relation's, whose descriptor (dropped columns included) is rd_att.
         unsafe {
@@ -282,7 +422,7 @@ impl Encoder {
                 t_data: hdr,
             };
             let row = Deformed::new(&mut tuple, self.tupdesc);
-            let key = row_key(&self.cfg, &row)?;
+            let key = if with_key { row_key(&self.cfg, &row)? } else { None };
             let image = encode_row(&self.cfg, &row, self.secret.as_deref())?;
             Ok((key, image))
         }

@@ -4,10 +4,12 @@
 //! trigger, a TRUNCATE with triggers off, ...).
 //!
 //! One pass: the table's rows and the log's last image per key, both in row_id
-//! order (bytewise, COLLATE "C"), merged here. Both are cursors opened
-//! read-only, so on one snapshot, the calling statement's: a change that
-//! commits meanwhile is in neither, and one made earlier in the caller's own
-//! transaction is in both (a change and its log row commit together).
+//! order (bytewise, COLLATE "C"), merged here. The log side is a cursor; the
+//! table side is a query run to its end (so that it may read and sort in
+//! parallel) whose rows are merged as they come. Both are read-only, so on one
+//! snapshot, the calling statement's: a change that commits meanwhile is in
+//! neither, and one made earlier in the caller's own transaction is in both (a
+//! change and its log row commit together).
 //!
 //! The log's image of a key is its newest row after the table's last logged
 //! TRUNCATE, a real change (INSERT, UPDATE, DELETE, or a move away from the key)
@@ -25,7 +27,7 @@
 
 use std::collections::VecDeque;
 
-use pgrx::pg_sys;
+use pgrx::pg_sys::{self, Datum};
 use pgrx::prelude::*;
 use pgrx::PgRelation;
 
@@ -61,12 +63,6 @@ struct LogEntry {
     partial: bool,
 }
 
-struct LiveEntry {
-    key: Vec<u8>,
-    /// The binary jsonb, as for [`LogEntry::image`].
-    image: Vec<u8>,
-}
-
 /// A jsonb datum's bytes, detoasted, header included.
 ///
 /// # Safety
@@ -95,12 +91,6 @@ fn bytes_text(b: &[u8]) -> Result<Vec<u8>> {
 /// compared as text (a numeric's binary form can differ for one text).
 fn same_image(live: &[u8], logged: &[u8]) -> Result<bool> {
     Ok(live == logged || bytes_text(live)? == bytes_text(logged)?)
-}
-
-enum Step {
-    LiveOnly,
-    LogOnly,
-    Both,
 }
 
 /// Why a row is bad, for the detail of the first one.
@@ -209,97 +199,152 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
         t.qname,
         a = enc.alias
     );
-    let mem = BatchMemory::new();
-    Spi::connect(|_| -> Result<TableReport> {
+    let mut m = Merge {
+        log: VecDeque::new(),
+        log_done: false,
+        key_sql: &key_sql,
+        mem: BatchMemory::new(),
+        r: TableReport::default(),
+        first: None,
+        last_live: None,
+        baseline,
+        pruned,
+    };
+    Spi::connect(|_| -> Result<()> {
         let mut log_cur = as_extension_owner(|| Cursor::open(&log_sql, &[]))?;
-        let mut live_cur = Cursor::open(&live_sql, &[])?;
-        let (mut log, mut live) = (VecDeque::new(), VecDeque::new());
-        let (mut log_done, mut live_done) = (false, false);
-        let mut r = TableReport::default();
-        let mut first: Option<(Vec<u8>, Bad)> = None;
-        let mut last_live: Option<Vec<u8>> = None;
-        loop {
-            if log.is_empty() && !log_done {
-                log_done =
-                    as_extension_owner(|| mem.run(|| fetch_log(&mut log_cur, &mut log)))? == 0;
-                mem.reset();
-                for g in log.iter_mut().filter(|g| g.partial) {
-                    g.image = as_extension_owner(|| mem.run(|| folded_image(&key_sql, &g.key)))?;
-                    mem.reset();
-                }
+        // The table side is the driving query: run to its end, so it may use
+        // parallel workers to read and sort, and each row is merged as it comes.
+        let rows = BatchMemory::new();
+        let mut since_reset = 0;
+        crate::live_rows::stream(&live_sql, &mut |values, nulls| {
+            if nulls[0] || nulls[1] {
+                return Err(AuditError::Internal("a live row without a key".into()));
             }
-            if live.is_empty() && !live_done {
-                live_done = mem.run(|| fetch_live(&mut live_cur, &enc, &mut live))? == 0;
-                mem.reset();
+            let (key, image) = rows.run(|| -> Result<_> {
+                // SAFETY: the live query's columns: k text, then the whole row of the table's type.
+                unsafe { Ok((text_bytes(values[0]), enc.image_bytes(values[1])?)) }
+            })?;
+            since_reset += 1;
+            if since_reset == FETCH as usize {
+                rows.reset();
+                since_reset = 0;
             }
-            // Which side holds the smaller key (both: the same key).
-            let step = match (live.front(), log.front()) {
-                (None, None) => break,
-                (Some(l), g) if g.is_none_or(|g: &LogEntry| l.key < g.key) => Step::LiveOnly,
-                (l, Some(g)) if l.is_none_or(|l: &LiveEntry| g.key < l.key) => Step::LogOnly,
-                _ => Step::Both,
-            };
-            let bad = match step {
-                Step::LiveOnly => {
-                    let l = live.pop_front().expect("peeked");
-                    r.rows_checked += 1;
-                    r.unexplained += 1;
-                    check_order(&mut last_live, &l.key)?;
-                    Some((l.key, Bad::NotLogged { baseline, pruned }))
-                }
-                Step::LogOnly => {
-                    let g = log.pop_front().expect("peeked");
-                    if g.live {
-                        r.missing += 1;
-                        Some((g.key, Bad::Missing))
-                    } else {
-                        None
-                    }
-                }
-                Step::Both => {
-                    let l = live.pop_front().expect("peeked");
-                    let g = log.pop_front().expect("peeked");
-                    r.rows_checked += 1;
-                    check_order(&mut last_live, &l.key)?;
-                    if !g.live {
-                        r.unexplained += 1;
-                        Some((l.key, Bad::Deleted))
-                    } else if g.image.is_none() {
-                        r.unexplained += 1;
-                        Some((l.key, Bad::NoWholeImage))
-                    } else if !same_image(&l.image, g.image.as_deref().unwrap_or_default())? {
-                        r.changed += 1;
-                        let logged = bytes_text(g.image.as_deref().unwrap_or_default())?;
-                        Some((l.key, Bad::Changed { live: bytes_text(&l.image)?, logged }))
-                    } else {
-                        None
-                    }
-                }
-            };
-            if first.is_none() {
-                first = bad;
+            m.live_row(&mut log_cur, key, image)
+        })?;
+        m.log_rest(&mut log_cur)
+    })?;
+    let Merge { mut r, first, .. } = m;
+    r.ok = first.is_none();
+    match first {
+        None => r.detail = format!("{} live row(s) of {} match the log", r.rows_checked, t.qname),
+        Some((key, why)) => {
+            let key = String::from_utf8_lossy(&key).into_owned();
+            r.detail = format!(
+                "{}: {} changed, {} missing, {} unexplained; first: row {key} {}",
+                t.qname,
+                r.changed,
+                r.missing,
+                r.unexplained,
+                why.describe()
+            );
+            r.first_bad_row_id = Some(key);
+        }
+    }
+    Ok(r)
+}
+
+/// The merge of the table's rows, pushed in key order, with the log's last
+/// word per key, pulled from its cursor in the same order.
+struct Merge<'a> {
+    log: VecDeque<LogEntry>,
+    log_done: bool,
+    key_sql: &'a str,
+    /// Where a fetch of log entries is read, reset after each.
+    mem: BatchMemory,
+    r: TableReport,
+    first: Option<(Vec<u8>, Bad)>,
+    last_live: Option<Vec<u8>>,
+    baseline: bool,
+    pruned: bool,
+}
+
+impl Merge<'_> {
+    /// The log's next entry, fetched when none is left; None at its end.
+    fn peek(&mut self, cur: &mut Cursor) -> Result<Option<&LogEntry>> {
+        if self.log.is_empty() && !self.log_done {
+            let (log, mem) = (&mut self.log, &self.mem);
+            let n = as_extension_owner(|| {
+                cur.push(FETCH, &mut |v, n| mem.run(|| log_entry(v, n, log)))
+            })?;
+            mem.reset();
+            self.log_done = n == 0;
+            for g in self.log.iter_mut().filter(|g| g.partial) {
+                // Under an SPI connection of its own: the table's query is running.
+                g.image =
+                    as_extension_owner(|| self.mem.run(|| folded_image(self.key_sql, &g.key)))?;
+                self.mem.reset();
             }
         }
-        r.ok = first.is_none();
-        match first {
-            None => {
-                r.detail = format!("{} live row(s) of {} match the log", r.rows_checked, t.qname)
-            }
-            Some((key, why)) => {
-                let key = String::from_utf8_lossy(&key).into_owned();
-                r.detail = format!(
-                    "{}: {} changed, {} missing, {} unexplained; first: row {key} {}",
-                    t.qname,
-                    r.changed,
-                    r.missing,
-                    r.unexplained,
-                    why.describe()
-                );
-                r.first_bad_row_id = Some(key);
-            }
+        Ok(self.log.front())
+    }
+
+    fn note(&mut self, bad: Option<(Vec<u8>, Bad)>) {
+        if self.first.is_none() {
+            self.first = bad;
         }
-        Ok(r)
-    })
+    }
+
+    /// A log entry whose key the table does not have.
+    fn log_only(&mut self, g: LogEntry) {
+        if g.live {
+            self.r.missing += 1;
+            self.note(Some((g.key, Bad::Missing)));
+        }
+    }
+
+    fn live_row(&mut self, cur: &mut Cursor, key: Vec<u8>, image: Vec<u8>) -> Result<()> {
+        self.r.rows_checked += 1;
+        check_order(&mut self.last_live, &key)?;
+        while self.peek(cur)?.is_some_and(|g| g.key < key) {
+            let g = self.log.pop_front().expect("peeked");
+            self.log_only(g);
+        }
+        let bad = match self.log.front() {
+            Some(g) if g.key == key => {
+                let g = self.log.pop_front().expect("peeked");
+                if !g.live {
+                    self.r.unexplained += 1;
+                    Some((key, Bad::Deleted))
+                } else if let Some(logged) = g.image {
+                    if same_image(&image, &logged)? {
+                        None
+                    } else {
+                        self.r.changed += 1;
+                        let logged = bytes_text(&logged)?;
+                        Some((key, Bad::Changed { live: bytes_text(&image)?, logged }))
+                    }
+                } else {
+                    self.r.unexplained += 1;
+                    Some((key, Bad::NoWholeImage))
+                }
+            }
+            _ => {
+                self.r.unexplained += 1;
+                Some((key, Bad::NotLogged { baseline: self.baseline, pruned: self.pruned }))
+            }
+        };
+        self.note(bad);
+        Ok(())
+    }
+
+    /// The log's entries after the table's last row.
+    fn log_rest(&mut self, cur: &mut Cursor) -> Result<()> {
+        while self.peek(cur)?.is_some() {
+            let g = self.log.pop_front().expect("peeked");
+            self.log_only(g);
+        }
+        Ok(())
+    }
 }
 
 /// The live side must come in the log side's order, or the merge would count
@@ -315,27 +360,21 @@ fn check_order(last: &mut Option<Vec<u8>>, key: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn fetch_log(cur: &mut Cursor, out: &mut VecDeque<LogEntry>) -> Result<usize> {
-    cur.fetch(FETCH, |tuple, desc| {
-        let (mut kn, mut ln, mut inull, mut pn) = (false, false, false, false);
-        // SAFETY: the log query's columns: k text (not NULL), live bool, img jsonb, partial bool.
-        unsafe {
-            let k = pg_sys::SPI_getbinval(tuple, desc, 1, &mut kn);
-            let live = pg_sys::SPI_getbinval(tuple, desc, 2, &mut ln);
-            let img = pg_sys::SPI_getbinval(tuple, desc, 3, &mut inull);
-            let partial = pg_sys::SPI_getbinval(tuple, desc, 4, &mut pn);
-            if kn {
-                return Ok(());
-            }
-            out.push_back(LogEntry {
-                key: text_bytes(k),
-                live: !ln && live.value() != 0,
-                image: if inull { None } else { Some(jsonb_bytes(img)) },
-                partial: !pn && partial.value() != 0,
-            });
-        }
-        Ok(())
-    })
+/// One row of the log query: k text (not NULL), live bool, img jsonb, partial bool.
+fn log_entry(v: &[Datum], n: &[bool], out: &mut VecDeque<LogEntry>) -> Result<()> {
+    if n[0] {
+        return Ok(());
+    }
+    // SAFETY: the log query's columns, as above; non-null where read.
+    unsafe {
+        out.push_back(LogEntry {
+            key: text_bytes(v[0]),
+            live: !n[1] && v[1].value() != 0,
+            image: if n[2] { None } else { Some(jsonb_bytes(v[2])) },
+            partial: !n[3] && v[3].value() != 0,
+        });
+    }
+    Ok(())
 }
 
 /// The image after a key's newest partial row: folded back to its last whole
@@ -359,23 +398,6 @@ fn folded_image(key_sql: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
             Ok(Some(unsafe { jsonb_bytes(crate::capture::encode::jsonb_from_str(&text)) }))
         }
     }
-}
-
-fn fetch_live(cur: &mut Cursor, enc: &Encoder, out: &mut VecDeque<LiveEntry>) -> Result<usize> {
-    cur.fetch(FETCH, |tuple, desc| {
-        let (mut kn, mut rn) = (false, false);
-        // SAFETY: the live query's columns: k text, then the whole row of the table's type.
-        unsafe {
-            let k = pg_sys::SPI_getbinval(tuple, desc, 1, &mut kn);
-            let row = pg_sys::SPI_getbinval(tuple, desc, 2, &mut rn);
-            if kn || rn {
-                return Err(AuditError::Internal("a live row without a key".into()));
-            }
-            let (_, image) = enc.encode(row)?;
-            out.push_back(LiveEntry { key: text_bytes(k), image: jsonb_bytes(image) });
-        }
-        Ok(())
-    })
 }
 
 #[allow(clippy::type_complexity)] // the result's columns, as pgrx spells them
