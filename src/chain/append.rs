@@ -95,13 +95,20 @@ unsafe fn append(ext: &ExtState, actor: &Actor, row: Row, write: Write) -> Resul
     unsafe { log::store(ext, actor, &row, &stamp, write) }
 }
 
+// commands/sequence.h, which pgrx does not bind.
+unsafe extern "C-unwind" {
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
 /// The next id of the chain (the caller runs as the extension owner). The
 /// transaction is marked a writer first: the sealer must see that it holds one.
 fn next_id(ext: &ExtState) -> Result<i64> {
     crate::chain::writers::mark_current_transaction(ext.ext);
-    // SAFETY: nextval_oid takes the sequence's oid; we run as its owner.
-    unsafe { pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[Some(Datum::from(ext.seq))]) }
-        .ok_or_else(|| AuditError::Internal("nextval returned NULL".into()))
+    // SAFETY: the sequence's oid; behind pgrx's guard, which turns an ERROR into a
+    // panic. nextval() itself without its call overhead and its privilege check,
+    // which the sequence's owner, as whom we run, passes anyway; the read-only
+    // and parallel-mode checks stay.
+    Ok(unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(ext.seq, false)) })
 }
 
 /// The jsonb's text as `jsonb_out` writes it, which is what the row hash covers.
