@@ -309,14 +309,23 @@ impl Drop for BatchMemory {
 /// # Safety
 /// `d` must be a valid, non-null text datum.
 pub(crate) unsafe fn text_bytes(d: Datum) -> Vec<u8> {
-    // SAFETY: detoasting a valid varlena; the copy is taken before anything is freed.
+    // SAFETY: forwarded; the copy is taken before anything is freed.
+    unsafe { text_slice(d).to_vec() }
+}
+
+/// As [`text_bytes`], borrowed: valid while the datum is and, if it had to be
+/// detoasted, while the current memory context is not reset.
+///
+/// # Safety
+/// As [`text_bytes`].
+pub(crate) unsafe fn text_slice<'a>(d: Datum) -> &'a [u8] {
+    // SAFETY: detoasting a valid varlena (a no-op unless compressed or external).
     unsafe {
         let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
         std::slice::from_raw_parts(
             pgrx::varlena::vardata_any(p) as *const u8,
             pgrx::varlena::varsize_any_exhdr(p),
         )
-        .to_vec()
     }
 }
 
@@ -390,21 +399,21 @@ impl Encoder {
     }
 
     /// As [`Encoder::encode`], for a reader that has the row's key already
-    /// (verify_table reads it beside the row): the image only, as the bytes of
-    /// its whole jsonb varlena.
+    /// (verify_table reads it beside the row): hands `f` the image only, as the
+    /// bytes of its whole jsonb varlena, valid for the call (nothing is copied).
     ///
     /// # Safety
     /// As [`Encoder::encode`].
-    pub(crate) unsafe fn image_bytes(&self, d: Datum) -> Result<Vec<u8>> {
+    pub(crate) unsafe fn with_image<R>(&self, d: Datum, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         // SAFETY: forwarded from the caller.
-        let image = self.scratch.run(|| unsafe {
+        let r = self.scratch.run(|| unsafe {
             let (_, image) = self.encode_here(d, false)?;
             let p = image.cast_mut_ptr::<pg_sys::varlena>();
             // A plain varlena of this context, read before it is reset.
-            Ok(std::slice::from_raw_parts(p as *const u8, pgrx::varlena::varsize_any(p)).to_vec())
+            Ok(f(std::slice::from_raw_parts(p as *const u8, pgrx::varlena::varsize_any(p))))
         });
         self.scratch.reset();
-        image
+        r
     }
 
     /// # Safety

@@ -33,7 +33,7 @@ use pgrx::PgRelation;
 
 use crate::chain::append::jsonb_text;
 use crate::errors::{AuditError, OrRaise, Result};
-use crate::live_rows::{text_bytes, BatchMemory, Cursor, Encoder};
+use crate::live_rows::{text_bytes, text_slice, BatchMemory, Cursor, Encoder};
 use crate::privilege::as_extension_owner;
 use crate::time_travel::Table;
 
@@ -220,16 +220,20 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
             if nulls[0] || nulls[1] {
                 return Err(AuditError::Internal("a live row without a key".into()));
             }
-            let (key, image) = rows.run(|| -> Result<_> {
-                // SAFETY: the live query's columns: k text, then the whole row of the table's type.
-                unsafe { Ok((text_bytes(values[0]), enc.image_bytes(values[1])?)) }
-            })?;
+            let r = rows.run(|| -> Result<()> {
+                // SAFETY: the live query's columns: k text, then the whole row of the
+                // table's type; the key's bytes live until the reset below.
+                unsafe {
+                    let key = text_slice(values[0]);
+                    enc.with_image(values[1], |image| m.live_row(&mut log_cur, key, image))?
+                }
+            });
             since_reset += 1;
             if since_reset == FETCH as usize {
                 rows.reset();
                 since_reset = 0;
             }
-            m.live_row(&mut log_cur, key, image)
+            r
         })?;
         m.log_rest(&mut log_cur)
     })?;
@@ -302,10 +306,10 @@ impl Merge<'_> {
         }
     }
 
-    fn live_row(&mut self, cur: &mut Cursor, key: Vec<u8>, image: Vec<u8>) -> Result<()> {
+    fn live_row(&mut self, cur: &mut Cursor, key: &[u8], image: &[u8]) -> Result<()> {
         self.r.rows_checked += 1;
-        check_order(&mut self.last_live, &key)?;
-        while self.peek(cur)?.is_some_and(|g| g.key < key) {
+        check_order(&mut self.last_live, key)?;
+        while self.peek(cur)?.is_some_and(|g| g.key.as_slice() < key) {
             let g = self.log.pop_front().expect("peeked");
             self.log_only(g);
         }
@@ -314,23 +318,31 @@ impl Merge<'_> {
                 let g = self.log.pop_front().expect("peeked");
                 if !g.live {
                     self.r.unexplained += 1;
-                    Some((key, Bad::Deleted))
+                    Some((key.to_vec(), Bad::Deleted))
                 } else if let Some(logged) = g.image {
-                    if same_image(&image, &logged)? {
+                    if same_image(image, &logged)? {
                         None
                     } else {
                         self.r.changed += 1;
-                        let logged = bytes_text(&logged)?;
-                        Some((key, Bad::Changed { live: bytes_text(&image)?, logged }))
+                        // The texts are for the first bad row's detail only.
+                        if self.first.is_none() {
+                            let logged = bytes_text(&logged)?;
+                            Some((key.to_vec(), Bad::Changed { live: bytes_text(image)?, logged }))
+                        } else {
+                            None
+                        }
                     }
                 } else {
                     self.r.unexplained += 1;
-                    Some((key, Bad::NoWholeImage))
+                    Some((key.to_vec(), Bad::NoWholeImage))
                 }
             }
             _ => {
                 self.r.unexplained += 1;
-                Some((key, Bad::NotLogged { baseline: self.baseline, pruned: self.pruned }))
+                Some((
+                    key.to_vec(),
+                    Bad::NotLogged { baseline: self.baseline, pruned: self.pruned },
+                ))
             }
         };
         self.note(bad);
@@ -350,14 +362,22 @@ impl Merge<'_> {
 /// The live side must come in the log side's order, or the merge would count
 /// rows that are there as missing: a guard on the key rule's two spellings.
 fn check_order(last: &mut Option<Vec<u8>>, key: &[u8]) -> Result<()> {
-    if last.as_deref().is_some_and(|p| p >= key) {
-        return Err(AuditError::Internal(format!(
+    match last {
+        Some(p) if p.as_slice() >= key => Err(AuditError::Internal(format!(
             "verify_table: live keys out of order at {}",
             String::from_utf8_lossy(key)
-        )));
+        ))),
+        Some(p) => {
+            // The same buffer, row after row.
+            p.clear();
+            p.extend_from_slice(key);
+            Ok(())
+        }
+        None => {
+            *last = Some(key.to_vec());
+            Ok(())
+        }
     }
-    *last = Some(key.to_vec());
-    Ok(())
 }
 
 /// One row of the log query: k text (not NULL), live bool, img jsonb, partial bool.
