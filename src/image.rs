@@ -109,14 +109,65 @@ impl Change {
         first: usize,
         as_old_key: bool,
     ) -> crate::errors::Result<Change> {
-        Ok(Change {
-            op: r.get::<String>(first)?.unwrap_or_default(),
-            old: r.get::<pgrx::JsonB>(first + 1)?.map(|j| j.0),
-            new: r.get::<pgrx::JsonB>(first + 2)?.map(|j| j.0),
-            fields: r.get::<Vec<String>>(first + 3)?,
+        Ok(Change::of(
+            r.get::<String>(first)?,
+            r.get::<pgrx::JsonB>(first + 1)?,
+            r.get::<pgrx::JsonB>(first + 2)?,
+            r.get::<Vec<String>>(first + 3)?,
+            r.get::<bool>(first + 4)?,
             as_old_key,
-            key_moved_in: !as_old_key && r.get::<bool>(first + 4)?.unwrap_or(false),
-        })
+        ))
+    }
+
+    /// As [`Change::from_row`], from columns 1 to 5 of a raw tuple of a cursor
+    /// (`live_rows::Cursor`, which reads on the active snapshot).
+    ///
+    /// # Safety
+    /// `tuple` must be a live tuple of `desc`, whose columns 1 to 5 are text,
+    /// jsonb, jsonb, text[] and bool.
+    pub unsafe fn from_tuple(
+        tuple: pgrx::pg_sys::HeapTuple,
+        desc: pgrx::pg_sys::TupleDesc,
+        as_old_key: bool,
+    ) -> Change {
+        use pgrx::FromDatum;
+        // SAFETY: the caller's contract gives each column's type; the values are
+        // converted (copied) before the tuple goes.
+        unsafe {
+            let col = |i: i32| {
+                let mut isnull = false;
+                let d = pgrx::pg_sys::SPI_getbinval(tuple, desc, i, &mut isnull);
+                (d, isnull)
+            };
+            let ((op, n1), (old, n2), (new, n3), (fields, n4), (moved, n5)) =
+                (col(1), col(2), col(3), col(4), col(5));
+            Change::of(
+                String::from_datum(op, n1),
+                pgrx::JsonB::from_datum(old, n2),
+                pgrx::JsonB::from_datum(new, n3),
+                Vec::<String>::from_datum(fields, n4),
+                bool::from_datum(moved, n5),
+                as_old_key,
+            )
+        }
+    }
+
+    fn of(
+        op: Option<String>,
+        old: Option<pgrx::JsonB>,
+        new: Option<pgrx::JsonB>,
+        fields: Option<Vec<String>>,
+        moved: Option<bool>,
+        as_old_key: bool,
+    ) -> Change {
+        Change {
+            op: op.unwrap_or_default(),
+            old: old.map(|j| j.0),
+            new: new.map(|j| j.0),
+            fields,
+            as_old_key,
+            key_moved_in: !as_old_key && moved.unwrap_or(false),
+        }
     }
 
     /// An UPDATE whose new_values holds only changed columns (see the module docs).

@@ -400,12 +400,22 @@ fn log_entry(v: &[Datum], n: &[bool], out: &mut VecDeque<LogEntry>) -> Result<()
 /// The image after a key's newest partial row: folded back to its last whole
 /// image (crate::image), as jsonb bytes; None when there is none.
 fn folded_image(key_sql: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-    let key = String::from_utf8_lossy(key).into_owned();
-    let changes = Spi::connect(|c| -> Result<Vec<crate::image::Change>> {
+    // A read-only cursor, so on the active snapshot, the merge's: pgrx's select
+    // takes a fresh snapshot in a transaction that has written, which would see
+    // a change committed while verify_table runs and raise a false alarm.
+    // Under an SPI connection of its own: the table's query is running.
+    let changes = Spi::connect(|_| -> Result<Vec<crate::image::Change>> {
+        // SAFETY: a fresh text datum in the current context, copied into the portal.
+        let arg = unsafe { crate::datum::text_datum(key) };
+        let mut cur = Cursor::open(key_sql, &[(pg_sys::TEXTOID, Some(arg))])?;
         let mut v = Vec::new();
-        for r in c.select(key_sql, None, &[key.into()])? {
-            v.push(crate::image::Change::from_row(&r, 1, false)?);
-        }
+        while cur.fetch(FETCH, |tuple, desc| {
+            // SAFETY: key_sql's columns: operation, old_values, new_values,
+            // changed_fields, old_row_id IS NOT NULL.
+            v.push(unsafe { crate::image::Change::from_tuple(tuple, desc, false) });
+            Ok(())
+        })? > 0
+        {}
         Ok(v)
     })?;
     match crate::image::after_last(changes).flatten() {
