@@ -283,7 +283,6 @@ impl Merge<'_> {
             mem.reset();
             self.log_done = n == 0;
             for g in self.log.iter_mut().filter(|g| g.partial) {
-                // Under an SPI connection of its own: the table's query is running.
                 g.image =
                     as_extension_owner(|| self.mem.run(|| folded_image(self.key_sql, &g.key)))?;
                 self.mem.reset();
