@@ -120,45 +120,20 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
     // descends every partition's index once per key of the batch.
     let all_known_sql =
         format!("SELECT k FROM ({}) s LIMIT $1", known_rows(&|c| format!("{c} IS NOT NULL")));
-    let scan = format!("SELECT {a} FROM {} {a}", t.qname, a = enc.alias);
+    let scan = format!("SELECT {} FROM {} {}", enc.columns(), t.qname, enc.alias);
     let mem = BatchMemory::new();
     Spi::connect(|_| -> Result<i64> {
         let few_known = all_known(&all_known_sql, batch as i64)?;
         let mut cursor = Cursor::open(&scan, &[])?;
         let mut written = 0i64;
-        loop {
-            let mut rows: Vec<(Vec<u8>, Datum)> = Vec::new();
-            let n = mem.run(|| {
-                cursor.fetch(batch as i64, |tuple, desc| {
-                    let mut isnull = false;
-                    // SAFETY: column 1 of the scan is the whole row, of the table's row type.
-                    let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
-                    if isnull {
-                        return Ok(());
-                    }
-                    // SAFETY: as above; the image is built in the batch context, not in the tuple.
-                    let (key, image) = unsafe { enc.encode(d)? };
-                    let key = key.ok_or_else(|| {
-                        AuditError::Internal(format!("a row of {} has a NULL key", t.qname))
-                    })?;
-                    rows.push((key, image));
-                    Ok(())
-                })
-            })?;
-            if n == 0 {
-                break;
-            }
-            let looked_up;
-            let known = match &few_known {
-                Some(k) => k,
-                None => {
-                    looked_up = mem.run(|| known_keys(&known_sql, &rows))?;
-                    &looked_up
-                }
-            };
-            for (key, image) in rows {
+        // Stores one live row's SNAPSHOT, unless the log knows its key.
+        let mut keep =
+            |key: Option<Vec<u8>>, image: Datum, known: &HashSet<Vec<u8>>| -> Result<()> {
+                let key = key.ok_or_else(|| {
+                    AuditError::Internal(format!("a row of {} has a NULL key", t.qname))
+                })?;
                 if known.contains(&key) {
-                    continue;
+                    return Ok(());
                 }
                 let row = Row {
                     schema: enc.schema_name(),
@@ -170,10 +145,43 @@ pub fn baseline_impl(rel: &PgRelation, batch: i32) -> Result<i64> {
                     new_values: Some(image),
                     changed: None,
                 };
-                // SAFETY: the image is a jsonb datum of the batch context, alive until
-                // its reset; a kept row is a copy.
-                mem.run(|| unsafe { append_kept_row(&ext, &info.actor(), row) })?;
+                // SAFETY: the image is a jsonb datum alive for this call; a kept row is a copy.
+                unsafe { append_kept_row(&ext, &info.actor(), row) }?;
                 written += 1;
+                Ok(())
+            };
+        loop {
+            // Rows come straight from the executor's slot (no SPI copies), as
+            // their columns (no whole-row tuple formed and taken apart again).
+            // With the log's keys at hand, each row is stored as it comes; a
+            // batch's keys are otherwise looked up together, after the fetch.
+            let mut rows: Vec<(Option<Vec<u8>>, Datum)> = Vec::new();
+            let n = mem.run(|| {
+                cursor.push(batch as i64, &mut |values, nulls| {
+                    mem.run(|| {
+                        // SAFETY: a row of the scan, enc.columns(), valid for this call.
+                        unsafe {
+                            match &few_known {
+                                Some(known) => enc
+                                    .with_row(values, nulls, |key, image| keep(key, image, known)),
+                                None => {
+                                    rows.push(enc.encode(values, nulls)?);
+                                    Ok(())
+                                }
+                            }
+                        }
+                    })
+                })
+            })?;
+            if n == 0 {
+                break;
+            }
+            if few_known.is_none() {
+                let known = mem.run(|| known_keys(&known_sql, &rows))?;
+                for (key, image) in rows {
+                    // The image is in the batch context, alive until its reset.
+                    mem.run(|| keep(key, image, &known))?;
+                }
             }
             // The next batch's known-keys query reads the log: what this one kept
             // is written first, in multi-inserts (as COPY writes).
@@ -199,17 +207,17 @@ fn all_known(sql: &str, limit: i64) -> Result<Option<HashSet<Vec<u8>>>> {
 fn drain_keys(cursor: &mut Cursor) -> Result<(HashSet<Vec<u8>>, usize)> {
     let mut known = HashSet::new();
     let mut rows = 0;
+    // Where a long key is detoasted: push runs in the portal's memory.
+    let mem = BatchMemory::new();
     loop {
-        let n = cursor.fetch(10_000, |tuple, desc| {
-            let mut isnull = false;
-            // SAFETY: column 1 is a row_id, text.
-            let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, 1, &mut isnull) };
-            if !isnull {
-                // SAFETY: a non-null text datum.
-                known.insert(unsafe { text_bytes(d) });
+        let n = cursor.push(10_000, &mut |values, nulls| {
+            if !nulls[0] {
+                // SAFETY: column 1 is a row_id, text, non-null; copied out.
+                known.insert(mem.run(|| unsafe { text_bytes(values[0]) }));
             }
             Ok(())
         })?;
+        mem.reset();
         if n == 0 {
             return Ok((known, rows));
         }
@@ -219,10 +227,11 @@ fn drain_keys(cursor: &mut Cursor) -> Result<(HashSet<Vec<u8>>, usize)> {
 
 /// Which of the batch's keys the log already has a row for, under the key or as
 /// the key a row moved away from. Read on the same snapshot as the table.
-fn known_keys(sql: &str, rows: &[(Vec<u8>, Datum)]) -> Result<HashSet<Vec<u8>>> {
+fn known_keys(sql: &str, rows: &[(Option<Vec<u8>>, Datum)]) -> Result<HashSet<Vec<u8>>> {
     let keys: Vec<CString> = rows
         .iter()
-        .map(|(k, _)| CString::new(k.clone()))
+        .filter_map(|(k, _)| k.clone())
+        .map(CString::new)
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| AuditError::Internal("a row key holds a NUL byte".into()))?;
     let refs: Vec<&std::ffi::CStr> = keys.iter().map(|k| k.as_c_str()).collect();

@@ -119,34 +119,23 @@ impl Change {
         ))
     }
 
-    /// As [`Change::from_row`], from columns 1 to 5 of a raw tuple of a cursor
-    /// (`live_rows::Cursor`, which reads on the active snapshot).
+    /// As [`Change::from_row`], from the values and nulls of a row that
+    /// `live_rows::Cursor::push` hands over (a cursor on the active snapshot).
     ///
     /// # Safety
-    /// `tuple` must be a live tuple of `desc`, whose columns 1 to 5 are text,
+    /// `v` and `n` must hold at least 5 columns, valid for the call: text,
     /// jsonb, jsonb, text[] and bool.
-    pub unsafe fn from_tuple(
-        tuple: pgrx::pg_sys::HeapTuple,
-        desc: pgrx::pg_sys::TupleDesc,
-        as_old_key: bool,
-    ) -> Change {
+    pub unsafe fn from_values(v: &[pgrx::pg_sys::Datum], n: &[bool], as_old_key: bool) -> Change {
         use pgrx::FromDatum;
         // SAFETY: the caller's contract gives each column's type; the values are
-        // converted (copied) before the tuple goes.
+        // converted (copied) before the row goes.
         unsafe {
-            let col = |i: i32| {
-                let mut isnull = false;
-                let d = pgrx::pg_sys::SPI_getbinval(tuple, desc, i, &mut isnull);
-                (d, isnull)
-            };
-            let ((op, n1), (old, n2), (new, n3), (fields, n4), (moved, n5)) =
-                (col(1), col(2), col(3), col(4), col(5));
             Change::of(
-                String::from_datum(op, n1),
-                pgrx::JsonB::from_datum(old, n2),
-                pgrx::JsonB::from_datum(new, n3),
-                Vec::<String>::from_datum(fields, n4),
-                bool::from_datum(moved, n5),
+                String::from_datum(v[0], n[0]),
+                pgrx::JsonB::from_datum(v[1], n[1]),
+                pgrx::JsonB::from_datum(v[2], n[2]),
+                Vec::<String>::from_datum(v[3], n[3]),
+                bool::from_datum(v[4], n[4]),
                 as_old_key,
             )
         }

@@ -64,31 +64,6 @@ impl Cursor {
         }
         Ok(Cursor { portal })
     }
-
-    /// Fetches up to `n` rows and hands each to `f` with the result's descriptor;
-    /// the rows are freed when `f` has seen them all. Returns how many there were.
-    pub(crate) fn fetch(
-        &mut self,
-        n: i64,
-        mut f: impl FnMut(pg_sys::HeapTuple, pg_sys::TupleDesc) -> Result<()>,
-    ) -> Result<usize> {
-        // SAFETY: the portal is open (closed only by Drop); SPI_cursor_fetch sets
-        // SPI_tuptable and SPI_processed, which are read before any other SPI call.
-        unsafe {
-            pg_sys::SPI_cursor_fetch(self.portal, true, n as _);
-            let table = pg_sys::SPI_tuptable;
-            let count = pg_sys::SPI_processed as usize;
-            if table.is_null() {
-                return Ok(0);
-            }
-            let rows = std::slice::from_raw_parts((*table).vals, count);
-            for &row in rows {
-                f(row, (*table).tupdesc)?;
-            }
-            pg_sys::SPI_freetuptable(table);
-            Ok(count)
-        }
-    }
 }
 
 /// What a [`Receiver`] hands each row to: its values and nulls, in the
@@ -191,9 +166,9 @@ pub(crate) fn stream(sql: &str, f: &mut RowFn<'_>) -> Result<()> {
 }
 
 impl Cursor {
-    /// As [`Cursor::fetch`], handing each row to `f` as its values and nulls
-    /// straight from the executor, without SPI (so also inside a [`stream`]ed
-    /// query). `f` runs in the portal's memory context, which lasts as long as
+    /// Fetches up to `n` rows, handing each to `f` as its values and nulls
+    /// straight from the executor: no row is copied, and no SPI call is made
+    /// (so this also works inside a [`stream`]ed query). `f` runs in the portal's memory context, which lasts as long as
     /// the cursor: it must allocate in one of its own. Returns how many rows there were.
     pub(crate) fn push(&mut self, n: i64, f: &mut RowFn<'_>) -> Result<usize> {
         let mut r = Receiver::new(f);
@@ -336,10 +311,13 @@ pub(crate) struct Encoder {
     /// jsonb builder's garbage of a whole batch would take pages that the
     /// kernel zeroes anew for every batch (14% of baseline's time did).
     scratch: BatchMemory,
-    tupdesc: pg_sys::TupleDesc,
+    /// The relation's attribute count, dropped ones included.
+    natts: usize,
+    /// The attributes [`Encoder::columns`] reads, in its order.
+    attnums: Vec<i32>,
     secret: Option<Rc<[u8]>>,
-    /// The alias the table is read under: a name none of its columns has, so
-    /// that the alias alone in a select list is the whole row.
+    /// The alias the table is read under, and its key written on: a name none
+    /// of its columns has, so that no reader can take one for the other.
     pub(crate) alias: String,
 }
 
@@ -353,15 +331,24 @@ impl Encoder {
         } else {
             None
         };
-        let names: Vec<String> = rel.tuple_desc().iter().map(|a| a.name().to_string()).collect();
+        let desc = rel.tuple_desc();
+        let names: Vec<String> = desc.iter().map(|a| a.name().to_string()).collect();
         let mut alias = "r".to_string();
         while names.contains(&alias) {
             alias.push('_');
         }
-        // SAFETY: rd_att of the open relation.
-        let tupdesc = unsafe { (*rel.as_ptr()).rd_att };
+        // What `alias.*` expands to: every attribute not dropped, in order.
+        let attnums =
+            desc.iter().filter(|a| !a.is_dropped()).map(|a| i32::from(a.attnum)).collect();
         let scratch = BatchMemory::keeping(c"audit_ext row", ROW_KEPT_BLOCK);
-        Ok(Encoder { cfg, tupdesc, secret, scratch, alias: quote_ident(&alias) })
+        Ok(Encoder { cfg, natts: desc.len(), attnums, secret, scratch, alias: quote_ident(&alias) })
+    }
+
+    /// The select-list entry that reads a row the way [`Encoder::encode`] takes
+    /// it: its columns, not the whole-row value, which the executor would form
+    /// as a tuple of its own for every row and the encoder take apart again.
+    pub(crate) fn columns(&self) -> String {
+        format!("{}.*", self.alias)
     }
 
     /// The names the log's rows carry for this table (the tracked table's).
@@ -373,18 +360,22 @@ impl Encoder {
         self.cfg.table_name.to_bytes()
     }
 
-    /// The whole-row value `d` (of the table's row type, as `SELECT <alias>` gives
-    /// it) as the trigger would log it: its row_id and its image, a jsonb datum
-    /// in the caller's memory context.
+    /// A row read by [`Encoder::columns`] (`values` and `nulls` hold those
+    /// columns, in order) as the trigger would log it: its row_id and its image,
+    /// a jsonb datum in the caller's memory context.
     /// Runs as the current user: output functions and casts are user code.
     ///
     /// # Safety
-    /// `d` must be a non-null composite datum of the relation's row type.
-    pub(crate) unsafe fn encode(&self, d: Datum) -> Result<(Option<Vec<u8>>, Datum)> {
+    /// `values` and `nulls` must be a row of [`Encoder::columns`], still valid.
+    pub(crate) unsafe fn encode(
+        &self,
+        values: &[Datum],
+        nulls: &[bool],
+    ) -> Result<(Option<Vec<u8>>, Datum)> {
         // SAFETY: a plain read of the current context, which outlives this call.
         let caller = unsafe { pg_sys::CurrentMemoryContext };
         // SAFETY: forwarded from the caller.
-        let (key, image) = self.scratch.run(|| unsafe { self.encode_here(d, true) })?;
+        let (key, image) = self.scratch.run(|| unsafe { self.encode_here(values, nulls, true) })?;
         // SAFETY: the image is a plain jsonb varlena of the scratch context, copied
         // out before that is reset.
         let image = unsafe {
@@ -398,16 +389,43 @@ impl Encoder {
         Ok((key, image))
     }
 
+    /// As [`Encoder::encode`], handing `f` the row's key (None for a NULL key)
+    /// and its image as a jsonb datum of a scratch context, valid only for the
+    /// call: for a reader that stores or compares the image at once, so nothing
+    /// is copied.
+    ///
+    /// # Safety
+    /// As [`Encoder::encode`].
+    pub(crate) unsafe fn with_row<R>(
+        &self,
+        values: &[Datum],
+        nulls: &[bool],
+        f: impl FnOnce(Option<Vec<u8>>, Datum) -> Result<R>,
+    ) -> Result<R> {
+        // SAFETY: forwarded from the caller; the image lives until the reset below.
+        let r = self.scratch.run(|| unsafe {
+            let (key, image) = self.encode_here(values, nulls, true)?;
+            f(key, image)
+        });
+        self.scratch.reset();
+        r
+    }
+
     /// As [`Encoder::encode`], for a reader that has the row's key already
     /// (verify_table reads it beside the row): hands `f` the image only, as the
     /// bytes of its whole jsonb varlena, valid for the call (nothing is copied).
     ///
     /// # Safety
     /// As [`Encoder::encode`].
-    pub(crate) unsafe fn with_image<R>(&self, d: Datum, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    pub(crate) unsafe fn with_image<R>(
+        &self,
+        values: &[Datum],
+        nulls: &[bool],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
         // SAFETY: forwarded from the caller.
         let r = self.scratch.run(|| unsafe {
-            let (_, image) = self.encode_here(d, false)?;
+            let (_, image) = self.encode_here(values, nulls, false)?;
             let p = image.cast_mut_ptr::<pg_sys::varlena>();
             // A plain varlena of this context, read before it is reset.
             Ok(f(std::slice::from_raw_parts(p as *const u8, pgrx::varlena::varsize_any(p))))
@@ -419,18 +437,22 @@ impl Encoder {
     /// # Safety
     /// As [`Encoder::encode`]; the image is built in the current context. The
     /// key is made only if `with_key`.
-    unsafe fn encode_here(&self, d: Datum, with_key: bool) -> Result<(Option<Vec<u8>>, Datum)> {
-        // SAFETY: a composite datum is a HeapTupleHeader varlena; its row type is
-        // the relation's, whose descriptor (dropped columns included) is rd_att.
+    unsafe fn encode_here(
+        &self,
+        values: &[Datum],
+        nulls: &[bool],
+        with_key: bool,
+    ) -> Result<(Option<Vec<u8>>, Datum)> {
+        if values.len() != self.attnums.len() || nulls.len() != self.attnums.len() {
+            return Err(AuditError::Internal(format!(
+                "a row of {} columns, where {} were read",
+                values.len(),
+                self.attnums.len()
+            )));
+        }
+        let row = Deformed::from_columns(self.natts, &self.attnums, values, nulls);
+        // SAFETY: the row's datums are the relation's columns (the caller's contract).
         unsafe {
-            let hdr = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as pg_sys::HeapTupleHeader;
-            let mut tuple = pg_sys::HeapTupleData {
-                t_len: pgrx::varlena::varsize_any(hdr.cast()) as u32,
-                t_self: pg_sys::ItemPointerData::default(),
-                t_tableOid: pg_sys::InvalidOid,
-                t_data: hdr,
-            };
-            let row = Deformed::new(&mut tuple, self.tupdesc);
             let key = if with_key { row_key(&self.cfg, &row)? } else { None };
             let image = encode_row(&self.cfg, &row, self.secret.as_deref())?;
             Ok((key, image))

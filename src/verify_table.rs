@@ -194,10 +194,11 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
           ORDER BY id DESC"
     );
     let live_sql = format!(
-        "SELECT ({}) COLLATE pg_catalog.\"C\" AS k, {a} FROM {} {a} ORDER BY 1",
+        "SELECT ({}) COLLATE pg_catalog.\"C\" AS k, {} FROM {} {} ORDER BY 1",
         t.key_expr_on(&enc.alias),
+        enc.columns(),
         t.qname,
-        a = enc.alias
+        enc.alias
     );
     let mut m = Merge {
         log: VecDeque::new(),
@@ -217,15 +218,17 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
         let rows = BatchMemory::new();
         let mut since_reset = 0;
         crate::live_rows::stream(&live_sql, &mut |values, nulls| {
-            if nulls[0] || nulls[1] {
+            if nulls[0] {
                 return Err(AuditError::Internal("a live row without a key".into()));
             }
             let r = rows.run(|| -> Result<()> {
-                // SAFETY: the live query's columns: k text, then the whole row of the
-                // table's type; the key's bytes live until the reset below.
+                // SAFETY: the live query's columns: k text, then enc.columns(); the
+                // key's bytes live until the reset below.
                 unsafe {
                     let key = text_slice(values[0]);
-                    enc.with_image(values[1], |image| m.live_row(&mut log_cur, key, image))?
+                    enc.with_image(&values[1..], &nulls[1..], |image| {
+                        m.live_row(&mut log_cur, key, image)
+                    })?
                 }
             });
             since_reset += 1;
@@ -408,10 +411,12 @@ fn folded_image(key_sql: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let arg = unsafe { crate::datum::text_datum(key) };
         let mut cur = Cursor::open(key_sql, &[(pg_sys::TEXTOID, Some(arg))])?;
         let mut v = Vec::new();
-        while cur.fetch(FETCH, |tuple, desc| {
+        // Each Change owns its values (converted from the row): the portal's
+        // memory, where push runs, gains nothing per row.
+        while cur.push(FETCH, &mut |values, nulls| {
             // SAFETY: key_sql's columns: operation, old_values, new_values,
             // changed_fields, old_row_id IS NOT NULL.
-            v.push(unsafe { crate::image::Change::from_tuple(tuple, desc, false) });
+            v.push(unsafe { crate::image::Change::from_values(values, nulls, false) });
             Ok(())
         })? > 0
         {}

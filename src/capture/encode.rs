@@ -555,15 +555,9 @@ mod tests {
             // runs on the active one, taken before it).
             let _s = FreshSnapshot::take();
             let mut cur = Cursor::open("SELECT * FROM kinds", &[]).unwrap();
-            cur.fetch(100, |tuple, desc| {
-                let values: Vec<(Datum, bool)> = (1..=keys.len() as i32)
-                    .map(|i| {
-                        let mut isnull = false;
-                        // SAFETY: column i of the result.
-                        let d = unsafe { pg_sys::SPI_getbinval(tuple, desc, i, &mut isnull) };
-                        (d, isnull)
-                    })
-                    .collect();
+            cur.push(100, &mut |v, n| {
+                let values: Vec<(Datum, bool)> =
+                    v.iter().copied().zip(n.iter().copied()).take(keys.len()).collect();
                 // SAFETY: the values are of the builder's types, in its key order.
                 let (fast, general) = unsafe {
                     (

@@ -47,6 +47,25 @@ impl Deformed {
         }
     }
 
+    /// A row read as its columns (`r.*`: the relation's attributes that are not
+    /// dropped, in order, as `attnums` lists them), laid out as [`Deformed::new`]
+    /// lays out a tuple; a dropped attribute is NULL, as in a tuple. The datums
+    /// are borrowed, valid as long as `values`' are.
+    pub(crate) fn from_columns(
+        natts: usize,
+        attnums: &[i32],
+        values: &[Datum],
+        nulls: &[bool],
+    ) -> Deformed {
+        let mut d = Deformed { values: vec![Datum::from(0); natts], nulls: vec![true; natts] };
+        for ((&a, &v), &n) in attnums.iter().zip(values).zip(nulls) {
+            let i = a as usize - 1;
+            d.values[i] = v;
+            d.nulls[i] = n;
+        }
+        d
+    }
+
     fn get(&self, attnum: i32) -> (Datum, bool) {
         let i = attnum as usize - 1;
         (self.values[i], self.nulls[i])
