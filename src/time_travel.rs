@@ -72,6 +72,9 @@ pub(crate) struct Table {
     names: Vec<(String, String, Option<String>)>,
     pub(crate) exclude: Vec<String>,
     pub(crate) redact: Vec<String>,
+    /// Virtual generated columns (PostgreSQL 18): never logged (capture::cache
+    /// says why), so not part of a live row's image either.
+    virtual_cols: Vec<String>,
     earliest: TimestampWithTimeZone,
 }
 
@@ -127,7 +130,13 @@ impl Table {
             .into_iter()
             .map(|k| (k.name.to_string_lossy().into_owned(), k.sql_type()))
             .collect();
-        Ok(Table { qname, key, names, exclude, redact, earliest })
+        let virtual_cols = rel
+            .tuple_desc()
+            .iter()
+            .filter(|a| !a.is_dropped() && a.attgenerated == b'v' as std::ffi::c_char)
+            .map(|a| a.name().to_string())
+            .collect();
+        Ok(Table { qname, key, names, exclude, redact, virtual_cols, earliest })
     }
 
     /// SQL predicate on audit.log selecting this table's rows: under each name it
@@ -220,11 +229,17 @@ impl Table {
     }
 
     /// Select list for a live row on alias `t`: its row_id, `to_jsonb(t)` without
-    /// excluded and redacted columns, and the redacted columns' output text.
+    /// excluded, redacted and virtual generated columns, and the redacted columns'
+    /// output text.
     fn live_select(&self) -> String {
         let mut e = "pg_catalog.to_jsonb(t.*)".to_string(); // t.*: a column may be named t
-        let hidden: Vec<String> =
-            self.exclude.iter().chain(&self.redact).map(|c| quote_literal(c)).collect();
+        let hidden: Vec<String> = self
+            .exclude
+            .iter()
+            .chain(&self.redact)
+            .chain(&self.virtual_cols)
+            .map(|c| quote_literal(c))
+            .collect();
         if !hidden.is_empty() {
             e = format!(
                 "({e} OPERATOR(pg_catalog.-) ARRAY[{}]::pg_catalog.text[])",

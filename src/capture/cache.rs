@@ -186,7 +186,11 @@ unsafe fn build(rel: pg_sys::Relation) -> Result<RelConfig> {
     let tupdesc = unsafe { PgTupleDesc::from_pg_unchecked((*rel).rd_att) };
     let mut columns = Vec::new();
     for (i, att) in tupdesc.iter().enumerate() {
-        if att.is_dropped() {
+        // A virtual generated column (PostgreSQL 18) is not stored: a trigger's
+        // tuple holds NULL for it while every query computes it, so logging it
+        // would make each image disagree with the row it is of. Its value is
+        // the other columns' to derive; like an excluded column, it is not logged.
+        if att.is_dropped() || att.attgenerated == b'v' as std::ffi::c_char {
             continue;
         }
         // SAFETY: attname is a NUL-terminated NameData.
