@@ -34,6 +34,28 @@ BEGIN
 END
 $$;
 
+-- The log's btrees do not deduplicate (sql/schema.sql, partitions::CHANGES): every
+-- entry ends in the row's unique id, so a full page was searched for duplicates
+-- in vain before each split. Existing entries stay as they are; no rebuild.
+DO $$
+DECLARE
+  idx pg_catalog.regclass;
+BEGIN
+  FOR idx IN
+    SELECT x.indexrelid::pg_catalog.regclass
+      FROM pg_catalog.pg_inherits i
+      JOIN pg_catalog.pg_index x ON x.indrelid OPERATOR(pg_catalog.=) i.inhrelid
+      JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) x.indexrelid
+      JOIN pg_catalog.pg_am a ON a.oid OPERATOR(pg_catalog.=) c.relam
+     WHERE i.inhparent OPERATOR(pg_catalog.=) 'audit.log'::pg_catalog.regclass
+       AND a.amname OPERATOR(pg_catalog.=) 'btree'
+       AND c.relname OPERATOR(pg_catalog.~) '_(old_)?row_idx$'
+  LOOP
+    EXECUTE pg_catalog.format('ALTER INDEX %s SET (deduplicate_items = off)', idx);
+  END LOOP;
+END
+$$;
+
 -- The sealer waits for the transactions that hold audit ids, not for every
 -- transaction with an xid (src/chain/writers.rs): its candidate names those
 -- transactions. A pending candidate of 0.1.0 is dropped; the next seal makes a new one.
@@ -273,7 +295,7 @@ COMMENT ON TABLE audit.access_log IS 'One row per statement that read a read-tra
 
 CREATE TABLE audit.access_log_default PARTITION OF audit.access_log DEFAULT;
 -- Who read this table, and when: one index probe.
-CREATE INDEX access_log_default_table_idx ON audit.access_log_default (table_name, accessed_at, id);
+CREATE INDEX access_log_default_table_idx ON audit.access_log_default (table_name, accessed_at, id) WITH (deduplicate_items = off);
 -- Sealing and verification walk ids.
 CREATE INDEX access_log_default_brin ON audit.access_log_default USING brin (id);
 SELECT pg_catalog.pg_extension_config_dump('audit.access_log_default', '');

@@ -29,7 +29,10 @@ struct LogTable {
     /// Partition names: this, then the start in UTC (YYYYMMDD_HH24MI).
     prefix: &'static str,
     /// The indexes every partition gets (sql/schema.sql gives the default partition
-    /// the same), as SQL with `{name}` for the partition's name.
+    /// the same), as SQL with `{name}` for the partition's name. No btree of a log
+    /// deduplicates: every entry ends in the row's id, so no two are ever equal, and
+    /// each full leaf page would only be searched for duplicates in vain before it
+    /// splits (about 4% of a baseline's time).
     indexes: &'static str,
     /// Whether removing a partition moves the horizon of time travel (changes only).
     moves_horizon: bool,
@@ -40,8 +43,8 @@ const CHANGES: LogTable = LogTable {
     default: "log_default",
     time_col: "changed_at",
     prefix: "log_p",
-    indexes: "CREATE INDEX {name}_row_idx ON audit.{name} (table_name, row_id, changed_at, id);
-              CREATE INDEX {name}_old_row_idx ON audit.{name} (table_name, old_row_id, changed_at, id) WHERE old_row_id IS NOT NULL;
+    indexes: "CREATE INDEX {name}_row_idx ON audit.{name} (table_name, row_id, changed_at, id) WITH (deduplicate_items = off);
+              CREATE INDEX {name}_old_row_idx ON audit.{name} (table_name, old_row_id, changed_at, id) WITH (deduplicate_items = off) WHERE old_row_id IS NOT NULL;
               CREATE INDEX {name}_brin ON audit.{name} USING brin (id, txid);",
     moves_horizon: true,
 };
@@ -51,7 +54,7 @@ const READS: LogTable = LogTable {
     default: "access_log_default",
     time_col: "accessed_at",
     prefix: "access_log_p",
-    indexes: "CREATE INDEX {name}_table_idx ON audit.{name} (table_name, accessed_at, id);
+    indexes: "CREATE INDEX {name}_table_idx ON audit.{name} (table_name, accessed_at, id) WITH (deduplicate_items = off);
               CREATE INDEX {name}_brin ON audit.{name} USING brin (id);",
     moves_horizon: false,
 };

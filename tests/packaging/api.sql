@@ -38,6 +38,15 @@ SELECT pg_temp.check(extversion = :'version', 'extension version ' || extversion
 SELECT pg_temp.check(v->>'extension_version' = :'version' AND v->>'library_version' = :'version', 'audit.version() = ' || v::text)
   FROM audit.version() v;
 
+-- the logs' btrees, on partitions that 0.1.0's maintain() made too, do not deduplicate
+SELECT pg_temp.check(count(*) = 0, 'log btrees that deduplicate: ' || string_agg(x.indexrelid::regclass::text, ', '))
+  FROM pg_inherits i JOIN pg_index x ON x.indrelid = i.inhrelid JOIN pg_class c ON c.oid = x.indexrelid
+ WHERE i.inhparent IN ('audit.log'::regclass, 'audit.access_log'::regclass)
+   AND c.relam = (SELECT oid FROM pg_am WHERE amname = 'btree')
+   AND NOT COALESCE('deduplicate_items=off' = ANY (c.reloptions), false);
+SELECT pg_temp.check(count(*) >= 3, 'log partitions with btrees: ' || count(*))
+  FROM pg_inherits i WHERE i.inhparent = 'audit.log'::regclass;
+
 -- the history written before the upgrade
 SELECT pg_temp.check(ok, 'verify(digest before the upgrade): ' || COALESCE(detail, '')) FROM audit.verify(:'digest');
 SELECT pg_temp.check(ok, 'verify(): ' || COALESCE(detail, '')) FROM audit.verify();
