@@ -107,8 +107,6 @@ pub unsafe extern "C-unwind" fn audit_on_drop_start(
         };
         if ours {
             check("extension audit_ext").or_raise();
-            // The drop goes ahead: let go of audit.log, or it is "in use" by this session.
-            crate::log::sink::release();
         }
     }
     pg_sys::Datum::from(0)

@@ -181,15 +181,60 @@ unsafe extern "C-unwind" fn before_finish(qd: *mut pg_sys::QueryDesc) -> u64 {
 #[pg_guard]
 unsafe extern "C-unwind" fn before_utility(pstmt: *mut pg_sys::PlannedStmt) -> u64 {
     flush();
-    // SAFETY: the utility statement of a valid PlannedStmt; the node tag is checked
-    // before the cast.
-    let copy_from = unsafe {
+    // SAFETY: the utility statement of a valid PlannedStmt; node tags are checked
+    // before the casts.
+    let (copy_from, leaves_log_open) = unsafe {
         let stmt = (*pstmt).utilityStmt;
-        !stmt.is_null()
-            && (*stmt).type_ == pg_sys::NodeTag::T_CopyStmt
-            && (*stmt.cast::<pg_sys::CopyStmt>()).is_from
+        let tag = if stmt.is_null() { None } else { Some((*stmt).type_) };
+        (
+            tag == Some(pg_sys::NodeTag::T_CopyStmt)
+                && (*stmt.cast::<pg_sys::CopyStmt>()).is_from,
+            tag.is_some_and(leaves_log_open),
+        )
     };
+    if !leaves_log_open {
+        // SAFETY: a plain read of transaction state.
+        if unsafe { pg_sys::IsTransactionState() } {
+            crate::log::sink::close_between_statements();
+        }
+    }
     push(std::ptr::null_mut(), copy_from)
+}
+
+/// Utility statements that never need a relation closed: the log writer stays
+/// open across them, as it does across DML, so that a transaction of savepoints,
+/// SETs and statements does not reopen it each time. Every other utility
+/// statement (any DDL: TRUNCATE, ALTER TABLE, CREATE INDEX, DROP, CLUSTER, ...)
+/// may be aimed at audit.log or its partitions, which PostgreSQL refuses while
+/// this session holds them open; the writer is closed before it
+/// (log::sink::close_between_statements). DDL is rare enough that reopening the
+/// writer after it costs nothing worth measuring.
+fn leaves_log_open(tag: pg_sys::NodeTag) -> bool {
+    use pg_sys::NodeTag::*;
+    matches!(
+        tag,
+        T_TransactionStmt
+            | T_VariableSetStmt
+            | T_VariableShowStmt
+            | T_ConstraintsSetStmt
+            | T_DeclareCursorStmt
+            | T_FetchStmt
+            | T_ClosePortalStmt
+            | T_PrepareStmt
+            | T_ExecuteStmt
+            | T_DeallocateStmt
+            | T_CopyStmt
+            | T_ExplainStmt
+            | T_CallStmt
+            | T_DoStmt
+            | T_LockStmt
+            | T_NotifyStmt
+            | T_ListenStmt
+            | T_UnlistenStmt
+            | T_DiscardStmt
+            | T_CheckPointStmt
+            | T_LoadStmt
+    )
 }
 
 // The hooks are plain frames around the previous hook or PostgreSQL's standard

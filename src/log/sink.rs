@@ -173,6 +173,29 @@ pub fn release() {
     BUSY.with(|b| b.set(false));
 }
 
+/// Closes the writer between two statements of a transaction, before a utility
+/// statement that may need audit.log's relations closed: PostgreSQL refuses to
+/// truncate, alter, index, cluster or drop a relation that this session holds
+/// open ("in use by active queries in this session"), and the writer holds the
+/// log, its partitions and their indexes open until the transaction ends. The
+/// next row opens it again. It stays open while rows of an enclosing
+/// subtransaction are kept (they must be written in it, when it resumes), and
+/// while it is at work (a statement run from inside it).
+pub fn close_between_statements() {
+    flush();
+    if buffered() > 0 {
+        return;
+    }
+    let Some(sink) = SINK.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.take())) else {
+        return;
+    };
+    // SAFETY: the writer was opened in this transaction and is closed once; it is
+    // not at work (its cell could be borrowed) and holds no rows.
+    unsafe { close(sink) };
+    STALE.with(|s| s.set(false));
+    BUSY.with(|b| b.set(false));
+}
+
 /// # Safety
 /// `s` must have been opened by [`open`] in the current transaction.
 unsafe fn close(s: Sink) {

@@ -101,3 +101,27 @@ SET LOCAL client_min_messages = warning;
 DROP EXTENSION audit_ext CASCADE;
 ROLLBACK;
 SELECT count(*) FROM audit.log WHERE table_name = 'acct' AND row_id = '40';
+
+-- Maintenance of the log itself after audit rows in the same transaction: the
+-- writer lets go of the log before each utility statement, so PostgreSQL does not
+-- find it "in use by active queries in this session", and the rows written after
+-- the statement are logged.
+BEGIN;
+INSERT INTO acct VALUES (50, 0);
+CREATE INDEX acct_probe ON audit.log_default (changed_by);
+INSERT INTO acct VALUES (51, 0);
+DROP INDEX audit.acct_probe;
+ALTER TABLE audit.log_default SET (fillfactor = 90);
+INSERT INTO acct VALUES (52, 0);
+SET LOCAL audit.allow_drop = on;
+-- From inside a DO block too: the partition the rows just went to.
+DO $$ BEGIN
+  EXECUTE format('DROP TABLE %s', (SELECT tableoid::regclass FROM audit.log WHERE table_name = 'acct' ORDER BY id DESC LIMIT 1));
+END $$;
+INSERT INTO acct VALUES (53, 0);
+SELECT row_id, tableoid::regclass AS part FROM audit.log WHERE table_name = 'acct' AND row_id::int BETWEEN 50 AND 59 ORDER BY id;
+TRUNCATE audit.log;
+INSERT INTO acct VALUES (54, 0);
+SELECT row_id FROM audit.log ORDER BY id;
+ROLLBACK;
+SELECT count(*) FROM audit.log WHERE table_name = 'acct' AND row_id::int BETWEEN 50 AND 59;
