@@ -10,6 +10,7 @@ mod baseline;
 mod capture;
 mod chain;
 mod datum;
+mod db_text;
 mod ddl;
 mod errors;
 mod ext;

@@ -32,6 +32,7 @@ use pgrx::prelude::*;
 use pgrx::PgRelation;
 
 use crate::chain::append::jsonb_text;
+use crate::db_text::DbText;
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::live_rows::{text_bytes, text_slice, BatchMemory, Cursor, Encoder};
 use crate::privilege::as_extension_owner;
@@ -47,6 +48,7 @@ pub struct TableReport {
     pub missing: i64,
     pub unexplained: i64,
     pub changed: i64,
+    /// These two are Rust text as crate::db_text makes it of the database's.
     pub first_bad_row_id: Option<String>,
     pub detail: String,
 }
@@ -134,7 +136,8 @@ impl Bad {
 /// The top-level keys whose values differ between two images (for the detail
 /// only: the verdict compares the exact text).
 fn changed_columns(live: &[u8], logged: &[u8]) -> String {
-    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
+    let parse =
+        |b: &[u8]| serde_json::from_str::<serde_json::Value>(&crate::db_text::to_rust(b)).ok();
     match (parse(live), parse(logged)) {
         (Some(serde_json::Value::Object(a)), Some(serde_json::Value::Object(b))) => {
             let mut cols: Vec<&String> = a
@@ -245,7 +248,8 @@ pub fn verify_table_impl(rel: &PgRelation) -> Result<TableReport> {
     match first {
         None => r.detail = format!("{} live row(s) of {} match the log", r.rows_checked, t.qname),
         Some((key, why)) => {
-            let key = String::from_utf8_lossy(&key).into_owned();
+            // In the database's own encoding when it is reported (crate::db_text).
+            let key = crate::db_text::to_rust(&key).into_owned();
             r.detail = format!(
                 "{}: {} changed, {} missing, {} unexplained; first: row {key} {}",
                 t.qname,
@@ -446,8 +450,8 @@ fn verify_table(
         name!(missing, i64),
         name!(unexplained, i64),
         name!(changed, i64),
-        name!(first_bad_row_id, Option<String>),
-        name!(detail, String),
+        name!(first_bad_row_id, Option<DbText>),
+        name!(detail, DbText),
     ),
 > {
     let relid = tbl.as_ref().map(|r| r.oid());
@@ -464,8 +468,8 @@ fn verify_table(
         r.missing,
         r.unexplained,
         r.changed,
-        r.first_bad_row_id,
-        r.detail,
+        r.first_bad_row_id.as_deref().map(DbText::from_rust),
+        DbText::from_rust(&r.detail),
     ))
 }
 

@@ -85,10 +85,45 @@ fn latin1_values_keys_and_actors_are_captured_and_verified() {
         "SELECT count(DISTINCT new_values->>'geheim') = 1 FROM audit.log WHERE row_id = 'Müller'"
     ));
     assert!(holds(&mut c, "SELECT audit.state_at('grosse', 'plain', now()) IS NULL"));
+    // The table's own proof: a row older than tracking, with a LATIN1 key and
+    // values, is baselined; the table verifies, and an edit behind the trigger of
+    // one LATIN1 byte is found.
+    c.batch_execute(
+        "SET session_replication_role = replica;
+         INSERT INTO grosse VALUES ('Ärger', 'früh', 'ß', 0.10);
+         RESET session_replication_role;",
+    )
+    .unwrap();
+    assert!(holds(&mut c, "SELECT unexplained = 1 FROM audit.verify_table('grosse')"));
+    assert!(holds(&mut c, "SELECT audit.baseline('grosse') = 1"));
+    assert!(holds(
+        &mut c,
+        "SELECT new_values->>'notiz' = 'früh' AND new_values->>'geheim' LIKE 'redacted:%'
+           FROM audit.log WHERE operation = 'SNAPSHOT' AND row_id = 'Ärger'"
+    ));
+    assert!(holds(&mut c, "SELECT ok AND rows_checked = 2 FROM audit.verify_table('grosse')"));
+    c.batch_execute(
+        "SET session_replication_role = replica;
+         UPDATE grosse SET notiz = 'früher' WHERE name = 'Ärger';
+         RESET session_replication_role;",
+    )
+    .unwrap();
+    assert!(holds(
+        &mut c,
+        "SELECT NOT ok AND changed = 1 AND first_bad_row_id = 'Ärger'
+                AND detail LIKE '%row Ärger differs from the log''s last image of it in column(s) notiz:%'
+           FROM audit.verify_table('grosse')"
+    ));
+    c.batch_execute(
+        "SET session_replication_role = replica;
+         UPDATE grosse SET notiz = 'früh' WHERE name = 'Ärger';
+         RESET session_replication_role;",
+    )
+    .unwrap();
 
     assert!(verify_ok(&mut c), "unsealed rows verify");
     c.batch_execute("SELECT audit.seal()").unwrap();
-    assert!(holds(&mut c, "SELECT rows = 4 AND ok FROM audit.verify()"), "sealed rows verify");
+    assert!(holds(&mut c, "SELECT rows = 5 AND ok FROM audit.verify()"), "sealed rows verify");
     tamper_is_found(&mut c, "changed_by", "'Josè'");
     tamper_is_found(&mut c, "new_values", "jsonb_set(new_values, '{notiz}', '\"naïvé\"')");
     cluster.assert_no_crash();
@@ -122,6 +157,30 @@ fn sql_ascii_bytes_that_are_not_utf8_are_captured_and_verified() {
     c.batch_execute("SELECT audit.seal()").unwrap();
     assert!(holds(&mut c, "SELECT rows = 3 AND ok FROM audit.verify()"), "sealed rows verify");
     assert!(holds(&mut c, "SELECT audit.state_at('t', 'ascii', now()) ->> 'v' = 'a'"));
+    // The table's own proof names the row edited behind the trigger by its very bytes.
+    assert!(holds(&mut c, "SELECT ok AND rows_checked = 2 FROM audit.verify_table('t')"));
+    c.batch_execute(
+        "SET session_replication_role = replica;
+         UPDATE t SET v = E'x\\xfd' WHERE k = E'M\\xfcller';
+         RESET session_replication_role;",
+    )
+    .unwrap();
+    assert!(holds(
+        &mut c,
+        "SELECT NOT ok AND changed = 1 AND first_bad_row_id = E'M\\xfcller'
+                AND position(E'row M\\xfcller differs' IN detail) > 0 AND detail LIKE '%column(s) v:%'
+           FROM audit.verify_table('t')"
+    ));
+    assert!(holds(
+        &mut c,
+        "SELECT NOT ok AND position(E'row M\\xfcller differs' IN detail) > 0 FROM audit.verify(tables => '{t}')"
+    ));
+    c.batch_execute(
+        "SET session_replication_role = replica;
+         UPDATE t SET v = E'na\\xefve' WHERE k = E'M\\xfcller';
+         RESET session_replication_role;",
+    )
+    .unwrap();
     c.batch_execute("UPDATE audit.log SET changed_by = E'jos\\xe8' WHERE row_id = 'ascii'")
         .unwrap();
     assert!(!verify_ok(&mut c), "a changed byte is found");

@@ -122,11 +122,6 @@ fn number_fits_numeric(n: &str) -> bool {
     exp.unsigned_abs() <= 10_000 && digits <= 10_000
 }
 
-fn db_is_utf8() -> bool {
-    // SAFETY: a plain read of the database encoding.
-    unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
-}
-
 /// Called only when session_info is rebuilt, which its cache key (with the session user) decides.
 fn session_user_name() -> Vec<u8> {
     // SAFETY: the session user always exists (noerr=false would ERROR); a palloc'd C string.
@@ -228,7 +223,7 @@ fn session_info(require_actor: bool) -> Result<std::rc::Rc<SessionInfo>> {
     }
     let key = key.to_vec();
     let changed_by = match actor.map(|u| (u, std::str::from_utf8(u.to_bytes()))) {
-        Some((_, Ok(u))) => actor_from(u, db_is_utf8()).0.into_bytes(),
+        Some((_, Ok(u))) => actor_from(u, crate::db_text::db_is_utf8()).0.into_bytes(),
         Some((u, Err(_))) => u.to_bytes().to_vec(), // not UTF-8 (another database encoding): kept as it is
         None => context.db_user.clone(),
     };
@@ -293,7 +288,11 @@ fn context(current_user: Option<&'static CStr>) -> Result<std::rc::Rc<Context>> 
             let Some(v) = v else { continue };
             // An actor given as a JSON object is kept as that object.
             let parsed = (n.as_c_str() == CURRENT_USER)
-                .then(|| std::str::from_utf8(v).ok().and_then(|v| actor_from(v, db_is_utf8()).1))
+                .then(|| {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|v| actor_from(v, crate::db_text::db_is_utf8()).1)
+                })
                 .flatten()
                 .and_then(|obj| CString::new(obj.to_string()).ok());
             let (value, typid) = match parsed {

@@ -833,7 +833,7 @@ fn verify(
         name!(blocks, i64),
         name!(rows, i64),
         name!(first_bad_id, Option<i64>),
-        name!(detail, String),
+        name!(detail, crate::db_text::DbText),
     ),
 > {
     verify_with_tables(digest, None)
@@ -870,7 +870,7 @@ fn verify_with_tables(
         name!(blocks, i64),
         name!(rows, i64),
         name!(first_bad_id, Option<i64>),
-        name!(detail, String),
+        name!(detail, crate::db_text::DbText),
     ),
 > {
     let mut r = verify_impl(digest.map(|j| j.0)).or_raise();
@@ -891,7 +891,14 @@ fn verify_with_tables(
         r.ok &= ok;
         r.detail = format!("{}; tables: {detail}", r.detail);
     }
-    TableIterator::once((r.ok, r.blocks, r.rows, r.first_bad_id, r.detail))
+    // The tables' part names their rows in the database's encoding (crate::db_text).
+    TableIterator::once((
+        r.ok,
+        r.blocks,
+        r.rows,
+        r.first_bad_id,
+        crate::db_text::DbText::from_rust(&r.detail),
+    ))
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -187,8 +187,7 @@ unsafe extern "C-unwind" fn before_utility(pstmt: *mut pg_sys::PlannedStmt) -> u
         let stmt = (*pstmt).utilityStmt;
         let tag = if stmt.is_null() { None } else { Some((*stmt).type_) };
         (
-            tag == Some(pg_sys::NodeTag::T_CopyStmt)
-                && (*stmt.cast::<pg_sys::CopyStmt>()).is_from,
+            tag == Some(pg_sys::NodeTag::T_CopyStmt) && (*stmt.cast::<pg_sys::CopyStmt>()).is_from,
             tag.is_some_and(leaves_log_open),
         )
     };
