@@ -2,11 +2,13 @@
 //!
 //! pgrx makes Rust strings of text only when it is UTF-8 (in a LATIN1 or
 //! SQL_ASCII database it raises on anything else), and hands Rust strings back
-//! as their UTF-8 bytes, which such a database reads as other characters. A
-//! report that names the log's own text (a row_id, a column name) must give
-//! back the very bytes the log holds, so that a user can look the row up with
-//! it. These are the two crossings: [`to_rust`] on the way in, [`DbText`] on
-//! the way out.
+//! as their UTF-8 bytes, which such a database reads as other characters.
+//! What audit_ext gives back of the log's own text (time travel's images, a
+//! row_id in a report, what undo writes back) must be the very bytes the log
+//! holds. [`to_rust`] and [`to_db`] are the two crossings; [`DbText`] and
+//! [`DbJson`] make them for arguments, SPI reads, results and query parameters.
+//! Identifiers and audit_ext's other arguments still go through pgrx's
+//! `String`: the README says they must be ASCII in such a database.
 //!
 //! In a UTF-8 database both are the identity. In any other, each byte becomes
 //! the character of the same number (U+0000 to U+00FF) and back: a bijection,
@@ -16,10 +18,14 @@
 //! ever taken for a quote or a bracket.
 
 use std::borrow::Cow;
+use std::ffi::CString;
 
-use pgrx::callconv::{BoxRet, FcInfo};
+use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
+use pgrx::fcinfo::direct_function_call_as_datum;
+use pgrx::nullable::Nullable;
 use pgrx::pg_sys::{self, Datum, Oid};
-use pgrx::{impl_sql_translatable, IntoDatum};
+use pgrx::{impl_sql_translatable, FromDatum, IntoDatum};
+use serde_json::Value;
 
 pub fn db_is_utf8() -> bool {
     // SAFETY: a plain read of the database encoding.
@@ -58,22 +64,35 @@ pub fn to_db(s: &str) -> Cow<'_, [u8]> {
     Cow::Owned(chars_as_bytes(s))
 }
 
-/// A text result, as bytes in the database encoding (a string made by
-/// [`to_rust`] and our own ASCII, through [`DbText::from_rust`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DbText(Vec<u8>);
+/// Text of the database as Rust text made by [`to_rust`]: read from SPI rows
+/// and arguments, and written back as the same bytes, as a result or a query
+/// parameter. pgrx's `String` would raise on such text, or write other bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct DbText(pub String);
 
 impl DbText {
     pub fn from_rust(s: &str) -> DbText {
-        DbText(to_db(s).into_owned())
+        DbText(s.to_owned())
+    }
+}
+
+impl FromDatum for DbText {
+    unsafe fn from_polymorphic_datum(datum: Datum, is_null: bool, _typoid: Oid) -> Option<Self> {
+        if is_null || datum.is_null() {
+            return None;
+        }
+        // SAFETY: a text datum (the caller's contract); the bytes are copied.
+        let bytes = unsafe { crate::live_rows::text_slice(datum) };
+        Some(DbText(to_rust(bytes).into_owned()))
     }
 }
 
 impl IntoDatum for DbText {
     fn into_datum(self) -> Option<Datum> {
-        let len = i32::try_from(self.0.len()).ok()?;
+        let bytes = to_db(&self.0);
+        let len = i32::try_from(bytes.len()).ok()?;
         // SAFETY: copies `len` bytes into a fresh text varlena in the current context.
-        Some(Datum::from(unsafe { pg_sys::cstring_to_text_with_len(self.0.as_ptr().cast(), len) }))
+        Some(Datum::from(unsafe { pg_sys::cstring_to_text_with_len(bytes.as_ptr().cast(), len) }))
     }
 
     fn type_oid() -> Oid {
@@ -81,19 +100,82 @@ impl IntoDatum for DbText {
     }
 }
 
-// SAFETY: returns the datum into_datum made (a fresh text), or NULL, as pgrx's own
-// text results do.
-unsafe impl BoxRet for DbText {
-    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> pgrx::datum::Datum<'fcx> {
-        match self.into_datum() {
-            // SAFETY: a valid text datum, returned as the function's result.
-            Some(d) => unsafe { fcinfo.return_raw_datum(d) },
-            None => fcinfo.return_null(),
+/// jsonb of the database as a serde value whose strings [`to_rust`] made:
+/// read through the exact text jsonb_out writes (crate::chain::jsonb_text),
+/// written back through jsonb_in with the same bytes. Numbers keep their
+/// digits (serde_json's arbitrary_precision).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DbJson(pub Value);
+
+impl FromDatum for DbJson {
+    unsafe fn from_polymorphic_datum(datum: Datum, is_null: bool, _typoid: Oid) -> Option<Self> {
+        if is_null || datum.is_null() {
+            return None;
+        }
+        let mut buf = Vec::new();
+        // SAFETY: a jsonb datum (the caller's contract).
+        let text = unsafe { crate::chain::jsonb_text::datum_text(datum, &mut buf) }
+            .map(|()| to_rust(&buf).into_owned());
+        match text
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
+        {
+            Ok(v) => Some(DbJson(v)),
+            // The text is jsonb_out's, which is JSON: only a bug gets here.
+            Err(e) => pgrx::error!("audit_ext: a jsonb value could not be read: {e}"),
         }
     }
 }
 
-impl_sql_translatable!(DbText, "text");
+impl IntoDatum for DbJson {
+    fn into_datum(self) -> Option<Datum> {
+        let text = serde_json::to_string(&self.0).ok()?;
+        // JSON text holds no NUL byte: serde_json writes U+0000 as \u0000.
+        let c = CString::new(to_db(&text).into_owned()).ok()?;
+        // SAFETY: jsonb_in of a C string valid for the call; it copies what it keeps.
+        unsafe { direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(Datum::from(c.as_ptr()))]) }
+    }
+
+    fn type_oid() -> Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+macro_rules! db_value_abi {
+    ($t:ty, $sql:literal) => {
+        // SAFETY: returns the datum into_datum made (fresh), or NULL, as pgrx's own
+        // text and jsonb results do.
+        unsafe impl BoxRet for $t {
+            unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> pgrx::datum::Datum<'fcx> {
+                match self.into_datum() {
+                    // SAFETY: a valid datum of the function's result type.
+                    Some(d) => unsafe { fcinfo.return_raw_datum(d) },
+                    None => fcinfo.return_null(),
+                }
+            }
+        }
+
+        // SAFETY: an argument is read with from_datum, as pgrx's own types are.
+        unsafe impl<'fcx> ArgAbi<'fcx> for $t {
+            unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+                let index = arg.index();
+                // SAFETY: the argument is of the declared SQL type.
+                unsafe { arg.unbox_arg_using_from_datum() }
+                    .unwrap_or_else(|| pgrx::error!("argument {index} must not be null"))
+            }
+
+            unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+                // SAFETY: as above.
+                unsafe { arg.unbox_arg_using_from_datum() }.into()
+            }
+        }
+
+        impl_sql_translatable!($t, $sql);
+    };
+}
+
+db_value_abi!(DbText, "text");
+db_value_abi!(DbJson, "jsonb");
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]

@@ -27,6 +27,8 @@ use std::cell::Cell;
 
 use serde_json::{Map, Value};
 
+use crate::db_text::DbJson;
+
 /// A `changes`-mode UPDATE writes the whole new row about once in this many
 /// (`audit.image_every`).
 pub const DEFAULT_IMAGE_EVERY: i32 = 16;
@@ -111,8 +113,8 @@ impl Change {
     ) -> crate::errors::Result<Change> {
         Ok(Change::of(
             r.get::<String>(first)?,
-            r.get::<pgrx::JsonB>(first + 1)?,
-            r.get::<pgrx::JsonB>(first + 2)?,
+            r.get::<DbJson>(first + 1)?,
+            r.get::<DbJson>(first + 2)?,
             r.get::<Vec<String>>(first + 3)?,
             r.get::<bool>(first + 4)?,
             as_old_key,
@@ -132,8 +134,8 @@ impl Change {
         unsafe {
             Change::of(
                 String::from_datum(v[0], n[0]),
-                pgrx::JsonB::from_datum(v[1], n[1]),
-                pgrx::JsonB::from_datum(v[2], n[2]),
+                DbJson::from_datum(v[1], n[1]),
+                DbJson::from_datum(v[2], n[2]),
                 Vec::<String>::from_datum(v[3], n[3]),
                 bool::from_datum(v[4], n[4]),
                 as_old_key,
@@ -143,8 +145,8 @@ impl Change {
 
     fn of(
         op: Option<String>,
-        old: Option<pgrx::JsonB>,
-        new: Option<pgrx::JsonB>,
+        old: Option<DbJson>,
+        new: Option<DbJson>,
         fields: Option<Vec<String>>,
         moved: Option<bool>,
         as_old_key: bool,

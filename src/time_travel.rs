@@ -11,7 +11,9 @@
 //! (casts, output functions) runs with the owner's rights.
 
 use pgrx::prelude::*;
-use pgrx::{JsonB, PgRelation};
+use pgrx::PgRelation;
+
+use crate::db_text::{to_db, DbJson, DbText};
 use serde_json::Value;
 
 use std::cell::RefCell;
@@ -246,22 +248,18 @@ impl Table {
                 hidden.join(", ")
             );
         }
-        let red: Vec<String> = self
+        // One column each, read as the database's text (crate::db_text), not a text[].
+        let red: String = self
             .redact
             .iter()
             .map(|c| {
                 format!(
-                    "CASE WHEN t.{q} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{q}) END",
+                    ", CASE WHEN t.{q} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{q}) END",
                     q = quote_ident(c)
                 )
             })
             .collect();
-        let arr = if red.is_empty() {
-            "NULL::pg_catalog.text[]".to_string()
-        } else {
-            format!("ARRAY[{}]::pg_catalog.text[]", red.join(", "))
-        };
-        format!("{}, {e}, {arr}", self.key_expr())
+        format!("{}, {e}{red}", self.key_expr())
     }
 
     /// Reads live rows as the caller (`where_` filters alias `t`), shaped as the log stores them.
@@ -279,13 +277,13 @@ impl Table {
         Spi::connect(|c| -> Result<Vec<(String, Value)>> {
             let mut out = Vec::new();
             for r in select_kept(c, &q, args)? {
-                let k = r.get::<String>(1)?.unwrap_or_default();
-                let mut v = r.get::<JsonB>(2)?.map(|j| j.0).unwrap_or(Value::Null);
-                let red = r.get::<Vec<Option<String>>>(3)?.unwrap_or_default();
+                let k = r.get::<DbText>(1)?.unwrap_or_default().0;
+                let mut v = r.get::<DbJson>(2)?.map(|j| j.0).unwrap_or(Value::Null);
                 if let (Value::Object(m), Some(key)) = (&mut v, key.as_deref()) {
-                    for (col, text) in self.redact.iter().zip(red) {
-                        let marker = text.map(|t| {
-                            Value::String(crate::chain::hash::redaction_marker(key, t.as_bytes()))
+                    for (i, col) in self.redact.iter().enumerate() {
+                        // The marker is over the value's bytes in the database encoding.
+                        let marker = r.get::<DbText>(3 + i)?.map(|t| {
+                            Value::String(crate::chain::hash::redaction_marker(key, &to_db(&t.0)))
                         });
                         m.insert(col.clone(), marker.unwrap_or(Value::Null));
                     }
@@ -347,7 +345,7 @@ fn state_at_moment(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Result
                       ORDER BY changed_at, id LIMIT 1",
                     names = t.log_filter()
                 ),
-                &[row_id.to_string().into(), at.into()],
+                &[DbText::from_rust(row_id).into(), at.into()],
             )?
             .next()
             .map(|r| -> Result<_> {
@@ -375,7 +373,7 @@ fn state_at_moment(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Result
                 for r in select_kept(
                     c,
                     &page,
-                    &[row_id.to_string().into(), after.into(), after_id.into()],
+                    &[DbText::from_rust(row_id).into(), after.into(), after_id.into()],
                 )? {
                     n += 1;
                     let when = r.get::<TimestampWithTimeZone>(6)?.unwrap_or(at);
@@ -419,7 +417,7 @@ fn state_at_moment(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Result
         return Ok(image::resolve(before, || None));
     }
     let live =
-        t.live_rows(&format!("WHERE {}", t.key_predicate(1)), &[row_id.to_string().into()])?;
+        t.live_rows(&format!("WHERE {}", t.key_predicate(1)), &[DbText::from_rust(row_id).into()])?;
     Ok(image::resolve(before, || live.into_iter().next().map(|(_, v)| v)))
 }
 
@@ -450,7 +448,7 @@ fn state_after_changes_until(
     let changes = as_extension_owner(|| {
         Spi::connect(|c| -> Result<Vec<Change>> {
             let mut v = Vec::new();
-            for r in select_kept(c, &q, &[row_id.to_string().into(), at.into()])? {
+            for r in select_kept(c, &q, &[DbText::from_rust(row_id).into(), at.into()])? {
                 let as_old = r.get::<bool>(6)?.unwrap_or(false);
                 v.push(Change::from_row(&r, 1, as_old)?);
             }
@@ -462,11 +460,11 @@ fn state_after_changes_until(
 
 fn state_at_impl(
     rel: Option<PgRelation>,
-    row_id: Option<String>,
+    row_id: Option<DbText>,
     at: Option<TimestampWithTimeZone>,
 ) -> Result<Option<Value>> {
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
-    let row_id = row_id.ok_or(AuditError::NullArgument("row_id"))?;
+    let row_id = row_id.ok_or(AuditError::NullArgument("row_id"))?.0;
     let at = at.ok_or(AuditError::NullArgument("at"))?;
     let t = Table::load(&rel)?;
     t.need_key()?;
@@ -485,14 +483,14 @@ fn noted(relid: Option<pg_sys::Oid>, function: &str, rows: i64) {
 #[pg_extern(stable, parallel_safe)]
 fn state_at(
     tbl: Option<PgRelation>,
-    row_id: Option<String>,
+    row_id: Option<DbText>,
     at: Option<TimestampWithTimeZone>,
-) -> Option<JsonB> {
+) -> Option<DbJson> {
     let relid = tbl.as_ref().map(|r| r.oid());
     let _q = crate::quiet::Quiet::enter();
     let state = state_at_impl(tbl, row_id, at).or_raise();
     noted(relid, "audit.state_at", state.is_some() as i64);
-    state.map(JsonB)
+    state.map(DbJson)
 }
 
 fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> Result<Vec<Value>> {
@@ -548,7 +546,7 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
                 }
             };
             for r in c.select(&q, None, &[at.into()])? {
-                let k = r.get::<String>(1)?.unwrap_or_default();
+                let k = r.get::<DbText>(1)?.unwrap_or_default().0;
                 let as_old = r.get::<bool>(7)?.unwrap_or(false);
                 if key.as_ref() != Some(&k) {
                     if let Some(prev) = key.replace(k.clone()) {
@@ -579,12 +577,12 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
 fn table_at(
     tbl: Option<PgRelation>,
     at: Option<TimestampWithTimeZone>,
-) -> SetOfIterator<'static, JsonB> {
+) -> SetOfIterator<'static, DbJson> {
     let relid = tbl.as_ref().map(|r| r.oid());
     let _q = crate::quiet::Quiet::enter();
     let rows = table_at_impl(tbl, at).or_raise();
     noted(relid, "audit.table_at", rows.len() as i64);
-    SetOfIterator::new(rows.into_iter().map(JsonB))
+    SetOfIterator::new(rows.into_iter().map(DbJson))
 }
 
 /// A row's history, each log row made into `T` by `row` (the pg_extern's own
@@ -592,11 +590,11 @@ fn table_at(
 /// state after it: NULL once it is deleted or has left the key.
 fn history_impl<T>(
     rel: Option<PgRelation>,
-    row_id: Option<String>,
+    row_id: Option<DbText>,
     row: impl Fn(&pgrx::spi::SpiHeapTupleData) -> Result<T>,
 ) -> Result<Vec<(T, Option<Value>)>> {
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
-    let row_id = row_id.ok_or(AuditError::NullArgument("row_id"))?;
+    let row_id = row_id.ok_or(AuditError::NullArgument("row_id"))?.0;
     let t = Table::load(&rel)?;
     t.need_key()?;
     let (rows, changes, truncated_after_last) = as_extension_owner(|| {
@@ -611,7 +609,7 @@ fn history_impl<T>(
                     t.log_filter()
                 ),
                 None,
-                &[row_id.clone().into()],
+                &[DbText(row_id.clone()).into()],
             )?;
             let (mut out, mut changes) = (Vec::new(), Vec::new());
             let mut last_at = None;
@@ -620,8 +618,8 @@ fn history_impl<T>(
                 let as_old = r.get::<bool>(9)?.unwrap_or(false);
                 changes.push(Change {
                     op: r.get::<String>(4)?.unwrap_or_default(),
-                    old: r.get::<JsonB>(7)?.map(|j| j.0),
-                    new: r.get::<JsonB>(8)?.map(|j| j.0),
+                    old: r.get::<DbJson>(7)?.map(|j| j.0),
+                    new: r.get::<DbJson>(8)?.map(|j| j.0),
                     fields: r.get::<Vec<String>>(6)?,
                     as_old_key: as_old,
                     key_moved_in: !as_old && r.get::<bool>(10)?.unwrap_or(false),
@@ -652,7 +650,7 @@ fn history_impl<T>(
                 } else {
                     let live = t.live_rows(
                         &format!("WHERE {}", t.key_predicate(1)),
-                        &[row_id.clone().into()],
+                        &[DbText(row_id.clone()).into()],
                     )?;
                     image::resolve(before, || live.into_iter().next().map(|(_, v)| v))
                 }
@@ -667,7 +665,7 @@ fn history_impl<T>(
 #[pg_extern(stable, parallel_safe)]
 fn history(
     tbl: Option<PgRelation>,
-    row_id: Option<String>,
+    row_id: Option<DbText>,
 ) -> TableIterator<
     'static,
     (
@@ -675,11 +673,11 @@ fn history(
         name!(changed_at, TimestampWithTimeZone),
         name!(txid, i64),
         name!(operation, String),
-        name!(changed_by, String),
+        name!(changed_by, DbText),
         name!(changed_fields, Option<Vec<String>>),
-        name!(old_values, Option<JsonB>),
-        name!(new_values, Option<JsonB>),
-        name!(state, Option<JsonB>),
+        name!(old_values, Option<DbJson>),
+        name!(new_values, Option<DbJson>),
+        name!(state, Option<DbJson>),
     ),
 > {
     let relid = tbl.as_ref().map(|r| r.oid());
@@ -700,6 +698,6 @@ fn history(
     noted(relid, "audit.history", rows.len() as i64);
     TableIterator::new(
         rows.into_iter()
-            .map(|((a, b, c, d, e, f, g, h), state)| (a, b, c, d, e, f, g, h, state.map(JsonB))),
+            .map(|((a, b, c, d, e, f, g, h), state)| (a, b, c, d, e, f, g, h, state.map(DbJson))),
     )
 }

@@ -10,7 +10,9 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use pgrx::prelude::*;
-use pgrx::{JsonB, PgRelation};
+use pgrx::PgRelation;
+
+use crate::db_text::{DbJson, DbText};
 use serde_json::Value;
 
 use crate::errors::{AuditError, OrRaise, Result};
@@ -65,8 +67,9 @@ fn load_steps(txid: i64) -> Result<Vec<Step>> {
                     schema: r.get::<String>(2)?.unwrap_or_default(),
                     table: r.get::<String>(3)?.unwrap_or_default(),
                     op: r.get::<String>(4)?.unwrap_or_default(),
-                    row_id: r.get::<String>(5)?,
-                    old: r.get::<JsonB>(6)?.map(|j| j.0),
+                    // The key and the image come back as the bytes the log holds (crate::db_text).
+                    row_id: r.get::<DbText>(5)?.map(|t| t.0),
+                    old: r.get::<DbJson>(6)?.map(|j| j.0),
                 });
             }
             Ok(v)
@@ -115,7 +118,7 @@ fn validate(txid: i64, force: bool, steps: &[Step]) -> Result<Targets> {
         if !force && matches!(s.op.as_str(), "UPDATE" | "INSERT") {
             Spi::run_with_args(
                 &format!("SELECT FROM {} t WHERE {} FOR UPDATE", t.qname, t.key_predicate(1)),
-                &[rid.clone().into()],
+                &[DbText(rid.clone()).into()],
             )?;
         }
         // A later change by another transaction to the same row?
@@ -130,7 +133,7 @@ fn validate(txid: i64, force: bool, steps: &[Step]) -> Result<Targets> {
                           ORDER BY id LIMIT 1)",
                         t.log_filter()
                     ),
-                    &[rid.clone().into(), s.id.into(), txid.into()],
+                    &[DbText(rid.clone()).into(), s.id.into(), txid.into()],
                 )?)
             })?;
             if let Some(later) = later {
@@ -212,7 +215,7 @@ fn apply(txid: i64, force: bool, steps: &[Step], tables: &Targets) -> Result<i64
             "INSERT" => {
                 Spi::run_with_args(
                     &format!("DELETE FROM {} t WHERE {}", t.qname, t.key_predicate(1)),
-                    &[rid.into()],
+                    &[DbText(rid).into()],
                 )?;
             }
             "UPDATE" => {
@@ -240,7 +243,7 @@ fn apply(txid: i64, force: bool, steps: &[Step], tables: &Targets) -> Result<i64
                         tbl = t.qname,
                         pred = t.key_predicate(1)
                     ),
-                    &[rid.into(), JsonB(old).into()],
+                    &[DbText(rid).into(), DbJson(old).into()],
                 )?;
             }
             "DELETE" => {
@@ -273,7 +276,7 @@ fn apply(txid: i64, force: bool, steps: &[Step], tables: &Targets) -> Result<i64
                             tbl = t.qname
                         ),
                         None,
-                        &[JsonB(old).into()],
+                        &[DbJson(old).into()],
                     )?
                     .len() as u64)
                 })?;

@@ -186,3 +186,106 @@ fn sql_ascii_bytes_that_are_not_utf8_are_captured_and_verified() {
     assert!(!verify_ok(&mut c), "a changed byte is found");
     cluster.assert_no_crash();
 }
+
+/// Time travel and undo in a LATIN1 database: keys, values, actors and
+/// redaction markers come back as the bytes the log holds, and undo writes
+/// back the very bytes it had (a trip through UTF-8 text would change or
+/// refuse them).
+#[test]
+fn latin1_time_travel_and_undo_give_back_the_bytes_the_log_holds() {
+    let cluster = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
+    let mut c = database(&cluster, "latin_tt", "LATIN1");
+    c.batch_execute(
+        "CREATE TABLE grosse (name text PRIMARY KEY, notiz text, geheim text, n numeric);
+         INSERT INTO grosse VALUES ('Ärger', 'früh', 'ß', 0.10);
+         SELECT audit.track('grosse', redact => '{geheim}', baseline => true);
+         SET \"app.current_user\" = 'José';
+         INSERT INTO grosse VALUES ('Müller', 'café', 'süß', 1.50), ('k1', 'naïve', 'x', 2);
+         SELECT pg_sleep(0.01);",
+    )
+    .unwrap();
+    let before: String = c.query_one("SELECT now()::text", &[]).unwrap().get(0);
+    // Each in a transaction of its own: undo takes back a whole transaction.
+    c.batch_execute("SELECT pg_sleep(0.01)").unwrap();
+    c.batch_execute("UPDATE grosse SET notiz = 'später', n = 3.000 WHERE name = 'Müller'").unwrap();
+    c.batch_execute("UPDATE grosse SET notiz = 'neu' WHERE name = 'k1'").unwrap();
+    assert!(holds(&mut c, "SELECT octet_length('café') = 4"), "the database really is LATIN1");
+    // state_at: a LATIN1 key, LATIN1 values, the numeric's scale, as of before the update.
+    assert!(holds(
+        &mut c,
+        &format!(
+            "SELECT s->>'notiz' = 'café' AND s->>'n' = '1.50' AND octet_length(s->>'notiz') = 4
+               FROM audit.state_at('grosse', 'Müller', '{before}') s"
+        )
+    ));
+    assert!(holds(
+        &mut c,
+        &format!("SELECT s->>'notiz' = 'naïve' FROM audit.state_at('grosse', 'k1', '{before}') s")
+    ));
+    // history: the actor and the states.
+    assert!(holds(
+        &mut c,
+        "SELECT count(*) = 2 AND bool_and(changed_by = 'José')
+                AND bool_or(operation = 'UPDATE' AND state->>'notiz' = 'später' AND old_values->>'notiz' = 'café')
+           FROM audit.history('grosse', 'Müller')"
+    ));
+    // table_at: live rows (the baselined one too) and log images alike; a live
+    // row's redaction marker is the one the trigger logged.
+    assert!(holds(
+        &mut c,
+        &format!(
+            "SELECT count(*) = 3 AND bool_or(r->>'name' = 'Ärger' AND r->>'notiz' = 'früh')
+                    AND bool_or(r->>'name' = 'Müller' AND r->>'notiz' = 'café')
+               FROM audit.table_at('grosse', '{before}') r"
+        )
+    ));
+    assert!(holds(
+        &mut c,
+        "SELECT (SELECT r->>'geheim' FROM audit.table_at('grosse', now()) r WHERE r->>'name' = 'Müller')
+              = (SELECT new_values->>'geheim' FROM audit.log WHERE operation = 'UPDATE' AND row_id = 'Müller')"
+    ));
+    // undo of the update puts back the LATIN1 bytes and the numeric as they were.
+    assert!(holds(
+        &mut c,
+        "SELECT audit.undo(txid) = 1 FROM audit.log WHERE operation = 'UPDATE' AND row_id = 'Müller'"
+    ));
+    assert!(holds(
+        &mut c,
+        "SELECT notiz = 'café' AND octet_length(notiz) = 4 AND n::text = '1.50' FROM grosse WHERE name = 'Müller'"
+    ));
+    assert!(holds(&mut c, "SELECT ok FROM audit.verify_table('grosse')"));
+    cluster.assert_no_crash();
+}
+
+/// The same in SQL_ASCII, with bytes that are not UTF-8 at all.
+#[test]
+fn sql_ascii_time_travel_and_undo_give_back_the_bytes_the_log_holds() {
+    let cluster = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
+    let mut c = database(&cluster, "bytes_tt", "SQL_ASCII");
+    c.batch_execute(
+        "CREATE TABLE t (k text PRIMARY KEY, v text, s text);
+         SELECT audit.track('t', redact => '{s}');
+         INSERT INTO t VALUES (E'M\\xfcller', E'caf\\xe9 \\xff', E'\\xfe');",
+    )
+    .unwrap();
+    // In a transaction of its own: undo takes back a whole transaction.
+    c.batch_execute("UPDATE t SET v = E'na\\xefve' WHERE k = E'M\\xfcller'").unwrap();
+    assert!(holds(
+        &mut c,
+        "SELECT audit.state_at('t', E'M\\xfcller', now()) ->> 'v' = E'na\\xefve'"
+    ));
+    assert!(holds(
+        &mut c,
+        "SELECT count(*) = 2 AND bool_or(state->>'v' = E'caf\\xe9 \\xff')
+           FROM audit.history('t', E'M\\xfcller')"
+    ));
+    assert!(holds(
+        &mut c,
+        "SELECT (SELECT r->>'s' FROM audit.table_at('t', now()) r)
+              = (SELECT new_values->>'s' FROM audit.log WHERE operation = 'UPDATE')"
+    ));
+    assert!(holds(&mut c, "SELECT audit.undo(txid) = 1 FROM audit.log WHERE operation = 'UPDATE'"));
+    assert!(holds(&mut c, "SELECT v = E'caf\\xe9 \\xff' FROM t"));
+    assert!(holds(&mut c, "SELECT ok FROM audit.verify_table('t')"));
+    cluster.assert_no_crash();
+}
