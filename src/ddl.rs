@@ -4,25 +4,28 @@
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::JsonB;
 use serde_json::json;
 
 use crate::capture::actor;
 use crate::chain::append::append_row;
+use crate::db_text::{to_db, DbJson, DbText};
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::log::Row;
 use crate::settings;
 
-/// Writes one 'DDL' audit row for `schema.table`.
+/// Writes one 'DDL' audit row for `schema.table`. The texts are the
+/// database's, as crate::db_text makes them: the row holds their very bytes,
+/// in any database encoding.
 pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &str) -> Result<()> {
     let info = actor::current_for_ddl()?;
     let ext = crate::ext::ext_state()?;
     let new =
-        JsonB(json!({"command_tag": tag, "object_identity": identity, "statement": statement}));
+        DbJson(json!({"command_tag": tag, "object_identity": identity, "statement": statement}));
     let datum = new.into_datum().ok_or_else(|| AuditError::Internal("jsonb conversion".into()))?;
+    let (schema, table) = (to_db(schema), to_db(table));
     let row = Row {
-        schema: schema.as_bytes(),
-        table: table.as_bytes(),
+        schema: &schema,
+        table: &table,
         operation: "DDL",
         row_id: None,
         old_row_id: None,
@@ -36,22 +39,18 @@ pub fn record(schema: &str, table: &str, tag: &str, identity: &str, statement: &
 
 #[pg_extern(volatile, parallel_unsafe, name = "_record_ddl")]
 fn record_ddl(
-    schema: Option<&str>,
-    table: Option<&str>,
-    tag: Option<&str>,
-    identity: Option<&str>,
-    statement: Option<&str>,
+    schema: Option<DbText>,
+    table: Option<DbText>,
+    tag: Option<DbText>,
+    identity: Option<DbText>,
+    statement: Option<DbText>,
 ) {
+    // DbText, not &str: in a database that is not UTF-8, a statement with other
+    // than ASCII in it would otherwise fail (pgrx reads &str as UTF-8 only).
     let schema = schema.ok_or(AuditError::NullArgument("schema")).or_raise();
     let table = table.ok_or(AuditError::NullArgument("table")).or_raise();
-    record(
-        schema,
-        table,
-        tag.unwrap_or_default(),
-        identity.unwrap_or_default(),
-        statement.unwrap_or_default(),
-    )
-    .or_raise()
+    let text = |t: Option<DbText>| t.unwrap_or_default().0;
+    record(&schema.0, &table.0, &text(tag), &text(identity), &text(statement)).or_raise()
 }
 
 fn check(what: &str) -> Result<()> {

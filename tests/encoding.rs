@@ -254,6 +254,13 @@ fn latin1_time_travel_and_undo_give_back_the_bytes_the_log_holds() {
         "SELECT notiz = 'café' AND octet_length(notiz) = 4 AND n::text = '1.50' FROM grosse WHERE name = 'Müller'"
     ));
     assert!(holds(&mut c, "SELECT ok FROM audit.verify_table('grosse')"));
+    // DDL whose text is not ASCII goes ahead, and its row holds the statement's bytes.
+    c.batch_execute("ALTER TABLE grosse ADD COLUMN größe text DEFAULT 'süß'").unwrap();
+    assert!(holds(
+        &mut c,
+        "SELECT new_values->>'statement' = 'ALTER TABLE grosse ADD COLUMN größe text DEFAULT ''süß'''
+           FROM audit.log WHERE operation = 'DDL' ORDER BY id DESC LIMIT 1"
+    ));
     cluster.assert_no_crash();
 }
 
