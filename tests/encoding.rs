@@ -10,6 +10,13 @@ mod common;
 use common::{Cluster, ClusterOpts};
 use postgres::Client;
 
+/// A cluster with audit_ext preloaded, and a new database of `encoding` in it.
+fn started(name: &str, encoding: &str) -> (Cluster, Client) {
+    let cluster = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
+    let c = database(&cluster, name, encoding);
+    (cluster, c)
+}
+
 fn database(cluster: &Cluster, name: &str, encoding: &str) -> Client {
     let mut admin = cluster.connect("postgres");
     admin
@@ -20,6 +27,16 @@ fn database(cluster: &Cluster, name: &str, encoding: &str) -> Client {
     let mut c = cluster.connect(name);
     c.batch_execute("SET client_min_messages = warning; CREATE EXTENSION audit_ext").unwrap();
     c
+}
+
+/// A tracked table t (k text key, v text, s text redacted), for SQL_ASCII tests.
+/// There E'\xfc' is the single byte 0xfc: not UTF-8, and stored as it is.
+fn tracked_t(c: &mut Client) {
+    c.batch_execute(
+        "CREATE TABLE t (k text PRIMARY KEY, v text, s text);
+         SELECT audit.track('t', redact => '{s}');",
+    )
+    .unwrap();
 }
 
 fn holds(c: &mut Client, sql: &str) -> bool {
@@ -55,8 +72,7 @@ fn tamper_is_found(c: &mut Client, column: &str, value: &str) {
 
 #[test]
 fn latin1_values_keys_and_actors_are_captured_and_verified() {
-    let cluster = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
-    let mut c = database(&cluster, "latin", "LATIN1");
+    let (cluster, mut c) = started("latin", "LATIN1");
     // The client speaks UTF-8; the server stores LATIN1 (ü is one byte, 0xfc).
     c.batch_execute(
         "CREATE TABLE grosse (name text PRIMARY KEY, notiz text, geheim text, n numeric);
@@ -131,13 +147,10 @@ fn latin1_values_keys_and_actors_are_captured_and_verified() {
 
 #[test]
 fn sql_ascii_bytes_that_are_not_utf8_are_captured_and_verified() {
-    let cluster = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
-    let mut c = database(&cluster, "bytes", "SQL_ASCII");
-    // E'\xfc' is the single byte 0xfc: not UTF-8, and stored as it is.
+    let (cluster, mut c) = started("bytes", "SQL_ASCII");
+    tracked_t(&mut c);
     c.batch_execute(
-        "CREATE TABLE t (k text PRIMARY KEY, v text, s text);
-         SELECT audit.track('t', redact => '{s}');
-         SELECT length(set_config('app.current_user', E'jos\\xe9', false));
+        "SELECT length(set_config('app.current_user', E'jos\\xe9', false));
          INSERT INTO t VALUES (E'M\\xfcller', E'caf\\xe9 \\xff', E'\\xfe'), ('ascii', 'a', 'b');
          UPDATE t SET v = E'na\\xefve' WHERE k = E'M\\xfcller';",
     )
@@ -193,8 +206,7 @@ fn sql_ascii_bytes_that_are_not_utf8_are_captured_and_verified() {
 /// refuse them).
 #[test]
 fn latin1_time_travel_and_undo_give_back_the_bytes_the_log_holds() {
-    let cluster = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
-    let mut c = database(&cluster, "latin_tt", "LATIN1");
+    let (cluster, mut c) = started("latin_tt", "LATIN1");
     c.batch_execute(
         "CREATE TABLE grosse (name text PRIMARY KEY, notiz text, geheim text, n numeric);
          INSERT INTO grosse VALUES ('Ärger', 'früh', 'ß', 0.10);
@@ -267,14 +279,9 @@ fn latin1_time_travel_and_undo_give_back_the_bytes_the_log_holds() {
 /// The same in SQL_ASCII, with bytes that are not UTF-8 at all.
 #[test]
 fn sql_ascii_time_travel_and_undo_give_back_the_bytes_the_log_holds() {
-    let cluster = Cluster::start(ClusterOpts::new().preload(true).conf("audit.naptime = 0"));
-    let mut c = database(&cluster, "bytes_tt", "SQL_ASCII");
-    c.batch_execute(
-        "CREATE TABLE t (k text PRIMARY KEY, v text, s text);
-         SELECT audit.track('t', redact => '{s}');
-         INSERT INTO t VALUES (E'M\\xfcller', E'caf\\xe9 \\xff', E'\\xfe');",
-    )
-    .unwrap();
+    let (cluster, mut c) = started("bytes_tt", "SQL_ASCII");
+    tracked_t(&mut c);
+    c.batch_execute("INSERT INTO t VALUES (E'M\\xfcller', E'caf\\xe9 \\xff', E'\\xfe')").unwrap();
     // In a transaction of its own: undo takes back a whole transaction.
     c.batch_execute("UPDATE t SET v = E'na\\xefve' WHERE k = E'M\\xfcller'").unwrap();
     assert!(holds(
