@@ -1,7 +1,8 @@
 //! A tracked table's live rows, seen exactly as the capture trigger encodes
-//! them: audit.baseline writes these images and audit.verify_table compares
-//! them with the log, so both go through `capture::encode_row` and
-//! `capture::row_key` rather than a second encoder that could drift from it.
+//! them: audit.baseline writes these images, audit.verify_table compares them
+//! with the log, and time travel answers with them for rows that did not change
+//! since; so all go through `capture::encode_row` and `capture::row_key` rather
+//! than a second encoder that could drift from it.
 //!
 //! Rows are read through a cursor over the calling statement's snapshot and
 //! fetched in batches whose memory is freed as the scan moves on, so neither

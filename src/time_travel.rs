@@ -13,7 +13,8 @@
 use pgrx::prelude::*;
 use pgrx::PgRelation;
 
-use crate::db_text::{to_db, DbJson, DbText};
+use crate::db_text::{to_rust, DbJson, DbText};
+use crate::live_rows::{BatchMemory, Cursor, Encoder};
 use serde_json::Value;
 
 use std::cell::RefCell;
@@ -37,6 +38,9 @@ thread_local! {
 
 /// Queries whose text depends on the table stay bounded by this many kept plans.
 const MAX_PLANS: usize = 256;
+
+/// Live rows fetched at a time; what one fetch allocates is freed before the next.
+const LIVE_FETCH: i64 = 1_000;
 
 /// Runs `sql` through a plan kept for the backend's life (PostgreSQL re-plans it
 /// when a table it uses changes). Privileges are checked at each execution, as
@@ -66,6 +70,7 @@ fn select_kept<'c>(
 
 /// What we need to know about a tracked table to address its rows.
 pub(crate) struct Table {
+    relid: pg_sys::Oid,
     pub(crate) qname: String,
     /// (column, SQL type) of the row key, in key order.
     key: Vec<(String, String)>,
@@ -74,9 +79,6 @@ pub(crate) struct Table {
     names: Vec<(String, String, Option<String>)>,
     pub(crate) exclude: Vec<String>,
     pub(crate) redact: Vec<String>,
-    /// Virtual generated columns (PostgreSQL 18): never logged (capture::cache
-    /// says why), so not part of a live row's image either.
-    virtual_cols: Vec<String>,
     earliest: TimestampWithTimeZone,
 }
 
@@ -132,13 +134,7 @@ impl Table {
             .into_iter()
             .map(|k| (k.name.to_string_lossy().into_owned(), k.sql_type()))
             .collect();
-        let virtual_cols = rel
-            .tuple_desc()
-            .iter()
-            .filter(|a| !a.is_dropped() && a.attgenerated == b'v' as std::ffi::c_char)
-            .map(|a| a.name().to_string())
-            .collect();
-        Ok(Table { qname, key, names, exclude, redact, virtual_cols, earliest })
+        Ok(Table { relid, qname, key, names, exclude, redact, earliest })
     }
 
     /// SQL predicate on audit.log selecting this table's rows: under each name it
@@ -190,10 +186,15 @@ impl Table {
 
     /// SQL predicate matching the row whose row_id is the text parameter `$n`, on alias `t`.
     pub(crate) fn key_predicate(&self, n: usize) -> String {
+        self.key_predicate_on("t", n)
+    }
+
+    /// As [`Self::key_predicate`], on the (quoted) alias `alias`.
+    fn key_predicate_on(&self, alias: &str, n: usize) -> String {
         if self.key.len() == 1 {
             let (col, ty) = &self.key[0];
             return format!(
-                "t.{} OPERATOR(pg_catalog.=) CAST(${n}::pg_catalog.text AS {ty})",
+                "{alias}.{} OPERATOR(pg_catalog.=) CAST(${n}::pg_catalog.text AS {ty})",
                 quote_ident(col)
             );
         }
@@ -205,7 +206,7 @@ impl Table {
                 // PostgreSQL array, a string goes through the type's input function);
                 // the subquery is constant, so the key's index still serves.
                 format!(
-                    "t.{} OPERATOR(pg_catalog.=) (SELECT x.v FROM pg_catalog.jsonb_to_record(pg_catalog.jsonb_build_object('v', \
+                    "{alias}.{} OPERATOR(pg_catalog.=) (SELECT x.v FROM pg_catalog.jsonb_to_record(pg_catalog.jsonb_build_object('v', \
                      ${n}::pg_catalog.jsonb OPERATOR(pg_catalog.->) {i})) AS x(v {ty}))",
                     quote_ident(col)
                 )
@@ -214,12 +215,9 @@ impl Table {
             .join(" AND ")
     }
 
-    /// SQL expression giving a live row's row_id, as the trigger writes it, on alias `t`.
-    fn key_expr(&self) -> String {
-        self.key_expr_on("t")
-    }
-
-    /// As [`Self::key_expr`], on the (quoted) alias `alias`.
+    /// SQL expression giving a live row's row_id, as the trigger writes it, on
+    /// the (quoted) alias `alias`: for a reader that sorts or joins on it
+    /// (verify_table); live rows read here get theirs from the trigger's rule.
     pub(crate) fn key_expr_on(&self, alias: &str) -> String {
         if self.key.len() == 1 {
             // The type's output function, as the trigger uses (bool::text would say 'true').
@@ -230,67 +228,59 @@ impl Table {
         format!("pg_catalog.jsonb_build_array({})::pg_catalog.text", cols.join(", "))
     }
 
-    /// Select list for a live row on alias `t`: its row_id, `to_jsonb(t)` without
-    /// excluded, redacted and virtual generated columns, and the redacted columns'
-    /// output text.
-    fn live_select(&self) -> String {
-        let mut e = "pg_catalog.to_jsonb(t.*)".to_string(); // t.*: a column may be named t
-        let hidden: Vec<String> = self
-            .exclude
-            .iter()
-            .chain(&self.redact)
-            .chain(&self.virtual_cols)
-            .map(|c| quote_literal(c))
-            .collect();
-        if !hidden.is_empty() {
-            e = format!(
-                "({e} OPERATOR(pg_catalog.-) ARRAY[{}]::pg_catalog.text[])",
-                hidden.join(", ")
-            );
-        }
-        // One column each, read as the database's text (crate::db_text), not a text[].
-        let red: String = self
-            .redact
-            .iter()
-            .map(|c| {
-                format!(
-                    ", CASE WHEN t.{q} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{q}) END",
-                    q = quote_ident(c)
-                )
-            })
-            .collect();
-        format!("{}, {e}{red}", self.key_expr())
-    }
-
-    /// Reads live rows as the caller (`where_` filters alias `t`), shaped as the log stores them.
-    fn live_rows(
-        &self,
-        where_: &str,
-        args: &[pgrx::datum::DatumWithOid],
-    ) -> Result<Vec<(String, Value)>> {
-        let key = if self.redact.is_empty() {
-            None
-        } else {
-            Some(crate::secret::key(&crate::ext::ext_state()?)?)
+    /// Reads live rows as the caller (output functions and casts are user
+    /// code): the one whose key is `row_id`, or every one. Each comes as its
+    /// key and its image exactly as the capture trigger logs them
+    /// (crate::live_rows): the log's own rule, not a second one that could
+    /// drift from it.
+    fn live_rows(&self, row_id: Option<&str>) -> Result<Vec<(String, Value)>> {
+        // SAFETY: the caller's regclass argument has the table open and locked;
+        // this takes the same lock again.
+        let rel = unsafe {
+            PgRelation::with_lock(self.relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE)
         };
-        let q = format!("SELECT {} FROM {} t {where_}", self.live_select(), self.qname);
-        Spi::connect(|c| -> Result<Vec<(String, Value)>> {
+        let enc = Encoder::new(&rel)?;
+        let filter = match row_id {
+            Some(_) => format!("WHERE {}", self.key_predicate_on(&enc.alias, 1)),
+            None => String::new(),
+        };
+        let q = format!("SELECT {} FROM {} {} {filter}", enc.columns(), self.qname, enc.alias);
+        let args: Vec<(pg_sys::Oid, Option<pg_sys::Datum>)> = row_id
+            .map(|k| (pg_sys::TEXTOID, DbText::from_rust(k).into_datum()))
+            .into_iter()
+            .collect();
+        Spi::connect(|_| -> Result<Vec<(String, Value)>> {
+            let mut cursor = Cursor::open(&q, &args)?;
+            let mem = BatchMemory::new();
             let mut out = Vec::new();
-            for r in select_kept(c, &q, args)? {
-                let k = r.get::<DbText>(1)?.unwrap_or_default().0;
-                let mut v = r.get::<DbJson>(2)?.map(|j| j.0).unwrap_or(Value::Null);
-                if let (Value::Object(m), Some(key)) = (&mut v, key.as_deref()) {
-                    for (i, col) in self.redact.iter().enumerate() {
-                        // The marker is over the value's bytes in the database encoding.
-                        let marker = r.get::<DbText>(3 + i)?.map(|t| {
-                            Value::String(crate::chain::hash::redaction_marker(key, &to_db(&t.0)))
-                        });
-                        m.insert(col.clone(), marker.unwrap_or(Value::Null));
-                    }
+            loop {
+                let n = mem.run(|| {
+                    cursor.push(LIVE_FETCH, &mut |values, nulls| {
+                        // SAFETY: a row of enc.columns(), valid for this call.
+                        unsafe {
+                            enc.with_row(values, nulls, |key, image| {
+                                let key = key.ok_or_else(|| {
+                                    AuditError::Internal(format!(
+                                        "a row of {} has a NULL key",
+                                        self.qname
+                                    ))
+                                })?;
+                                // SAFETY: a jsonb image, valid for the call; read into a Value.
+                                let image = DbJson::from_datum(image, false).map(|j| j.0);
+                                out.push((
+                                    to_rust(&key).into_owned(),
+                                    image.unwrap_or(Value::Null),
+                                ));
+                                Ok(())
+                            })
+                        }
+                    })
+                })?;
+                mem.reset();
+                if n == 0 {
+                    return Ok(out);
                 }
-                out.push((k, v));
             }
-            Ok(out)
         })
     }
 
@@ -416,8 +406,7 @@ fn state_at_moment(t: &Table, row_id: &str, at: TimestampWithTimeZone) -> Result
     if complete {
         return Ok(image::resolve(before, || None));
     }
-    let live =
-        t.live_rows(&format!("WHERE {}", t.key_predicate(1)), &[DbText::from_rust(row_id).into()])?;
+    let live = t.live_rows(Some(row_id))?;
     Ok(image::resolve(before, || live.into_iter().next().map(|(_, v)| v)))
 }
 
@@ -561,7 +550,7 @@ fn table_at_impl(rel: Option<PgRelation>, at: Option<TimestampWithTimeZone>) -> 
             Ok(())
         })
     })?;
-    for (k, v) in t.live_rows("", &[])? {
+    for (k, v) in t.live_rows(None)? {
         if known.contains(&k) {
             continue;
         }
@@ -648,10 +637,7 @@ fn history_impl<T>(
                 if matches!(before, image::Before::Known(_)) || truncated_after_last {
                     image::resolve(before, || None)
                 } else {
-                    let live = t.live_rows(
-                        &format!("WHERE {}", t.key_predicate(1)),
-                        &[DbText(row_id.clone()).into()],
-                    )?;
+                    let live = t.live_rows(Some(&row_id))?;
                     image::resolve(before, || live.into_iter().next().map(|(_, v)| v))
                 }
             }
