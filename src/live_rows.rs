@@ -71,6 +71,9 @@ impl Cursor {
 /// result's column order; an Err stops the query.
 pub(crate) type RowFn<'a> = dyn FnMut(&[Datum], &[bool]) -> Result<()> + 'a;
 
+/// As [`RowFn`], for [`Cursor::each`]: false stops the reading.
+pub(crate) type RowStep<'a> = dyn FnMut(&[Datum], &[bool]) -> Result<bool> + 'a;
+
 /// A receiver of result rows that hands each to a closure as its values and
 /// nulls, straight from the executor's slot: no row is copied on the way.
 /// PostgreSQL sees only `base`.
@@ -185,6 +188,43 @@ impl Cursor {
         };
         r.outcome()?;
         Ok(count as usize)
+    }
+}
+
+impl Cursor {
+    /// Whether the cursor's columns are of `types`, in order: for a reader that
+    /// takes the datums apart as those types (a column of audit.log changed
+    /// under it must be an error, not a misread).
+    pub(crate) fn has_types(&self, types: &[Oid]) -> bool {
+        // SAFETY: an open portal; its tupDesc was set when it was started.
+        unsafe {
+            let desc = (*self.portal).tupDesc;
+            !desc.is_null()
+                && (*desc).natts as usize == types.len()
+                && types
+                    .iter()
+                    .enumerate()
+                    .all(|(i, t)| pg_sys::SPI_gettypeid(desc, i as i32 + 1) == *t)
+        }
+    }
+
+    /// Every row to its end through [`Cursor::push`], `n` at a time, `f` running in
+    /// `mem`, which is reset after each fetch: what `f` detoasts or allocates for a
+    /// row lives until then. `f` returns false to stop (the rest of its fetch is
+    /// passed over).
+    pub(crate) fn each(&mut self, n: i64, mem: &BatchMemory, f: &mut RowStep<'_>) -> Result<()> {
+        let mut more = true;
+        while more {
+            let got = self.push(n, &mut |v, nulls| {
+                if more {
+                    more = mem.run(|| f(v, nulls))?;
+                }
+                Ok(())
+            })?;
+            mem.reset();
+            more &= got > 0;
+        }
+        Ok(())
     }
 }
 

@@ -3,18 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr};
-use std::ops::ControlFlow;
-use std::ptr::{self, NonNull};
+use std::ptr;
 
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::{varlena, JsonB, PgMemoryContexts, PgRelation};
+use pgrx::{varlena, JsonB, PgRelation};
 
 use crate::chain::hash::{self, BlockFields, RootBuilder, RowFields};
 use crate::chain::jsonb_text;
 use crate::chain::prune::{self, ChainBlock, Removed};
 use crate::chain::seal::ZERO_HASH;
 use crate::errors::{AuditError, OrRaise, Result};
+use crate::live_rows::{BatchMemory, Cursor};
 use crate::log::access::Col as AccessCol;
 use crate::log::{self, Col, PG_EPOCH_OFFSET_US};
 use crate::privilege::as_extension_owner;
@@ -315,38 +315,44 @@ pub fn verify_impl(digest: Option<serde_json::Value>) -> Result<Report> {
                 // first failure in id order, so only the lowest id whose hash differs matters.
                 let mut bad = BadRows::default();
                 let mut texts = JsonbText::new_set();
-                rows.for_each(&log::COLUMN_TYPES, |v, n| {
+                let mem = BatchMemory::new();
+                typed(&rows, &log::COLUMN_TYPES)?;
+                rows.each(FETCH, &mem, &mut |v, n| {
                     let f = row_fields(v, n, &mut texts)?;
                     let stored = or_empty(v, n, Col::RowHash.at());
                     if hash::row_hash(&f).as_slice() != stored {
                         bad.note(f.id, stored);
                     }
-                    Ok(ControlFlow::Continue(()))
+                    Ok(true)
                 })?;
                 drop(rows);
                 if let Some(mut reads) = reads {
                     let [si, params, _] = &mut texts;
-                    reads.for_each(&log::access::COLUMN_TYPES, |v, n| {
+                    typed(&reads, &log::access::COLUMN_TYPES)?;
+                    reads.each(FETCH, &mem, &mut |v, n| {
                         let f = access_fields(v, n, si, params)?;
                         let stored = or_empty(v, n, AccessCol::RowHash.at());
                         if hash::access_hash(&f).as_slice() != stored {
                             bad.note(f.id, stored);
                         }
-                        Ok(ControlFlow::Continue(()))
+                        Ok(true)
                     })?;
                 }
                 // Pass 2, in id order over (id, row_hash) only: duplicates, hashes, blocks and roots.
                 let mut walk = IdWalk::new(&blocks, &removed, bad);
                 let mut failure = None;
-                ids.for_each(&IDS_TYPES, |v, n| {
-                    match walk.step(int8(v, n, 0), or_empty(v, n, 1)) {
-                        Ok(()) => Ok(ControlFlow::Continue(())),
+                typed(&ids, &IDS_TYPES)?;
+                ids.each(
+                    FETCH,
+                    &mem,
+                    &mut |v, n| match walk.step(int8(v, n, 0), or_empty(v, n, 1)) {
+                        Ok(()) => Ok(true),
                         Err(f) => {
                             failure = Some(f);
-                            Ok(ControlFlow::Break(()))
+                            Ok(false)
                         }
-                    }
-                })?;
+                    },
+                )?;
                 let outcome = match failure {
                     Some(f) => Err(f),
                     None => walk.finish(),
@@ -477,7 +483,7 @@ const IDS_TYPES: [pg_sys::Oid; 2] = [pg_sys::INT8OID, pg_sys::BYTEAOID];
 /// are exactly the rows pass 2 walks. It is the snapshot a single SPI cursor opened
 /// here would get: pgrx opens read-only (the active snapshot) until the transaction
 /// has written, and read-write (a fresh snapshot) after.
-fn open_log_cursors(current: bool) -> Result<(RawCursor, Option<RawCursor>, RawCursor)> {
+fn open_log_cursors(current: bool) -> Result<(Cursor, Option<Cursor>, Cursor)> {
     // SAFETY: reads this backend's own transaction state.
     let wrote = unsafe { pg_sys::GetCurrentTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
     if wrote {
@@ -488,9 +494,9 @@ fn open_log_cursors(current: bool) -> Result<(RawCursor, Option<RawCursor>, RawC
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         }
     }
-    let rows = RawCursor::open(&log::select_all_sql());
-    let reads = current.then(|| RawCursor::open(&log::access::select_all_sql()));
-    let ids = RawCursor::open(&ids_sql(current));
+    let rows = open(&log::select_all_sql());
+    let reads = current.then(|| open(&log::access::select_all_sql()));
+    let ids = open(&ids_sql(current));
     if wrote {
         // SAFETY: pops the snapshot pushed above; each portal holds its own registered copy.
         unsafe { pg_sys::PopActiveSnapshot() };
@@ -499,128 +505,20 @@ fn open_log_cursors(current: bool) -> Result<(RawCursor, Option<RawCursor>, RawC
 }
 
 /// A read-only SPI cursor, read as raw tuples.
-struct RawCursor(NonNull<pg_sys::PortalData>);
-
-impl RawCursor {
-    fn open(sql: &CStr) -> Result<Self> {
-        // SAFETY: SPI is connected (callers run inside Spi::connect); a query without
-        // parameters; read-only, so it runs on the active snapshot. Failures raise an ERROR.
-        let portal = unsafe {
-            pg_sys::SPI_cursor_open_with_args(
-                ptr::null(),
-                sql.as_ptr(),
-                0,
-                ptr::null_mut(),
-                ptr::null_mut(),
-                ptr::null(),
-                true,
-                0,
-            )
-        };
-        NonNull::new(portal)
-            .map(RawCursor)
-            .ok_or_else(|| AuditError::Internal("could not open a cursor on audit.log".into()))
-    }
-
-    /// Calls `f` with each row's columns (datums and null flags), until the rows run
-    /// out or `f` breaks. `f` runs in a memory context that is reset after each batch,
-    /// so what it detoasts or allocates lives as long as the batch's tuples.
-    fn for_each(
-        &mut self,
-        types: &[pg_sys::Oid],
-        mut f: impl FnMut(&[pg_sys::Datum], &[bool]) -> Result<ControlFlow<()>>,
-    ) -> Result<()> {
-        let mut values = vec![pg_sys::Datum::from(0usize); types.len()];
-        let mut nulls = vec![false; types.len()];
-        let mut batch_cx = PgMemoryContexts::new("audit.verify batch");
-        loop {
-            let batch = Batch::fetch(self);
-            if batch.len == 0 {
-                return Ok(());
-            }
-            batch.check_types(types)?;
-            for i in 0..batch.len {
-                batch.deform(i, &mut values, &mut nulls);
-                // SAFETY: batch_cx is ours and alive; only this batch's rows use what f allocates in it.
-                let flow = unsafe { batch_cx.switch_to(|_| f(&values, &nulls)) }?;
-                if flow.is_break() {
-                    return Ok(());
-                }
-            }
-            drop(batch);
-            // SAFETY: nothing allocated in it during this batch is used any more.
-            unsafe { batch_cx.reset() };
-        }
-    }
+/// A cursor on the active snapshot (read-only): the one open_log_cursors pushed,
+/// or the statement's.
+fn open(sql: &CStr) -> Result<Cursor> {
+    let sql = sql.to_str().map_err(|_| AuditError::Internal("a query that is not UTF-8".into()))?;
+    Cursor::open(sql, &[])
 }
 
-impl Drop for RawCursor {
-    fn drop(&mut self) {
-        // SAFETY: the portal was opened by us in this SPI connection and is closed once.
-        unsafe { pg_sys::SPI_cursor_close(self.0.as_ptr()) };
-    }
-}
-
-/// One fetched batch; its tuple table is freed on drop.
-struct Batch {
-    table: *mut pg_sys::SPITupleTable,
-    len: usize,
-}
-
-impl Batch {
-    fn fetch(cur: &mut RawCursor) -> Self {
-        // SAFETY: an open portal of this SPI connection; SPI_cursor_fetch sets SPI_tuptable
-        // (a fresh table of SPI_processed rows, or NULL) and raises on failure.
-        unsafe {
-            pg_sys::SPI_tuptable = ptr::null_mut();
-            pg_sys::SPI_cursor_fetch(cur.0.as_ptr(), true, FETCH as _);
-            let table = pg_sys::SPI_tuptable;
-            pg_sys::SPI_tuptable = ptr::null_mut();
-            Batch { table, len: if table.is_null() { 0 } else { pg_sys::SPI_processed as usize } }
-        }
-    }
-
-    /// The columns must have the types the decoders below read them as.
-    fn check_types(&self, types: &[pg_sys::Oid]) -> Result<()> {
-        // SAFETY: a live tuple table with a valid descriptor; SPI_gettypeid takes 1-based column numbers.
-        let ok = unsafe {
-            let desc = (*self.table).tupdesc;
-            (*desc).natts as usize == types.len()
-                && types
-                    .iter()
-                    .enumerate()
-                    .all(|(i, t)| pg_sys::SPI_gettypeid(desc, i as i32 + 1) == *t)
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(AuditError::Internal(
-                "audit.log does not have the columns audit.verify expects".into(),
-            ))
-        }
-    }
-
-    fn deform(&self, i: usize, values: &mut [pg_sys::Datum], nulls: &mut [bool]) {
-        debug_assert!(i < self.len);
-        // SAFETY: i < len rows in the table; values and nulls hold natts entries (check_types).
-        unsafe {
-            let t = *(*self.table).vals.add(i);
-            pg_sys::heap_deform_tuple(
-                t,
-                (*self.table).tupdesc,
-                values.as_mut_ptr(),
-                nulls.as_mut_ptr(),
-            );
-        }
-    }
-}
-
-impl Drop for Batch {
-    fn drop(&mut self) {
-        if !self.table.is_null() {
-            // SAFETY: a tuple table SPI_cursor_fetch made for us, freed once.
-            unsafe { pg_sys::SPI_freetuptable(self.table) };
-        }
+/// The decoders below read each column as these types: a column of the log
+/// changed under them is an error, not a misread.
+fn typed(cur: &Cursor, types: &[pg_sys::Oid]) -> Result<()> {
+    if cur.has_types(types) {
+        Ok(())
+    } else {
+        Err(AuditError::Internal("audit.log does not have the columns audit.verify expects".into()))
     }
 }
 
@@ -656,7 +554,7 @@ struct JsonbText {
 }
 
 impl JsonbText {
-    /// Call outside RawCursor::for_each: the StringInfos live in the current (SPI) memory context.
+    /// Call outside Cursor::each: the StringInfos live in the current (SPI) memory context.
     fn new_set() -> [JsonbText; 3] {
         // SAFETY: makeStringInfo pallocs in CurrentMemoryContext or raises.
         std::array::from_fn(|_| JsonbText {
@@ -728,7 +626,7 @@ fn pg_text<'a>(out: pg_sys::StringInfo, jb: *mut pg_sys::Jsonb) -> &'a [u8] {
 fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
     // SAFETY: a non-null varlena datum of a live tuple (or array). Out-of-line or compressed
     // values are detoasted into the batch context; short (1-byte header) ones are read as
-    // they are. Callers only keep the slice while the batch lives (see RawCursor::for_each).
+    // they are. Callers only keep the slice while the batch lives (see Cursor::each).
     unsafe {
         let mut p = d.cast_mut_ptr::<pg_sys::varlena>();
         if varlena::varatt_is_1b_e(p) || varlena::varatt_is_4b_c(p) {
