@@ -464,7 +464,7 @@ impl<'a> IdWalk<'a> {
     }
 }
 
-// ---- Reading audit.log: raw tuples, no per-cell conversion ---------------------------------
+// ---- Reading audit.log: the executor's datums, no per-cell conversion ---------------------------------
 
 /// Rows per fetch from each cursor; each batch is freed before the next.
 const FETCH: i64 = 1_000;
@@ -504,7 +504,6 @@ fn open_log_cursors(current: bool) -> Result<(Cursor, Option<Cursor>, Cursor)> {
     Ok((rows?, reads.transpose()?, ids?))
 }
 
-/// A read-only SPI cursor, read as raw tuples.
 /// A cursor on the active snapshot (read-only): the one open_log_cursors pushed,
 /// or the statement's.
 fn open(sql: &CStr) -> Result<Cursor> {
