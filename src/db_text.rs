@@ -114,12 +114,11 @@ impl FromDatum for DbJson {
         }
         let mut buf = Vec::new();
         // SAFETY: a jsonb datum (the caller's contract).
-        let text = unsafe { crate::chain::jsonb_text::datum_text(datum, &mut buf) }
-            .map(|()| to_rust(&buf).into_owned());
-        match text
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
-        {
+        let read =
+            unsafe { crate::chain::jsonb_text::datum_text(datum, &mut buf) }.and_then(|()| {
+                serde_json::from_str::<Value>(&to_rust(&buf)).map_err(|e| e.to_string())
+            });
+        match read {
             Ok(v) => Some(DbJson(v)),
             // The text is jsonb_out's, which is JSON: only a bug gets here.
             Err(e) => pgrx::error!("audit_ext: a jsonb value could not be read: {e}"),

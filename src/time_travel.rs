@@ -253,34 +253,21 @@ impl Table {
             let mut cursor = Cursor::open(&q, &args)?;
             let mem = BatchMemory::new();
             let mut out = Vec::new();
-            loop {
-                let n = mem.run(|| {
-                    cursor.push(LIVE_FETCH, &mut |values, nulls| {
-                        // SAFETY: a row of enc.columns(), valid for this call.
-                        unsafe {
-                            enc.with_row(values, nulls, |key, image| {
-                                let key = key.ok_or_else(|| {
-                                    AuditError::Internal(format!(
-                                        "a row of {} has a NULL key",
-                                        self.qname
-                                    ))
-                                })?;
-                                // SAFETY: a jsonb image, valid for the call; read into a Value.
-                                let image = DbJson::from_datum(image, false).map(|j| j.0);
-                                out.push((
-                                    to_rust(&key).into_owned(),
-                                    image.unwrap_or(Value::Null),
-                                ));
-                                Ok(())
-                            })
-                        }
+            cursor.each(LIVE_FETCH, &mem, &mut |values, nulls| {
+                // SAFETY: a row of enc.columns(), valid for this call.
+                unsafe {
+                    enc.with_row(values, nulls, |key, image| {
+                        let key = key.ok_or_else(|| {
+                            AuditError::Internal(format!("a row of {} has a NULL key", self.qname))
+                        })?;
+                        // SAFETY: a jsonb image, valid for the call; read into a Value.
+                        let image = DbJson::from_datum(image, false).map(|j| j.0);
+                        out.push((to_rust(&key).into_owned(), image.unwrap_or(Value::Null)));
+                        Ok(true)
                     })
-                })?;
-                mem.reset();
-                if n == 0 {
-                    return Ok(out);
                 }
-            }
+            })?;
+            Ok(out)
         })
     }
 
