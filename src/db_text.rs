@@ -7,8 +7,11 @@
 //! row_id in a report, what undo writes back) must be the very bytes the log
 //! holds. [`to_rust`] and [`to_db`] are the two crossings; [`DbText`] and
 //! [`DbJson`] make them for arguments, SPI reads, results and query parameters.
-//! Identifiers and audit_ext's other arguments still go through pgrx's
-//! `String`: the README says they must be ASCII in such a database.
+//! Identifiers are another matter: audit_ext writes them into the SQL it runs,
+//! and pgrx carries SQL as UTF-8. So outside a UTF-8 database they must be
+//! ASCII (README, "Database encodings"), and [`ident`] and [`rel_names`] are
+//! where every name is read and a name that is not is refused, with an error
+//! of its own rather than pgrx's panic.
 //!
 //! In a UTF-8 database both are the identity. In any other, each byte becomes
 //! the character of the same number (U+0000 to U+00FF) and back: a bijection,
@@ -26,6 +29,8 @@ use pgrx::nullable::Nullable;
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::{impl_sql_translatable, FromDatum, IntoDatum};
 use serde_json::Value;
+
+use crate::errors::{AuditError, Result as AuditResult};
 
 pub fn db_is_utf8() -> bool {
     // SAFETY: a plain read of the database encoding.
@@ -64,6 +69,72 @@ pub fn to_db(s: &str) -> Cow<'_, [u8]> {
     Cow::Owned(chars_as_bytes(s))
 }
 
+/// Text values (a text[] read as `Vec<DbText>`) as the strings they carry.
+pub fn strings(v: Option<Vec<DbText>>) -> Option<Vec<String>> {
+    v.map(|v| v.into_iter().map(|t| t.0).collect())
+}
+
+/// A schema, table or column name as Rust text, from its bytes in the database
+/// encoding; refused outside a UTF-8 database unless it is ASCII (see above).
+pub fn ident(b: &[u8]) -> AuditResult<String> {
+    match std::str::from_utf8(b) {
+        Ok(s) if b.is_ascii() || db_is_utf8() => Ok(s.to_owned()),
+        _ => Err(non_ascii(b)),
+    }
+}
+
+/// [`ident`] of a name read as [`DbText`] (from a catalog or the log).
+pub fn ident_text(t: &DbText) -> AuditResult<String> {
+    ident(&to_db(&t.0))
+}
+
+/// [`ident`] of a NUL-terminated name (a NameData's).
+///
+/// # Safety
+/// `p` points to a NUL-terminated string.
+pub unsafe fn ident_ptr(p: *const std::ffi::c_char) -> AuditResult<String> {
+    // SAFETY: the caller's contract.
+    ident(unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes())
+}
+
+/// The schema and name of an open relation, through [`ident`].
+pub fn rel_names(rel: &pgrx::PgRelation) -> AuditResult<(String, String)> {
+    // SAFETY: rd_rel is valid while the relation is open; relname is a NameData;
+    // get_namespace_name returns a palloc'd copy, or NULL for a schema gone.
+    unsafe {
+        let name = ident_ptr((*rel.rd_rel).relname.data.as_ptr())?;
+        let ns = pg_sys::get_namespace_name((*rel.rd_rel).relnamespace);
+        if ns.is_null() {
+            return Err(AuditError::Internal(format!("the schema of {name} does not exist")));
+        }
+        Ok((ident_ptr(ns)?, name))
+    }
+}
+
+/// [`ident`] of a column of a tuple descriptor.
+pub fn att_name(att: &pg_sys::FormData_pg_attribute) -> AuditResult<String> {
+    // SAFETY: attname is a NUL-terminated NameData.
+    unsafe { ident_ptr(att.attname.data.as_ptr()) }
+}
+
+fn non_ascii(b: &[u8]) -> AuditError {
+    // The name in ASCII, other bytes as \xNN: the message is sent in the
+    // database encoding, and a byte's number is the same in every one.
+    let shown = b
+        .iter()
+        .map(|&c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                char::from(c).to_string()
+            } else {
+                format!("\\x{c:02x}")
+            }
+        })
+        .collect::<String>();
+    // SAFETY: a plain read of the database encoding's name (a static string).
+    let enc = unsafe { std::ffi::CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) };
+    AuditError::NonAsciiIdentifier { name: shown, encoding: enc.to_string_lossy().into_owned() }
+}
+
 /// Text of the database as Rust text made by [`to_rust`]: read from SPI rows
 /// and arguments, and written back as the same bytes, as a result or a query
 /// parameter. pgrx's `String` would raise on such text, or write other bytes.
@@ -84,6 +155,19 @@ impl FromDatum for DbText {
         // SAFETY: a text datum (the caller's contract); the bytes are copied.
         let bytes = unsafe { crate::live_rows::text_slice(datum) };
         Some(DbText(to_rust(bytes).into_owned()))
+    }
+}
+
+// SAFETY: an element of a text[] is a text datum, detoasted by the array's reader.
+unsafe impl pgrx::datum::UnboxDatum for DbText {
+    type As<'src> = DbText;
+    unsafe fn unbox<'src>(datum: pgrx::datum::Datum<'src>) -> DbText
+    where
+        Self: 'src,
+    {
+        // SAFETY: as above; the bytes are copied.
+        let bytes = unsafe { crate::live_rows::text_slice(datum.sans_lifetime()) };
+        DbText(to_rust(bytes).into_owned())
     }
 }
 

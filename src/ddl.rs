@@ -76,8 +76,9 @@ fn check(what: &str) -> Result<()> {
 /// Being a C function, calling it loads the library, so a placeholder value
 /// set by a non-superuser before that is discarded, not trusted.
 #[pg_extern(volatile, parallel_unsafe, name = "_check_drop")]
-fn check_drop(what: Option<&str>) {
-    check(what.unwrap_or("audit data")).or_raise()
+fn check_drop(what: Option<crate::db_text::DbText>) {
+    // An object's identity may hold any name (crate::db_text): not pgrx's &str.
+    check(what.as_ref().map_or("audit data", |t| t.0.as_str())).or_raise()
 }
 
 /// `ddl_command_start` event trigger for DROP EXTENSION and DROP SCHEMA: the

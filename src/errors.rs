@@ -57,6 +57,11 @@ pub enum AuditError {
     NotInstalled,
     #[error("{0}")]
     InvalidArgument(String),
+    #[error(
+        "the name \"{name}\" is not ASCII: in a {encoding} database audit_ext supports only ASCII \
+         schema, table and column names"
+    )]
+    NonAsciiIdentifier { name: String, encoding: String },
     #[error("{0}")]
     BaselineRefused(String),
     #[error("internal error: {0}")]
@@ -94,6 +99,7 @@ impl AuditError {
             AuditError::SealWaitTimedOut => ERRCODE_LOCK_NOT_AVAILABLE,
             AuditError::BadDigest(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             AuditError::InvalidArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            AuditError::NonAsciiIdentifier { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             AuditError::BaselineRefused(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             AuditError::Internal(_) | AuditError::Spi(_) => ERRCODE_INTERNAL_ERROR,
         }
@@ -116,6 +122,9 @@ impl AuditError {
                 "Add this database to audit.databases (or empty it to serve every database) and reload the configuration.",
             ),
             AuditError::NothingToRecord { .. } => Some("To stop recording the table, call audit.untrack()."),
+            AuditError::NonAsciiIdentifier { .. } => Some(
+                "Rename it to an ASCII name (its changes are still recorded meanwhile), or keep such tables in a UTF8 database.",
+            ),
             _ => None,
         }
     }

@@ -27,7 +27,7 @@ use std::cell::Cell;
 
 use serde_json::{Map, Value};
 
-use crate::db_text::DbJson;
+use crate::db_text::{DbJson, DbText};
 
 /// A `changes`-mode UPDATE writes the whole new row about once in this many
 /// (`audit.image_every`).
@@ -112,10 +112,10 @@ impl Change {
         as_old_key: bool,
     ) -> crate::errors::Result<Change> {
         Ok(Change::of(
-            r.get::<String>(first)?,
+            r.get::<DbText>(first)?.map(|t| t.0),
             r.get::<DbJson>(first + 1)?,
             r.get::<DbJson>(first + 2)?,
-            r.get::<Vec<String>>(first + 3)?,
+            crate::db_text::strings(r.get::<Vec<DbText>>(first + 3)?),
             r.get::<bool>(first + 4)?,
             as_old_key,
         ))
@@ -133,10 +133,10 @@ impl Change {
         // converted (copied) before the row goes.
         unsafe {
             Change::of(
-                String::from_datum(v[0], n[0]),
+                DbText::from_datum(v[0], n[0]).map(|t| t.0),
                 DbJson::from_datum(v[1], n[1]),
                 DbJson::from_datum(v[2], n[2]),
-                Vec::<String>::from_datum(v[3], n[3]),
+                crate::db_text::strings(Vec::<DbText>::from_datum(v[3], n[3])),
                 bool::from_datum(v[4], n[4]),
                 as_old_key,
             )

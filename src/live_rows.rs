@@ -373,7 +373,8 @@ impl Encoder {
             None
         };
         let desc = rel.tuple_desc();
-        let names: Vec<String> = desc.iter().map(|a| a.name().to_string()).collect();
+        let names: Vec<String> =
+            desc.iter().map(crate::db_text::att_name).collect::<Result<_>>()?;
         let mut alias = "r".to_string();
         while names.contains(&alias) {
             alias.push('_');

@@ -17,14 +17,13 @@ pub struct KeyColumn {
 }
 
 impl KeyColumn {
-    /// The column's SQL type with its modifier, as format_type prints it.
-    pub fn sql_type(&self) -> String {
+    /// The column's SQL type with its modifier, as format_type prints it: a
+    /// name that goes into SQL, so through crate::db_text::ident.
+    pub fn sql_type(&self) -> crate::errors::Result<String> {
         // SAFETY: format_type_with_typemod returns a palloc'd C string for any type
         // oid that exists (the column's, while its relation is open).
         unsafe {
-            CStr::from_ptr(pg_sys::format_type_with_typemod(self.typid, self.typmod))
-                .to_string_lossy()
-                .into_owned()
+            crate::db_text::ident_ptr(pg_sys::format_type_with_typemod(self.typid, self.typmod))
         }
     }
 }

@@ -85,7 +85,8 @@ pub(crate) struct Table {
 impl Table {
     pub(crate) fn load(rel: &PgRelation) -> Result<Table> {
         let relid = rel.oid();
-        let qname = format!("{}.{}", quote_ident(rel.namespace()), quote_ident(rel.name()));
+        let (schema, table) = crate::db_text::rel_names(rel)?;
+        let qname = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
         require_select(relid, &qname)?;
         // One switch to the owner for both reads of audit_ext's own tables.
         type Tracked = (Vec<String>, Vec<String>, TimestampWithTimeZone);
@@ -117,14 +118,18 @@ impl Table {
                        FROM audit.table_names WHERE relid OPERATOR(pg_catalog.=) $1 ORDER BY valid_from",
                     &[relid.into()],
                 )? {
-                    names.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default(), r.get::<String>(3)?));
+                    // Names it had before, as identifiers too: a rename to ASCII keeps the old ones.
+                    let name = |i| -> Result<String> {
+                        crate::db_text::ident_text(&r.get::<DbText>(i)?.unwrap_or_default())
+                    };
+                    names.push((name(1)?, name(2)?, r.get::<String>(3)?));
                 }
                 Ok((found, names))
             })
         })?;
         let (exclude, redact, earliest) =
             found.ok_or_else(|| AuditError::NotTracked { table: qname.clone() })?;
-        let current = (rel.namespace().to_string(), rel.name().to_string());
+        let current = (schema, table);
         if names.last().is_none_or(|(s, n, _)| (s, n) != (&current.0, &current.1)) {
             // Renamed while audit_ext could not see it (event triggers off): the current name too.
             names.push((current.0, current.1, None));
@@ -132,8 +137,8 @@ impl Table {
         // SAFETY: rel is open.
         let key = unsafe { crate::row_key::columns(rel.as_ptr()) }
             .into_iter()
-            .map(|k| (k.name.to_string_lossy().into_owned(), k.sql_type()))
-            .collect();
+            .map(|k| Ok((crate::db_text::ident(k.name.to_bytes())?, k.sql_type()?)))
+            .collect::<Result<_>>()?;
         Ok(Table { relid, qname, key, names, exclude, redact, earliest })
     }
 
@@ -593,10 +598,10 @@ fn history_impl<T>(
                 out.push(row(&r)?);
                 let as_old = r.get::<bool>(9)?.unwrap_or(false);
                 changes.push(Change {
-                    op: r.get::<String>(4)?.unwrap_or_default(),
+                    op: r.get::<DbText>(4)?.unwrap_or_default().0,
                     old: r.get::<DbJson>(7)?.map(|j| j.0),
                     new: r.get::<DbJson>(8)?.map(|j| j.0),
-                    fields: r.get::<Vec<String>>(6)?,
+                    fields: crate::db_text::strings(r.get::<Vec<DbText>>(6)?),
                     as_old_key: as_old,
                     key_moved_in: !as_old && r.get::<bool>(10)?.unwrap_or(false),
                 });
@@ -645,9 +650,9 @@ fn history(
         name!(id, i64),
         name!(changed_at, TimestampWithTimeZone),
         name!(txid, i64),
-        name!(operation, String),
+        name!(operation, DbText),
         name!(changed_by, DbText),
-        name!(changed_fields, Option<Vec<String>>),
+        name!(changed_fields, Option<Vec<DbText>>),
         name!(old_values, Option<DbJson>),
         name!(new_values, Option<DbJson>),
         name!(state, Option<DbJson>),

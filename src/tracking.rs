@@ -7,26 +7,28 @@ use pgrx::prelude::*;
 use pgrx::PgRelation;
 
 use crate::capture::cache;
+use crate::db_text::DbText;
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::privilege::as_extension_owner;
 
 pub const ROW_TRIGGER: &str = "audit_capture_row";
 pub const TRUNCATE_TRIGGER: &str = "audit_capture_truncate";
 
-fn qualified_name(rel: &PgRelation) -> String {
-    format!("{}.{}", crate::quote::ident(rel.namespace()), crate::quote::ident(rel.name()))
+fn qualified_name(rel: &PgRelation) -> Result<String> {
+    let (ns, name) = crate::db_text::rel_names(rel)?;
+    Ok(format!("{}.{}", crate::quote::ident(&ns), crate::quote::ident(&name)))
 }
 
 /// Refuse what cannot be tracked, and callers who do not own the table.
 pub(crate) fn check_trackable(rel: &PgRelation) -> Result<()> {
-    let name = qualified_name(rel);
+    let name = qualified_name(rel)?;
     // SAFETY: rd_rel is valid while the relation is open.
     let (relkind, persistence) =
         unsafe { ((*rel.rd_rel).relkind as u8, (*rel.rd_rel).relpersistence as u8) };
     if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
         return Err(AuditError::WrongObjectType { table: name });
     }
-    let ns = rel.namespace();
+    let (ns, _) = crate::db_text::rel_names(rel)?;
     if ns == "pg_catalog" || ns == "information_schema" || ns.starts_with("pg_toast") {
         return Err(AuditError::NotTrackable {
             table: name,
@@ -85,10 +87,12 @@ fn invalidate_tree(relid: Oid) -> Result<()> {
     Ok(())
 }
 
-fn clean_list(v: Option<Vec<Option<String>>>) -> Result<Vec<String>> {
+fn clean_list(v: Option<Vec<Option<DbText>>>) -> Result<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     for item in v.unwrap_or_default() {
         let s = item.ok_or(AuditError::NullArgument("exclude/redact element"))?;
+        // Column names: ASCII outside a UTF-8 database, like every identifier.
+        let s = crate::db_text::ident_text(&s)?;
         if !out.contains(&s) {
             out.push(s);
         }
@@ -134,8 +138,8 @@ impl Capture {
 
 pub fn track_impl(
     rel: Option<PgRelation>,
-    exclude: Option<Vec<Option<String>>>,
-    redact: Option<Vec<Option<String>>>,
+    exclude: Option<Vec<Option<DbText>>>,
+    redact: Option<Vec<Option<DbText>>>,
     what: Record,
 ) -> Result<()> {
     crate::query::refuse_during_recovery(c"audit.track()");
@@ -143,7 +147,8 @@ pub fn track_impl(
     let exclude = clean_list(exclude)?;
     let redact = clean_list(redact)?;
     check_trackable(&rel)?;
-    let name = qualified_name(&rel);
+    let name = qualified_name(&rel)?;
+    let (schema, table) = crate::db_text::rel_names(&rel)?;
     if !what.writes && !what.reads {
         return Err(AuditError::NothingToRecord { table: name });
     }
@@ -155,8 +160,11 @@ pub fn track_impl(
     }
 
     let tupdesc = rel.tuple_desc();
-    let live: Vec<String> =
-        tupdesc.iter().filter(|a| !a.is_dropped()).map(|a| a.name().to_string()).collect();
+    let live: Vec<String> = tupdesc
+        .iter()
+        .filter(|a| !a.is_dropped())
+        .map(crate::db_text::att_name)
+        .collect::<Result<_>>()?;
     for col in exclude.iter().chain(redact.iter()) {
         if !live.contains(col) {
             return Err(AuditError::UnknownColumn { table: name.clone(), column: col.clone() });
@@ -227,7 +235,7 @@ pub fn track_impl(
                                               ORDER BY l.valid_from DESC LIMIT 1) AS last
                                  WHERE last.schema_name OPERATOR(pg_catalog.=) $2 AND last.table_name OPERATOR(pg_catalog.=) $3)
              ON CONFLICT (relid, valid_from) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name",
-            &[relid.into(), rel.namespace().into(), rel.name().into()],
+            &[relid.into(), schema.into(), table.into()],
         )?;
         if what.writes {
             Spi::run(&format!(
@@ -276,7 +284,7 @@ pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
     crate::query::refuse_during_recovery(c"audit.untrack()");
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
     check_trackable(&rel)?;
-    let name = qualified_name(&rel);
+    let name = qualified_name(&rel)?;
     let relid = rel.oid();
     as_extension_owner(|| {
         let tracked = Spi::get_one_with_args::<bool>(
@@ -285,7 +293,7 @@ pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
         )?
         .unwrap_or(false);
         if !tracked {
-            let parent = Spi::get_one_with_args::<String>(
+            let parent = Spi::get_one_with_args::<DbText>(
                 "SELECT (SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname)
                            FROM pg_catalog.pg_partition_ancestors($1) a
                            JOIN audit.tracked t ON t.relid OPERATOR(pg_catalog.=) a.relid
@@ -295,7 +303,9 @@ pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
                 &[relid.into()],
             )?;
             return match parent {
-                Some(parent) => Err(AuditError::TrackedViaParent { table: name.clone(), parent }),
+                Some(parent) => {
+                    Err(AuditError::TrackedViaParent { table: name.clone(), parent: parent.0 })
+                }
                 None => Ok(()), // idempotent
             };
         }
@@ -306,28 +316,30 @@ pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
         )?;
         drop_capture_triggers(relid, &name)?;
         invalidate_tree(relid)?;
+        // The statement in the database encoding, whatever it holds (crate::db_text).
         let statement =
-            Spi::get_one::<String>("SELECT pg_catalog.current_query()")?.unwrap_or_default();
-        crate::ddl::record(rel.namespace(), rel.name(), "audit.untrack", &name, &statement)
+            Spi::get_one::<DbText>("SELECT pg_catalog.current_query()")?.unwrap_or_default().0;
+        let (schema, table) = crate::db_text::rel_names(&rel)?;
+        crate::ddl::record(&schema, &table, "audit.untrack", &name, &statement)
     })
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn track(
     tbl: Option<PgRelation>,
-    exclude: default!(Option<Vec<Option<String>>>, "'{}'"),
-    redact: default!(Option<Vec<Option<String>>>, "'{}'"),
+    exclude: default!(Option<Vec<Option<DbText>>>, "'{}'"),
+    redact: default!(Option<Vec<Option<DbText>>>, "'{}'"),
     reads: default!(Option<bool>, false),
     writes: default!(Option<bool>, true),
     baseline: default!(Option<bool>, false),
-    capture: default!(Option<String>, "'full'"),
+    capture: default!(Option<DbText>, "'full'"),
 ) {
     let what = Record {
         reads: reads.ok_or(AuditError::NullArgument("reads")).or_raise(),
         writes: writes.ok_or(AuditError::NullArgument("writes")).or_raise(),
         capture: capture
             .ok_or(AuditError::NullArgument("capture"))
-            .and_then(|c| Capture::parse(&c))
+            .and_then(|c| Capture::parse(&c.0))
             .or_raise(),
     };
     let baseline = baseline.ok_or(AuditError::NullArgument("baseline")).or_raise();

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use pgrx::prelude::*;
 use pgrx::PgRelation;
 
-use crate::db_text::{DbJson, DbText};
+use crate::db_text::{ident_text, DbJson, DbText};
 use serde_json::Value;
 
 use crate::errors::{AuditError, OrRaise, Result};
@@ -64,9 +64,10 @@ fn load_steps(txid: i64) -> Result<Vec<Step>> {
             for r in rows {
                 v.push(Step {
                     id: r.get::<i64>(1)?.unwrap_or_default(),
-                    schema: r.get::<String>(2)?.unwrap_or_default(),
-                    table: r.get::<String>(3)?.unwrap_or_default(),
-                    op: r.get::<String>(4)?.unwrap_or_default(),
+                    // Names that go into the SQL that undoes the change.
+                    schema: ident_text(&r.get::<DbText>(2)?.unwrap_or_default())?,
+                    table: ident_text(&r.get::<DbText>(3)?.unwrap_or_default())?,
+                    op: r.get::<DbText>(4)?.unwrap_or_default().0,
                     // The key and the image come back as the bytes the log holds (crate::db_text).
                     row_id: r.get::<DbText>(5)?.map(|t| t.0),
                     old: r.get::<DbJson>(6)?.map(|j| j.0),
@@ -316,7 +317,7 @@ fn columns(relid: pg_sys::Oid) -> Result<Vec<ColInfo>> {
         let mut v = Vec::new();
         for r in rows {
             v.push(ColInfo {
-                name: r.get::<String>(1)?.unwrap_or_default(),
+                name: ident_text(&r.get::<DbText>(1)?.unwrap_or_default())?,
                 not_null: r.get::<bool>(2)?.unwrap_or(false),
                 has_default: r.get::<bool>(3)?.unwrap_or(false),
                 generated: r.get::<bool>(4)?.unwrap_or(false),

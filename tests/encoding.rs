@@ -2,8 +2,8 @@
 //! bytes in the database encoding, so LATIN1 values, keys and actors, and bytes
 //! that are not UTF-8 at all (SQL_ASCII), are captured exactly and verify()
 //! checks the same bytes: no false alarm, and tampering is still found.
-//! (Identifiers and function arguments must be ASCII there: README, "Database
-//! encodings".)
+//! Names must be ASCII there, and are refused with an error of their own
+//! otherwise (README, "Database encodings").
 #![cfg(not(feature = "pg_test"))] // run once, by scripts/test's integration step
 mod common;
 
@@ -301,5 +301,144 @@ fn sql_ascii_time_travel_and_undo_give_back_the_bytes_the_log_holds() {
     assert!(holds(&mut c, "SELECT audit.undo(txid) = 1 FROM audit.log WHERE operation = 'UPDATE'"));
     assert!(holds(&mut c, "SELECT v = E'caf\\xe9 \\xff' FROM t"));
     assert!(holds(&mut c, "SELECT ok FROM audit.verify_table('t')"));
+    cluster.assert_no_crash();
+}
+
+/// The SQLSTATE `sql` fails with (it must fail).
+fn fails_with(c: &mut Client, sql: &str) -> String {
+    match c.batch_execute(sql) {
+        Ok(()) => panic!("{sql}: succeeded, but must fail"),
+        Err(e) => {
+            let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+            format!("{}: {}", db.code().code(), db.message())
+        }
+    }
+}
+
+/// Outside UTF-8, audit_ext takes only ASCII names (it writes them into its
+/// own SQL, which pgrx carries as UTF-8): every function that reads a schema,
+/// table, column or type name refuses one that is not with 0A000 and a message
+/// that shows its bytes, never with a panic (XX000). Capture needs no name in
+/// SQL: a tracked table renamed so goes on being recorded.
+#[test]
+fn latin1_names_that_are_not_ascii_are_refused_not_panicked_on() {
+    let (cluster, mut c) = started("latin_names", "LATIN1");
+    let refused = |c: &mut Client, sql: &str, shown: &str| {
+        let got = fails_with(c, sql);
+        assert!(
+            got.starts_with("0A000: ") && got.contains(&format!("\"{shown}\" is not ASCII")),
+            "{sql}: {got}"
+        );
+    };
+    c.batch_execute(
+        "CREATE TABLE \"größe\" (id int PRIMARY KEY, v text);
+         CREATE TABLE t2 (id int PRIMARY KEY, \"spalte_ä\" text, v text);
+         CREATE SCHEMA \"schä\"; CREATE TABLE \"schä\".t4 (id int PRIMARY KEY);
+         CREATE DOMAIN \"schlüssel\" AS int; CREATE TABLE t5 (id \"schlüssel\" PRIMARY KEY);",
+    )
+    .unwrap();
+    refused(&mut c, "SELECT audit.track('\"größe\"')", "gr\\xf6\\xdfe");
+    refused(&mut c, "SELECT audit.track('\"schä\".t4')", "sch\\xe4");
+    // A column of the table, named in a list or only there.
+    refused(&mut c, "SELECT audit.track('t2', exclude => '{spalte_ä}')", "spalte_\\xe4");
+    refused(&mut c, "SELECT audit.track('t2', redact => '{v, spalte_ä}')", "spalte_\\xe4");
+    refused(&mut c, "SELECT audit.track('t2')", "spalte_\\xe4");
+    // The key's type goes into time travel's SQL (a cast), not into capture's.
+    // (format_type quotes it, so the message shows the quotes too.)
+    c.batch_execute("SELECT audit.track('t5'); INSERT INTO t5 VALUES (1);").unwrap();
+    refused(&mut c, "SELECT audit.state_at('t5', '1', now())", "\"schl\\xfcssel\"");
+    c.batch_execute("SELECT audit.untrack('t5')").unwrap();
+    // An argument that is not a name, and not ASCII: the argument's own error.
+    let got = fails_with(&mut c, "SELECT audit.track('\"größe\"', capture => 'völlig')");
+    assert!(got.starts_with("0A000: ") || got.starts_with("22023: "), "{got}");
+    assert!(holds(&mut c, "SELECT count(*) = 0 FROM audit.tracked"));
+
+    // Tracked under ASCII names, then renamed: still captured, and refused by name.
+    c.batch_execute(
+        "CREATE TABLE t3 (id int PRIMARY KEY, a text);
+         SELECT audit.track('t3', baseline => true);
+         INSERT INTO t3 VALUES (1, 'x');
+         ALTER TABLE t3 RENAME COLUMN a TO \"ä\";
+         INSERT INTO t3 VALUES (2, 'y');
+         UPDATE t3 SET \"ä\" = 'z' WHERE id = 1;",
+    )
+    .unwrap();
+    // A column's name: read wherever a live row is encoded.
+    for sql in [
+        "SELECT * FROM audit.verify_table('t3')",
+        "SELECT audit.baseline('t3')",
+        "SELECT audit.state_at('t3', '2', now())",
+        "SELECT * FROM audit.table_at('t3', now())",
+        "SELECT audit.track('t3')",
+    ] {
+        refused(&mut c, sql, "\\xe4");
+    }
+    // history answers from the log: the changed column comes back as its bytes.
+    assert!(holds(
+        &mut c,
+        "SELECT changed_fields = '{ä}' AND octet_length(changed_fields[1]) = 1
+           FROM audit.history('t3', '1') WHERE operation = 'UPDATE'"
+    ));
+    c.batch_execute(
+        "ALTER TABLE t3 RENAME TO \"tä\";
+         INSERT INTO \"tä\" VALUES (3, 'w');",
+    )
+    .unwrap();
+    assert!(holds(
+        &mut c,
+        "SELECT count(*) = 1 FROM audit.log WHERE table_name = 'tä' AND operation = 'INSERT' AND row_id = '3'"
+    ));
+    for sql in [
+        "SELECT * FROM audit.verify_table('\"tä\"')",
+        "SELECT * FROM audit.history('\"tä\"', '1')",
+        "SELECT audit.state_at('\"tä\"', '1', now())",
+        "SELECT audit.untrack('\"tä\"')",
+        "SELECT audit.undo(txid) FROM audit.log WHERE table_name = 'tä' AND operation = 'INSERT'",
+    ] {
+        refused(&mut c, sql, "t\\xe4");
+    }
+    // The chain is untouched by all of it.
+    c.batch_execute("SELECT audit.seal()").unwrap();
+    assert!(verify_ok(&mut c));
+    // Back to ASCII names: the old one stays in the table's history, where time
+    // travel would have to match it as a literal, so it is still refused.
+    c.batch_execute("ALTER TABLE \"tä\" RENAME TO t3b; ALTER TABLE t3b RENAME COLUMN \"ä\" TO a;")
+        .unwrap();
+    refused(&mut c, "SELECT audit.state_at('t3b', '3', now())", "t\\xe4");
+    cluster.assert_no_crash();
+}
+
+/// In a UTF-8 database names are any text: tracked, baselined, verified,
+/// travelled in time and undone under names that are not ASCII.
+#[test]
+fn utf8_names_that_are_not_ascii_work_everywhere() {
+    let (cluster, mut c) = started("utf8_names", "UTF8");
+    c.batch_execute(
+        "CREATE SCHEMA \"schä\";
+         CREATE DOMAIN \"schä\".\"schlüssel\" AS int;
+         CREATE TABLE \"schä\".\"größe\" (id \"schä\".\"schlüssel\" PRIMARY KEY, \"straße\" text, \"geheimnis\" text, \"auslassen_ö\" text);
+         INSERT INTO \"schä\".\"größe\" VALUES (1, 'a', 's', 'o');
+         SELECT audit.track('\"schä\".\"größe\"', exclude => '{auslassen_ö}', redact => '{geheimnis}', baseline => true);
+         SELECT pg_sleep(0.01);",
+    )
+    .unwrap();
+    let before: String = c.query_one("SELECT now()::text", &[]).unwrap().get(0);
+    c.batch_execute("SELECT pg_sleep(0.01)").unwrap();
+    c.batch_execute("UPDATE \"schä\".\"größe\" SET \"straße\" = 'b' WHERE id = 1").unwrap();
+    assert!(holds(&mut c, "SELECT ok FROM audit.verify_table('\"schä\".\"größe\"')"));
+    assert!(holds(
+        &mut c,
+        &format!("SELECT s->>'straße' = 'a' AND NOT s ? 'auslassen_ö' FROM audit.state_at('\"schä\".\"größe\"', '1', '{before}') s")
+    ));
+    assert!(holds(
+        &mut c,
+        "SELECT changed_fields = '{straße}' FROM audit.history('\"schä\".\"größe\"', '1') WHERE operation = 'UPDATE'"
+    ));
+    assert!(holds(&mut c, "SELECT count(*) = 1 FROM audit.table_at('\"schä\".\"größe\"', now())"));
+    assert!(holds(&mut c, "SELECT audit.undo(txid) = 1 FROM audit.log WHERE operation = 'UPDATE'"));
+    assert!(holds(&mut c, "SELECT \"straße\" = 'a' FROM \"schä\".\"größe\""));
+    assert!(holds(&mut c, "SELECT ok FROM audit.verify_table('\"schä\".\"größe\"')"));
+    c.batch_execute("SELECT audit.untrack('\"schä\".\"größe\"')").unwrap();
+    assert!(holds(&mut c, "SELECT count(*) = 0 FROM audit.tracked"));
     cluster.assert_no_crash();
 }
