@@ -856,3 +856,34 @@ fn a_fast_shutdown_while_a_reads_worker_runs_is_prompt() {
     }
     c.assert_no_crash();
 }
+
+/// In a database that is not UTF-8, a COPY's column list names its columns by
+/// their bytes: a column whose name is not ASCII is recorded as read, as the
+/// same read through SELECT is (a lossy copy of the name would match none).
+#[test]
+fn a_copy_of_a_column_named_in_latin1_records_that_column() {
+    let c = Cluster::start(ClusterOpts::new().conf("audit.naptime = 1"));
+    c.connect("postgres")
+        .batch_execute(
+            "CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .unwrap();
+    let mut db = c.connect("latin");
+    db.batch_execute(
+        "CREATE EXTENSION audit_ext;
+         CREATE TABLE customers (id int PRIMARY KEY, size text, card text);
+         INSERT INTO customers VALUES (1, 'L', 'c');
+         SELECT audit.track('customers', reads => true);
+         -- (track takes only ASCII names here: the column is renamed after it.)
+         ALTER TABLE customers RENAME COLUMN size TO \"größe\";
+         COPY customers (\"größe\", id) TO '/dev/null';
+         SELECT \"größe\" FROM customers;",
+    )
+    .unwrap();
+    assert_eq!(wait_rows(&mut db, 2), 2);
+    let r = rows(&mut db);
+    assert_eq!((r[0].0.as_str(), r[0].2), ("COPY", Some(1)));
+    assert_eq!(r[0].5, vec!["id".to_string(), "größe".to_string()]);
+    assert_eq!((r[1].0.as_str(), r[1].5.clone()), ("SELECT", vec!["größe".to_string()]));
+    c.assert_no_crash();
+}

@@ -10,7 +10,7 @@
 //! the utility hook, since it bypasses the executor.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void, CStr, CString};
 
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
@@ -572,7 +572,7 @@ unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
 ///
 /// # Safety
 /// `stmt` must be a valid utility statement node.
-unsafe fn copy_to_table(stmt: *mut pg_sys::Node) -> Option<(Oid, Option<Vec<String>>)> {
+unsafe fn copy_to_table(stmt: *mut pg_sys::Node) -> Option<(Oid, Option<Vec<CString>>)> {
     // SAFETY: the node tag is checked before the cast; the RangeVar is looked up
     // without a lock and without an error for a missing table (COPY reports that).
     unsafe {
@@ -599,7 +599,9 @@ unsafe fn copy_to_table(stmt: *mut pg_sys::Node) -> Option<(Oid, Option<Vec<Stri
             let list = PgList::<pg_sys::String>::from_pg((*copy).attlist);
             Some(
                 list.iter_ptr()
-                    .map(|s| CStr::from_ptr((*s).sval).to_string_lossy().into_owned())
+                    // The name's bytes as they are: in a database that is not
+                    // UTF-8, a lossy copy would name no column at all.
+                    .map(|s| CStr::from_ptr((*s).sval).to_owned())
                     .collect(),
             )
         };
@@ -705,11 +707,10 @@ unsafe extern "C-unwind" fn process_utility(
 }
 
 /// The column numbers of `names` in `relid` (unknown names are COPY's to refuse).
-fn attnums(relid: Oid, names: &[String]) -> Vec<i32> {
+fn attnums(relid: Oid, names: &[CString]) -> Vec<i32> {
     names
         .iter()
         .filter_map(|n| {
-            let n = std::ffi::CString::new(n.as_str()).ok()?;
             // SAFETY: a syscache lookup by name.
             let a = unsafe { pg_sys::get_attnum(relid, n.as_ptr()) };
             (a > 0).then_some(a as i32)
