@@ -97,17 +97,30 @@ pub unsafe fn ident_ptr(p: *const std::ffi::c_char) -> AuditResult<String> {
     ident(unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes())
 }
 
+/// A relation's schema and name, read through [`ident`].
+pub struct RelNames {
+    pub schema: String,
+    pub table: String,
+}
+
+impl RelNames {
+    /// `schema.table`, each quoted as SQL needs it.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", crate::quote::ident(&self.schema), crate::quote::ident(&self.table))
+    }
+}
+
 /// The schema and name of an open relation, through [`ident`].
-pub fn rel_names(rel: &pgrx::PgRelation) -> AuditResult<(String, String)> {
+pub fn rel_names(rel: &pgrx::PgRelation) -> AuditResult<RelNames> {
     // SAFETY: rd_rel is valid while the relation is open; relname is a NameData;
     // get_namespace_name returns a palloc'd copy, or NULL for a schema gone.
     unsafe {
-        let name = ident_ptr((*rel.rd_rel).relname.data.as_ptr())?;
+        let table = ident_ptr((*rel.rd_rel).relname.data.as_ptr())?;
         let ns = pg_sys::get_namespace_name((*rel.rd_rel).relnamespace);
         if ns.is_null() {
-            return Err(AuditError::Internal(format!("the schema of {name} does not exist")));
+            return Err(AuditError::Internal(format!("the schema of {table} does not exist")));
         }
-        Ok((ident_ptr(ns)?, name))
+        Ok(RelNames { schema: ident_ptr(ns)?, table })
     }
 }
 

@@ -85,8 +85,8 @@ pub(crate) struct Table {
 impl Table {
     pub(crate) fn load(rel: &PgRelation) -> Result<Table> {
         let relid = rel.oid();
-        let (schema, table) = crate::db_text::rel_names(rel)?;
-        let qname = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+        let rn = crate::db_text::rel_names(rel)?;
+        let qname = rn.qualified();
         require_select(relid, &qname)?;
         // One switch to the owner for both reads of audit_ext's own tables.
         type Tracked = (Vec<String>, Vec<String>, TimestampWithTimeZone);
@@ -129,7 +129,7 @@ impl Table {
         })?;
         let (exclude, redact, earliest) =
             found.ok_or_else(|| AuditError::NotTracked { table: qname.clone() })?;
-        let current = (schema, table);
+        let current = (rn.schema, rn.table);
         if names.last().is_none_or(|(s, n, _)| (s, n) != (&current.0, &current.1)) {
             // Renamed while audit_ext could not see it (event triggers off): the current name too.
             names.push((current.0, current.1, None));

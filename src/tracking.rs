@@ -7,28 +7,25 @@ use pgrx::prelude::*;
 use pgrx::PgRelation;
 
 use crate::capture::cache;
-use crate::db_text::DbText;
+use crate::db_text::{DbText, RelNames};
 use crate::errors::{AuditError, OrRaise, Result};
 use crate::privilege::as_extension_owner;
 
 pub const ROW_TRIGGER: &str = "audit_capture_row";
 pub const TRUNCATE_TRIGGER: &str = "audit_capture_truncate";
 
-fn qualified_name(rel: &PgRelation) -> Result<String> {
-    let (ns, name) = crate::db_text::rel_names(rel)?;
-    Ok(format!("{}.{}", crate::quote::ident(&ns), crate::quote::ident(&name)))
-}
-
-/// Refuse what cannot be tracked, and callers who do not own the table.
-pub(crate) fn check_trackable(rel: &PgRelation) -> Result<()> {
-    let name = qualified_name(rel)?;
+/// Refuse what cannot be tracked, and callers who do not own the table; the
+/// table's names, for what follows.
+pub(crate) fn check_trackable(rel: &PgRelation) -> Result<RelNames> {
+    let names = crate::db_text::rel_names(rel)?;
+    let name = names.qualified();
     // SAFETY: rd_rel is valid while the relation is open.
     let (relkind, persistence) =
         unsafe { ((*rel.rd_rel).relkind as u8, (*rel.rd_rel).relpersistence as u8) };
     if relkind != pg_sys::RELKIND_RELATION && relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
         return Err(AuditError::WrongObjectType { table: name });
     }
-    let (ns, _) = crate::db_text::rel_names(rel)?;
+    let ns = &names.schema;
     if ns == "pg_catalog" || ns == "information_schema" || ns.starts_with("pg_toast") {
         return Err(AuditError::NotTrackable {
             table: name,
@@ -61,7 +58,7 @@ pub(crate) fn check_trackable(rel: &PgRelation) -> Result<()> {
     if !owns {
         return Err(AuditError::NotOwner { table: name });
     }
-    Ok(())
+    Ok(names)
 }
 
 fn invalidate_tree(relid: Oid) -> Result<()> {
@@ -146,9 +143,8 @@ pub fn track_impl(
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
     let exclude = clean_list(exclude)?;
     let redact = clean_list(redact)?;
-    check_trackable(&rel)?;
-    let name = qualified_name(&rel)?;
-    let (schema, table) = crate::db_text::rel_names(&rel)?;
+    let names = check_trackable(&rel)?;
+    let name = names.qualified();
     if !what.writes && !what.reads {
         return Err(AuditError::NothingToRecord { table: name });
     }
@@ -235,7 +231,7 @@ pub fn track_impl(
                                               ORDER BY l.valid_from DESC LIMIT 1) AS last
                                  WHERE last.schema_name OPERATOR(pg_catalog.=) $2 AND last.table_name OPERATOR(pg_catalog.=) $3)
              ON CONFLICT (relid, valid_from) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name",
-            &[relid.into(), schema.into(), table.into()],
+            &[relid.into(), names.schema.as_str().into(), names.table.as_str().into()],
         )?;
         if what.writes {
             Spi::run(&format!(
@@ -283,8 +279,8 @@ fn drop_capture_triggers(relid: Oid, name: &str) -> Result<()> {
 pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
     crate::query::refuse_during_recovery(c"audit.untrack()");
     let rel = rel.ok_or(AuditError::NullArgument("tbl"))?;
-    check_trackable(&rel)?;
-    let name = qualified_name(&rel)?;
+    let names = check_trackable(&rel)?;
+    let name = names.qualified();
     let relid = rel.oid();
     as_extension_owner(|| {
         let tracked = Spi::get_one_with_args::<bool>(
@@ -319,8 +315,7 @@ pub fn untrack_impl(rel: Option<PgRelation>) -> Result<()> {
         // The statement in the database encoding, whatever it holds (crate::db_text).
         let statement =
             Spi::get_one::<DbText>("SELECT pg_catalog.current_query()")?.unwrap_or_default().0;
-        let (schema, table) = crate::db_text::rel_names(&rel)?;
-        crate::ddl::record(&schema, &table, "audit.untrack", &name, &statement)
+        crate::ddl::record(&names.schema, &names.table, "audit.untrack", &name, &statement)
     })
 }
 
